@@ -84,7 +84,8 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
         try:
             with safe_open(str(path), framework="pt") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+                # clone: fresh, aligned storage (unaligned weights take slower, differently rounded kernels)
+                return {k: f.get_tensor(k).clone() for k in f.keys()}, dict(f.metadata() or {})
         except Exception as err:  # safetensors raises its own error types for corrupt headers
             raise CheckpointError(
                 f"{path} is not a readable .safetensors file ({err}); it may be truncated: copy it again"

@@ -1,0 +1,43 @@
+"""Shared test fixtures: the parity reference folder and the tiny official model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+# ../shared/reference next to the repository (read-only ground truth from the official code)
+REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def reference_file(*parts: str) -> Path:
+    path = REFERENCE.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"parity fixture {path} is not available (expected ../shared/reference next to the repo)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dr_ref():
+    """Loader for files of ../shared/reference/diffusionrig (skips when absent)."""
+
+    def load(name: str):
+        path = reference_file("diffusionrig", name)
+        return json.loads(path.read_text()) if path.suffix == ".json" else torch.load(path, weights_only=True)
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def tiny_kwargs(dr_ref):
+    return dr_ref("tiny_config.json")["create_model_and_diffusion_kwargs"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_kwargs):
+    """The official tiny checkpoint loaded through the public API, fp32, eval mode."""
+    from comfy_diffusionrig import load_diffusionrig
+
+    return load_diffusionrig(reference_file("diffusionrig", "tiny_model.pt"), config=tiny_kwargs)

@@ -1,0 +1,24 @@
+"""Precision selection."""
+
+import pytest
+import torch
+
+from comfy_diffusionrig.devices import cpu_has_fast_bf16, parse_dtype, resolve_dtype
+
+
+def test_named_precisions():
+    assert resolve_dtype("fp32") == torch.float32
+    assert resolve_dtype("bf16") == torch.bfloat16
+    assert resolve_dtype(torch.bfloat16) == torch.bfloat16
+    assert parse_dtype("fp16") == torch.float16
+    with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
+        resolve_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="unknown precision"):
+        resolve_dtype("int8")
+    with pytest.raises(ValueError, match="unsupported precision"):
+        parse_dtype(torch.int64)
+
+
+def test_auto_on_cpu_follows_hardware():
+    expected = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    assert resolve_dtype("auto", "cpu") == expected
