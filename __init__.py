@@ -1,10 +1,19 @@
 """ComfyUI entry point of the comfy-diffusionrig node pack.
 
-ComfyUI imports this folder as a package; the library is imported relatively so the pack
-works without being pip-installed, and nothing heavy happens at import time.
+ComfyUI imports this folder as a package but does not put it on sys.path, so the library
+(`comfy_diffusionrig/`, next to this file) is made importable by appending this folder to
+sys.path when it is not installed. Appending (not prepending) keeps ComfyUI's own `nodes`
+module first; our `nodes/` package is imported relatively. Nothing heavy runs at import.
 """
 
-NODE_CLASS_MAPPINGS: dict = {}
-NODE_DISPLAY_NAME_MAPPINGS: dict = {}
+import importlib.util
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if importlib.util.find_spec("comfy_diffusionrig") is None:
+    sys.path.append(_HERE)
+
+from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,18 @@
+"""ComfyUI nodes of comfy-diffusionrig: thin glue over the `comfy_diffusionrig` library.
+
+Imported relatively by the pack's root `__init__.py` (inside ComfyUI, a bare `import nodes`
+is ComfyUI's own module).
+"""
+
+from . import model_nodes
+from .host import register_model_folders
+
+register_model_folders()
+
+NODE_CLASS_MAPPINGS = {}
+NODE_DISPLAY_NAME_MAPPINGS = {}
+for _module in (model_nodes,):
+    NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
+    NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

@@ -1,0 +1,126 @@
+"""Node contracts and node functions run directly, without ComfyUI."""
+
+import pytest
+import torch
+
+import nodes
+from nodes import host, model_nodes
+from comfy_diffusionrig import save_diffusionrig
+from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+
+SMALL = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),
+                   num_head_channels=16, dropout=0.0)
+
+
+@pytest.fixture()
+def models_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(tmp_path))
+    torch.manual_seed(0)
+    model = DiffusionRig(SMALL)
+    with torch.no_grad():  # make the zero-initialised output layers non-trivial
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    save_diffusionrig(model, tmp_path / "diffusionrig" / "small.safetensors")
+    return tmp_path
+
+
+def test_every_node_honours_the_contract():
+    assert nodes.NODE_CLASS_MAPPINGS and set(nodes.NODE_CLASS_MAPPINGS) == set(nodes.NODE_DISPLAY_NAME_MAPPINGS)
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        spec = cls.INPUT_TYPES()
+        assert set(spec) <= {"required", "optional", "hidden"}, name
+        for section in ("required", "optional"):
+            for input_name, entry in spec.get(section, {}).items():
+                assert isinstance(entry, tuple) and 1 <= len(entry) <= 2, (name, input_name)
+                assert isinstance(entry[0], (str, list)), (name, input_name)
+                assert entry[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+        assert callable(getattr(cls, cls.FUNCTION)), name
+        assert isinstance(cls.RETURN_TYPES, tuple) and len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES), name
+        assert cls.CATEGORY.startswith("DiffusionRig"), name
+        assert len(cls.DESCRIPTION) > 40, name
+
+
+def test_load_lists_and_loads_models(models_dir):
+    choices = model_nodes.LoadDiffusionRigModel.INPUT_TYPES()["required"]["ckpt_name"][0]
+    assert choices == ["small.safetensors"]
+    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
+    assert model.config == SMALL and not model.training
+
+
+def test_missing_model_names_the_folder_and_source(models_dir):
+    with pytest.raises(FileNotFoundError) as err:
+        model_nodes.LoadDiffusionRigModel().load("model.pt", "auto")
+    message = str(err.value)
+    assert "Load DiffusionRig Model" in message and "diffusionrig" in message
+    assert "github.com/adobe-research/diffusion-rig" in message
+
+
+def _pipeline_inputs(model):
+    gen = torch.Generator().manual_seed(3)
+    image = torch.rand(1, 32, 32, 3, generator=gen)
+    buffers = torch.rand(3, 9, 32, 32, generator=gen)
+    (code,) = model_nodes.EncodeGlobalCode().encode(model, image)
+    return image, buffers, code
+
+
+def test_encode_and_sample_from_noise(models_dir):
+    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
+    image, buffers, code = _pipeline_inputs(model)
+    assert code.shape == (1, 64)
+    sampler = model_nodes.DiffusionRigSampler()
+    (out,) = sampler.sample(model, buffers, code, seed=5, steps=3, eta=0.0, start="noise", batch_size=2)
+    assert out.shape == (3, 32, 32, 3) and out.dtype == torch.float32
+    assert 0 <= out.min() and out.max() <= 1
+    (again,) = sampler.sample(model, buffers, code, seed=5, steps=3, eta=0.0, start="noise", batch_size=3)
+    torch.testing.assert_close(out, again, atol=1e-5, rtol=0)  # chunking does not change results
+    (other,) = sampler.sample(model, buffers, code, seed=6, steps=3, eta=0.0, start="noise", batch_size=3)
+    assert not torch.allclose(out, other)
+
+
+def test_sample_from_inversion_needs_sources(models_dir):
+    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
+    image, buffers, code = _pipeline_inputs(model)
+    sampler = model_nodes.DiffusionRigSampler()
+    with pytest.raises(ValueError, match="needs both source_image"):
+        sampler.sample(model, buffers, code, 0, 3, 0.0, "inversion", 4)
+    (out,) = sampler.sample(model, buffers, code, 0, 3, 0.0, "inversion", 4, source_image=image,
+                            source_buffers=buffers[:1])
+    assert out.shape == (3, 32, 32, 3)
+    with pytest.raises(ValueError, match="2 global codes for 3 buffers"):
+        sampler.sample(model, buffers, code.expand(2, -1), 0, 3, 0.0, "noise", 4)
+
+
+def test_sampler_stops_within_one_step_when_cancelled(models_dir, monkeypatch):
+    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
+    _, buffers, code = _pipeline_inputs(model)
+    calls = {"denoise": 0, "checks": 0}
+    original = model.denoise
+
+    def counting(*args):
+        calls["denoise"] += 1
+        return original(*args)
+
+    class Interrupted(Exception):
+        pass
+
+    def check():
+        calls["checks"] += 1
+        if calls["denoise"] >= 2:
+            raise Interrupted
+
+    monkeypatch.setattr(model, "denoise", counting)
+    monkeypatch.setattr(model_nodes, "check_interrupt", check)
+    with pytest.raises(Interrupted):
+        model_nodes.DiffusionRigSampler().sample(model, buffers, code, 0, 20, 0.0, "noise", 4)
+    assert calls["denoise"] == 2  # cancelled after the second step's callback, not at the end
+
+
+def test_image_conversions_round_trip():
+    image = torch.rand(2, 8, 8, 3)
+    back = host.model_to_image(host.image_to_model(image, "test"))
+    torch.testing.assert_close(back, image, atol=1e-6, rtol=0)
+    rgba = torch.rand(1, 8, 8, 4)
+    assert host.image_to_model(rgba, "test").shape == (1, 3, 8, 8)
+    with pytest.raises(ValueError, match="test: expected an IMAGE batch"):
+        host.image_to_model(torch.rand(8, 8, 3), "test")
