@@ -48,9 +48,8 @@ def register_model_folders() -> None:
     """Register our model folders with ComfyUI (so extra_model_paths.yaml works); no-op outside."""
     if not IN_COMFYUI:
         return
-    for name in MODEL_FOLDERS:
-        if name not in _folder_paths.folder_names_and_paths:
-            _folder_paths.add_model_folder_path(name, os.path.join(_folder_paths.models_dir, name))
+    for name in MODEL_FOLDERS:  # ComfyUI skips paths already registered (e.g. by extra_model_paths.yaml)
+        _folder_paths.add_model_folder_path(name, os.path.join(_folder_paths.models_dir, name))
 
 
 def model_files(folder: str, suffixes: tuple[str, ...] = ()) -> list[str]:
