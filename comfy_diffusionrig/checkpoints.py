@@ -170,8 +170,8 @@ def load_diffusionrig(path: str | os.PathLike, config: UNetConfig | dict | None 
 
     config None: the config stored in a `.safetensors`, else a `<name>.json` of official kwargs
     next to the file, else the official defaults (encoder type inferred from the keys).
-    dtype applies to the UNet ("auto" picks the fastest safe precision); the small encoder
-    stays float32. The model is returned in eval mode.
+    dtype applies to the UNet ("auto" picks the fastest safe precision), whose weights are
+    stored channels_last; the small encoder stays float32. The model is returned in eval mode.
     """
     path = Path(path)
     state_dict, metadata = read_state_dict(path)
@@ -182,7 +182,8 @@ def load_diffusionrig(path: str | os.PathLike, config: UNetConfig | dict | None 
     model.load_state_dict(state_dict, strict=True, assign=True)
     unet_dtype = resolve_dtype(dtype, device)
     model.to(device=device)
-    model.denoisingUNet.to(dtype=unet_dtype)
+    # channels_last: oneDNN / cuDNN convolutions run 15-35 % faster (see benchmarks/bench_sample.py)
+    model.denoisingUNet.to(dtype=unet_dtype, memory_format=torch.channels_last)
     model.encoder.float()
     return model.eval()
 

@@ -67,7 +67,9 @@ def test_common_wrappers(tmp_path, small_model, wrap):
     }[wrap]
     torch.save(obj, tmp_path / "m.pt")
     loaded = load_diffusionrig(tmp_path / "m.pt", config=UNetConfig(**TINY_CFG))
-    torch.testing.assert_close(_eps(loaded), _eps(model), atol=0, rtol=0)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in sd.items())
+    # channels_last weights take other conv kernels: equal up to float32 round-off
+    torch.testing.assert_close(_eps(loaded), _eps(model), atol=1e-5, rtol=0)
 
 
 def test_sidecar_json_config(tmp_path, small_model):
@@ -79,7 +81,7 @@ def test_sidecar_json_config(tmp_path, small_model):
     assert loaded.config == UNetConfig(**TINY_CFG)
 
 
-@pytest.mark.parametrize("dtype,tol", [("fp32", 0.0), ("bf16", 5e-2), ("fp16", 5e-3)])
+@pytest.mark.parametrize("dtype,tol", [("fp32", 1e-5), ("bf16", 5e-2), ("fp16", 5e-3)])
 def test_safetensors_round_trip_keeps_config(tmp_path, small_model, dtype, tol):
     model = _perturbed(small_model)
     path = save_diffusionrig(model, tmp_path / "m.safetensors", dtype=dtype)

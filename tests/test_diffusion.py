@@ -123,7 +123,8 @@ def test_shared_noise_broadcasts_and_batch_is_independent(tiny_model, dr_ref):
     batched = ddim_sample(tiny_model, ref["physic_cond"], ref["detail_cond"], noise, steps=3)
     single = ddim_sample(tiny_model, ref["physic_cond"][1:], ref["detail_cond"][1:], noise, steps=3)
     assert batched.shape == (2, 3, 64, 64)
-    torch.testing.assert_close(batched[1:], single, atol=1e-5, rtol=0)
+    # batch size changes the conv kernels: equal within the trajectory tolerance
+    torch.testing.assert_close(batched[1:], single, atol=TRAJ_ATOL, rtol=0)
     assert not torch.allclose(batched[0], batched[1])
 
 
