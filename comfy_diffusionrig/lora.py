@@ -43,7 +43,7 @@ _TRAINING_ONLY_FIELDS = ("use_checkpoint", "dropout")
 
 
 class LoRALayer(nn.Module):
-    """A frozen Conv1d/Conv2d/Linear plus a trainable low-rank update.
+    """A Conv1d/Conv2d/Linear (kept as is) plus a trainable low-rank update.
 
     forward: x -> base(x) + scale * up(down(x)), scale = alpha / rank.
     """
@@ -64,7 +64,6 @@ class LoRALayer(nn.Module):
         # torch's default layer init for down; up starts at zero so the adapted model equals the base
         nn.init.kaiming_uniform_(down.weight, a=math.sqrt(5), generator=generator)
         nn.init.zeros_(up.weight)
-        base.requires_grad_(False)
         self.base, self.lora_down, self.lora_up = base, down, up
         self.rank, self.alpha = rank, float(alpha)
 
@@ -113,7 +112,7 @@ def inject_lora(model: DiffusionRig, rank: int, alpha: float | None = None, targ
                 generator: torch.Generator | None = None) -> list[str]:
     """Wrap the UNet's target layers in `LoRALayer`s, in place; returns the adapted layer names.
 
-    alpha None means alpha = rank (scale 1). Freezes the base layers it wraps; call
+    alpha None means alpha = rank (scale 1). Freezes every other parameter of the model; call
     `merge_lora` to fold the adapters back (restoring the official state-dict layout).
     """
     targets = tuple(targets)
@@ -125,6 +124,7 @@ def inject_lora(model: DiffusionRig, rank: int, alpha: float | None = None, targ
     if lora_layers(model):
         raise ValueError("this model already has LoRA adapters; merge_lora() them first or start from a fresh model")
     alpha = float(rank if alpha is None else alpha)
+    model.requires_grad_(False)  # only the adapters train
     chosen = [(f"denoisingUNet.{name}", m) for name, m in model.denoisingUNet.named_modules()
               if _target_of(m) in targets]
     for name, layer in chosen:

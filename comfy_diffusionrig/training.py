@@ -217,7 +217,8 @@ def _check_album(model: DiffusionRig, data: TrainingData, config: TrainConfig) -
         )
     want = model.config.in_channels - 3
     if data.buffers.shape[1] != want:
-        raise ValueError(f"album buffers must have {want} channels (rendered|normal|albedo), got {data.buffers.shape[1]}")
+        raise ValueError(f"album buffers must have {want} channels (rendered|normal|albedo), "
+                         f"got {data.buffers.shape[1]}")
     model.check_image_size(*data.images.shape[2:], what="album images")
 
 
@@ -250,7 +251,8 @@ def _trainable_parameters(model: DiffusionRig, config: TrainConfig) -> list[torc
 
 def _base_fingerprint(model: DiffusionRig) -> list[float]:
     """Absolute sum of the frozen UNet weights: tells whether a LoRA checkpoint belongs to this base."""
-    return [float(sum(p.detach().double().abs().sum() for p in model.denoisingUNet.parameters() if not p.requires_grad))]
+    frozen = [p for p in model.denoisingUNet.parameters() if not p.requires_grad]
+    return [float(sum(p.detach().double().abs().sum() for p in frozen))]
 
 
 @contextmanager
