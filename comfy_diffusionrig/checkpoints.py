@@ -180,6 +180,14 @@ def load_diffusionrig(path: str | os.PathLike, config: UNetConfig | dict | None 
         model = DiffusionRig(cfg)
     _check_keys(path, state_dict, model)
     model.load_state_dict(state_dict, strict=True, assign=True)
+    return for_inference(model, device, dtype)
+
+
+def for_inference(model: DiffusionRig, device="cpu", dtype: torch.dtype | str = torch.float32) -> DiffusionRig:
+    """Move a model to `device`, cast its UNet to `dtype` ("auto" allowed), in place; eval mode.
+
+    The UNet is stored channels_last; the small encoder stays float32.
+    """
     unet_dtype = resolve_dtype(dtype, device)
     model.to(device=device)
     # channels_last: oneDNN / cuDNN convolutions run 15-35 % faster (see benchmarks/bench_sample.py)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from comfy_diffusionrig import ddim_invert, ddim_sample, load_diffusionrig
+from comfy_diffusionrig.checkpoints import for_inference
+from comfy_diffusionrig.lora import load_lora, merge_lora
 
 from .host import Progress, check_interrupt, image_to_model, model_files, model_path, model_to_image, torch_device
 
@@ -31,11 +33,22 @@ class LoadDiffusionRigModel:
             "precision": (["auto", "fp32", "bf16", "fp16"],
                           {"default": "auto", "tooltip": "UNet precision. auto: bf16 on GPUs and on CPUs with native "
                                                          "bf16, else fp32. fp16 is GPU-only."}),
+        }, "optional": {
+            "lora_name": (["none"] + model_files("diffusionrig", (".safetensors",)),
+                          {"default": "none", "tooltip": "A personalization LoRA saved by Save DiffusionRig Model, "
+                                                         "applied on top of the checkpoint it was trained from."}),
+            "lora_strength": ("FLOAT", {"default": 1.0, "min": -2.0, "max": 2.0, "step": 0.05,
+                                        "tooltip": "How much of the LoRA to apply (1 = as trained)."}),
         }}
 
-    def load(self, ckpt_name, precision):
-        path = model_path("diffusionrig", ckpt_name, "Load DiffusionRig Model")
-        return (load_diffusionrig(path, device=torch_device(), dtype=precision),)
+    def load(self, ckpt_name, precision, lora_name="none", lora_strength=1.0):
+        node = "Load DiffusionRig Model"
+        path = model_path("diffusionrig", ckpt_name, node)
+        if lora_name == "none":
+            return (load_diffusionrig(path, device=torch_device(), dtype=precision),)
+        lora = model_path("diffusionrig", lora_name, node)
+        model = load_lora(load_diffusionrig(path, device=torch_device()), lora)  # adapters merge in fp32
+        return (for_inference(merge_lora(model, lora_strength), torch_device(), precision),)
 
 
 def _to_model_size(image: torch.Tensor, model, node: str) -> torch.Tensor:

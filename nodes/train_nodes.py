@@ -1,0 +1,167 @@
+"""Personalization nodes: train DiffusionRig on a face album (stage 2) and save the result."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+
+import numpy as np
+import torch
+
+from comfy_diffusionrig import ddim_sample
+from comfy_diffusionrig.checkpoints import save_diffusionrig
+from comfy_diffusionrig.lora import lora_layers, save_lora
+from comfy_diffusionrig.plotting import loss_curve
+from comfy_diffusionrig.training import TrainConfig, train
+
+from .host import Progress, check_interrupt, model_dir
+
+CATEGORY = "DiffusionRig/personalize"
+TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
+log = logging.getLogger("comfy_diffusionrig")
+
+
+def _checked_name(name: str, node: str) -> str:
+    name = name.strip()
+    if name.endswith(".safetensors"):
+        name = name[: -len(".safetensors")]
+    if not _NAME.match(name):
+        raise ValueError(f"{node}: save name {name!r} is not usable as a file name; use letters, digits, spaces, "
+                         "'_', '-' or '.' (no folders), e.g. 'anna_personalized'")
+    return name
+
+
+class TrainDiffusionRig:
+    DESCRIPTION = ("Personalizes DiffusionRig on one person's Face Album (stage 2 of the paper): fine-tunes the "
+                   "denoiser with the global encoder frozen. Defaults are the official recipe (5000 steps, lr 1e-5, "
+                   "batch 4: about 30 min on a GPU, many hours on a CPU). Progress is checkpointed under the save "
+                   "name: cancel any time and queue again with the same settings to continue where it stopped.")
+    CATEGORY = CATEGORY
+    FUNCTION = "train"
+    RETURN_TYPES = ("DR_MODEL", "IMAGE")
+    RETURN_NAMES = ("dr_model", "loss_curve")
+    OUTPUT_TOOLTIPS = ("The personalized model (the input model is left unchanged). Save it with Save "
+                       "DiffusionRig Model.", "Loss per step and its running mean.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dr_model": ("DR_MODEL", {"tooltip": "The base model to personalize (the official stage-1 checkpoint)."}),
+            "face_album": ("FACE_ALBUM", {"tooltip": "From Build Face Album: ~20 aligned photos of one person with "
+                                                     "their rendered buffers."}),
+            "steps": ("INT", {"default": 5000, "min": 1, "max": 100000,
+                              "tooltip": "Training steps (official: 5000). Try a few hundred first on a CPU."}),
+            "learning_rate": ("FLOAT", {"default": 1e-5, "min": 1e-7, "max": 1e-2, "step": 1e-6, "round": 1e-7,
+                                        "tooltip": "Adam learning rate (official full fine-tune: 1e-5; LoRA usually "
+                                                   "wants ~1e-4)."}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64,
+                                   "tooltip": "Different album photos per step (official: 4)."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+                             "tooltip": "Seed of the photo order, timesteps and noise: same seed, same result."}),
+            "lora_rank": ("INT", {"default": 0, "min": 0, "max": 256,
+                                  "tooltip": "0 = full fine-tune (official, ~550 MB model). >0 trains low-rank "
+                                             "adapters instead: a file of a few MB."}),
+            "save_name": ("STRING", {"default": "personalized",
+                                     "tooltip": "Name of this run. Its resumable checkpoint is kept in "
+                                                "models/diffusionrig/training/<name>.dr-train."}),
+        }, "optional": {
+            "precision": (["auto", "fp32", "bf16", "fp16"],
+                          {"default": "auto", "tooltip": "Mixed precision of the training math; weights stay fp32. "
+                                                         "auto: bf16/fp16 on GPUs and bf16 on CPUs that have it."}),
+            "gradient_checkpointing": ("BOOLEAN", {"default": False,
+                                                   "tooltip": "Recompute activations in the backward pass: much "
+                                                              "less memory, ~30 % slower."}),
+            "preview_every": ("INT", {"default": 250, "min": 0, "max": 100000,
+                                      "tooltip": "Show a 10-step sample of the first album photo every N steps "
+                                                 "(0 = never)."}),
+            "restart": ("BOOLEAN", {"default": False,
+                                    "tooltip": "Ignore and replace an existing checkpoint of this save name "
+                                               "instead of resuming it."}),
+        }}
+
+    def train(self, dr_model, face_album, steps, learning_rate, batch_size, seed, lora_rank, save_name,
+              precision="auto", gradient_checkpointing=False, preview_every=250, restart=False):
+        node = "Train DiffusionRig"
+        name = _checked_name(save_name, node)
+        if len(face_album) < 2:
+            raise ValueError(f"{node}: the album has {len(face_album)} photo(s); personalizing needs several "
+                             "photos of the person (the paper uses about 20)")
+        config = TrainConfig(steps=steps, lr=learning_rate, batch_size=min(batch_size, len(face_album)), seed=seed,
+                             precision=precision, gradient_checkpointing=gradient_checkpointing,
+                             lora_rank=lora_rank, checkpoint_every=max(1, min(500, steps // 10)),
+                             preview_every=preview_every)
+        if config.batch_size < batch_size:
+            log.warning("%s: the album has %d photos: batch size lowered from %d to %d", node, len(face_album),
+                        batch_size, config.batch_size)
+        checkpoint = model_dir("diffusionrig") / "training" / f"{name}{TRAINING_SUFFIX}"
+        data = face_album.training_data()
+        progress = Progress(steps)
+        preview_buffers = data.buffers[:1]
+        preview_noise = torch.randn(1, *data.images.shape[1:], generator=torch.Generator().manual_seed(seed))
+        last_preview = [None]
+
+        def on_step(step, total, loss, model):
+            if step % 50 == 0 or step == total:
+                log.info("%s: step %d/%d, loss %.4f", node, step, total, loss)
+            progress.update(step, last_preview[0])
+            last_preview[0] = None
+            check_interrupt()
+
+        def preview(step, model):
+            device = model.device
+            code = model.encode(data.images[:1].to(device))
+            last_preview[0] = ddim_sample(model, preview_buffers.to(device), code, preview_noise.to(device),
+                                          steps=10)[0].cpu()
+
+        with torch.inference_mode(False):
+            model = copy.deepcopy(dr_model)  # the loader's cached model must stay the base
+            model, losses = train(model, data, config, checkpoint_path=checkpoint, callback=on_step,
+                                  resume=not restart, preview=preview)
+        curve = torch.from_numpy(np.asarray(loss_curve(losses), dtype=np.float32) / 255.0)[None]
+        return (model, curve)
+
+
+class SaveDiffusionRigModel:
+    DESCRIPTION = ("Saves a DiffusionRig model into models/diffusionrig/ as .safetensors (the whole model, or "
+                   "only the LoRA adapters of a LoRA-trained model). Never overwrites a file unless asked.")
+    CATEGORY = CATEGORY
+    FUNCTION = "save"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("path",)
+    OUTPUT_TOOLTIPS = ("Where the file was written.",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "dr_model": ("DR_MODEL", {"tooltip": "Usually the output of Train DiffusionRig."}),
+            "filename": ("STRING", {"default": "personalized",
+                                    "tooltip": "File name in models/diffusionrig/ (.safetensors is added)."}),
+            "precision": (["fp32", "fp16", "bf16"],
+                          {"default": "fp16", "tooltip": "Stored precision; fp16/bf16 halve the file."}),
+            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of that name."}),
+        }}
+
+    def save(self, dr_model, filename, precision, overwrite):
+        node = "Save DiffusionRig Model"
+        path = model_dir("diffusionrig") / f"{_checked_name(filename, node)}.safetensors"
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{node}: {path} already exists; choose another file name or turn on overwrite")
+        dtype = None if precision == "fp32" else precision
+        if lora_layers(dr_model):
+            written = save_lora(dr_model, path, dtype=dtype, overwrite=overwrite)
+        else:
+            written = save_diffusionrig(dr_model, path, dtype=dtype, overwrite=overwrite)
+        return {"ui": {"text": [str(written)]}, "result": (str(written),)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DiffusionRigTrain": TrainDiffusionRig,
+    "DiffusionRigSaveModel": SaveDiffusionRigModel,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffusionRigTrain": "Train DiffusionRig (personalize)",
+    "DiffusionRigSaveModel": "Save DiffusionRig Model",
+}
