@@ -1,0 +1,171 @@
+"""A fitted face rig: DECA codes of aligned faces plus what rendering them back needs; edits on it.
+
+The rig is what artists edit between fitting and rendering. Edits are pure functions
+returning a new rig: relight, change expression / jaw / head pose, copy them from another
+face, or sweep one parameter over a batch of frames.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+CODE_KEYS = ("shape", "tex", "exp", "pose", "cam", "light")
+
+
+@dataclass(frozen=True)
+class FaceRig:
+    """codes: shape [B,100], tex [B,50], exp [B,50], pose [B,6] (global axis-angle | jaw), cam [B,3], light [B,9,3].
+
+    tform [B,3,3]: the renderer's transform from DECA crop to the aligned image (official
+    decode() convention: inverse(T_aligned->crop) transposed); ffhq_center [B,3]: the FFHQ
+    centre of the unedited fit (FLAME units), so a re-posed head stays where alignment put it;
+    image_size (H, W): the aligned image size the buffers are rendered at.
+    """
+
+    codes: dict
+    tform: torch.Tensor
+    ffhq_center: torch.Tensor
+    image_size: tuple[int, int]
+
+    def __len__(self) -> int:
+        return self.codes["shape"].shape[0]
+
+    def with_codes(self, **changes: torch.Tensor) -> "FaceRig":
+        unknown = set(changes) - set(CODE_KEYS)
+        if unknown:
+            raise KeyError(f"unknown code(s) {sorted(unknown)}; a rig has {CODE_KEYS}")
+        return replace(self, codes={**self.codes, **changes})
+
+    def select(self, index) -> "FaceRig":
+        """Rows of the batch (an int, a slice or a list of ints); keeps the batch dimension."""
+        if isinstance(index, int):
+            index = [index]
+        return FaceRig({k: v[index] for k, v in self.codes.items()}, self.tform[index], self.ffhq_center[index],
+                       self.image_size)
+
+    def expand(self, n: int) -> "FaceRig":
+        """Repeat a one-face rig n times (frames of a sweep)."""
+        if len(self) != 1:
+            raise ValueError(f"only a rig of one face can be expanded to {n} frames, this one has {len(self)}")
+        rep = lambda t: t.expand(n, *t.shape[1:]).clone()  # noqa: E731
+        return FaceRig({k: rep(v) for k, v in self.codes.items()}, rep(self.tform), rep(self.ffhq_center),
+                       self.image_size)
+
+    @staticmethod
+    def cat(rigs: list["FaceRig"]) -> "FaceRig":
+        sizes = {r.image_size for r in rigs}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot batch rigs rendered at different sizes {sorted(sizes)}")
+        return FaceRig({k: torch.cat([r.codes[k] for r in rigs]) for k in CODE_KEYS},
+                       torch.cat([r.tform for r in rigs]), torch.cat([r.ffhq_center for r in rigs]), rigs[0].image_size)
+
+
+def _broadcast(source: torch.Tensor, n: int, what: str) -> torch.Tensor:
+    if source.shape[0] == n:
+        return source
+    if source.shape[0] == 1:
+        return source.expand(n, *source.shape[1:])
+    raise ValueError(f"the reference has {source.shape[0]} faces for {n} target faces; use one reference face "
+                     "or as many as targets")
+
+
+def copy_from(rig: FaceRig, reference: FaceRig, light: bool = False, expression: bool = False, jaw: bool = False,
+              head_pose: bool = False) -> FaceRig:
+    """Take light / expression / jaw / global head pose from another fit (one reference face or one per face)."""
+    n = len(rig)
+    exp, pose, sh = rig.codes["exp"], rig.codes["pose"].clone(), rig.codes["light"]
+    ref_pose = _broadcast(reference.codes["pose"], n, "pose")
+    if light:
+        sh = _broadcast(reference.codes["light"], n, "light").clone()
+    if expression:
+        exp = _broadcast(reference.codes["exp"], n, "expression").clone()
+    if jaw:
+        pose[:, 3:6] = ref_pose[:, 3:6]
+    if head_pose:
+        pose[:, 0:3] = ref_pose[:, 0:3]
+    return rig.with_codes(exp=exp, pose=pose, light=sh)
+
+
+def axis_angle_to_matrix(r: torch.Tensor) -> torch.Tensor:
+    """[..., 3] axis-angle -> [..., 3, 3] rotation (Rodrigues; exact at zero)."""
+    angle = r.norm(dim=-1, keepdim=True)
+    axis = r / angle.clamp_min(1e-12)
+    x, y, z = axis.unbind(-1)
+    zero = torch.zeros_like(x)
+    k = torch.stack([zero, -z, y, z, zero, -x, -y, x, zero], -1).reshape(*r.shape[:-1], 3, 3)
+    eye = torch.eye(3, dtype=r.dtype, device=r.device).expand_as(k)
+    s, c = angle.sin()[..., None], angle.cos()[..., None]
+    return eye + s * k + (1 - c) * (k @ k)
+
+
+def matrix_to_axis_angle(m: torch.Tensor) -> torch.Tensor:
+    """[..., 3, 3] rotation -> [..., 3] axis-angle (angle in [0, pi]); via float64 for accuracy."""
+    m64 = m.double()
+    cos = ((m64.diagonal(dim1=-2, dim2=-1).sum(-1) - 1) / 2).clamp(-1, 1)
+    angle = torch.acos(cos)
+    vee = torch.stack([m64[..., 2, 1] - m64[..., 1, 2], m64[..., 0, 2] - m64[..., 2, 0],
+                       m64[..., 1, 0] - m64[..., 0, 1]], -1)
+    sin = angle.sin()
+    small = sin.abs() < 1e-6
+    axis = vee / (2 * torch.where(small, torch.ones_like(sin), sin))[..., None]
+    result = axis * angle[..., None]
+    # near 0: vee/2 is the answer; near pi: take the axis from the symmetric part
+    near_pi = small & (cos < 0)
+    if bool(near_pi.any()):
+        sym = (m64 + torch.eye(3, dtype=m64.dtype, device=m64.device)) / 2
+        col = sym.diagonal(dim1=-2, dim2=-1).argmax(-1)
+        pick = torch.gather(sym, -1, col[..., None, None].expand(*col.shape, 3, 1)).squeeze(-1)
+        pick = pick / pick.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        result = torch.where(near_pi[..., None], pick * math.pi, result)
+    result = torch.where((small & (cos > 0))[..., None], vee / 2, result)
+    return result.to(m.dtype)
+
+
+def euler_matrix(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor) -> torch.Tensor:
+    """Degrees -> [B,3,3] in FLAME's frame (+y up, +z to the camera): yaw about y (positive turns the face to
+    image right), pitch about x (positive looks down), roll about z (positive tilts the head to image right)."""
+    def axis(angle: torch.Tensor, index: int, sign: float) -> torch.Tensor:
+        vec = torch.zeros(*angle.shape, 3, dtype=angle.dtype, device=angle.device)
+        vec[..., index] = sign * torch.deg2rad(angle)
+        return axis_angle_to_matrix(vec)
+
+    return axis(yaw, 1, 1.0) @ axis(pitch, 0, 1.0) @ axis(roll, 2, -1.0)
+
+
+def edit_pose(rig: FaceRig, yaw: float | torch.Tensor = 0.0, pitch: float | torch.Tensor = 0.0,
+              roll: float | torch.Tensor = 0.0, jaw_open: float | torch.Tensor | None = None,
+              expression_scale: float | torch.Tensor = 1.0) -> FaceRig:
+    """Turn the head by (yaw, pitch, roll) degrees on top of its fitted pose (scalars or one value per face),
+    set the jaw opening in degrees (None keeps the fitted jaw) and scale the expression."""
+    pose, exp = rig.codes["pose"].clone(), rig.codes["exp"]
+    n, dtype = len(rig), pose.dtype
+    as_batch = lambda v: torch.as_tensor(v, dtype=torch.float64).expand(n).clone()  # noqa: E731
+    turn = euler_matrix(as_batch(yaw), as_batch(pitch), as_batch(roll))
+    fitted = axis_angle_to_matrix(pose[:, 0:3].double())
+    pose[:, 0:3] = matrix_to_axis_angle(turn @ fitted).to(dtype)
+    if jaw_open is not None:
+        pose[:, 3:6] = 0
+        pose[:, 3] = torch.deg2rad(as_batch(jaw_open)).to(dtype)  # FLAME's jaw opens about +x
+    exp = exp * as_batch(expression_scale).to(exp.dtype)[:, None]
+    return rig.with_codes(pose=pose, exp=exp)
+
+
+def check_finite(rig: FaceRig, what: str = "face rig") -> None:
+    for key, value in rig.codes.items():
+        if not bool(torch.isfinite(value).all()):
+            raise ValueError(f"the {what} has NaN or infinite '{key}' codes; fit the face again (is the input "
+                             "image valid?) or check the edit values")
+
+
+def sweep_values(start: float, end: float, frames: int, ease: bool = False) -> np.ndarray:
+    """frames values from start to end inclusive; ease = smooth start and stop (cosine)."""
+    if frames < 1:
+        raise ValueError(f"a sweep needs at least 1 frame, got {frames}")
+    s = np.linspace(0.0, 1.0, frames) if frames > 1 else np.zeros(1)
+    if ease:
+        s = (1 - np.cos(np.pi * s)) / 2
+    return start + (end - start) * s

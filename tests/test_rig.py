@@ -1,0 +1,72 @@
+"""Rig edits: pose composition, jaw, expression scale, copying from a reference, batching."""
+
+import math
+
+import pytest
+import torch
+
+from comfy_diffusionrig.rig import (FaceRig, axis_angle_to_matrix, copy_from, edit_pose, euler_matrix,
+                                    matrix_to_axis_angle, sweep_values)
+
+
+def _rig(n=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    codes = {"shape": torch.randn(n, 100, generator=gen), "tex": torch.randn(n, 50, generator=gen),
+             "exp": torch.randn(n, 50, generator=gen), "pose": 0.2 * torch.randn(n, 6, generator=gen),
+             "cam": torch.randn(n, 3, generator=gen), "light": torch.randn(n, 9, 3, generator=gen)}
+    return FaceRig(codes, torch.eye(3).expand(n, 3, 3).clone(), torch.randn(n, 3, generator=gen), (256, 256))
+
+
+def test_axis_angle_round_trip_including_zero_and_half_turn():
+    gen = torch.Generator().manual_seed(1)
+    r = torch.randn(64, 3, generator=gen, dtype=torch.float64)
+    r = r / r.norm(dim=-1, keepdim=True) * torch.rand(64, 1, generator=gen, dtype=torch.float64) * 3.0
+    r = torch.cat([r, torch.zeros(1, 3, dtype=torch.float64), torch.tensor([[0.0, math.pi, 0.0]], dtype=torch.float64)])
+    back = matrix_to_axis_angle(axis_angle_to_matrix(r))
+    assert torch.allclose(axis_angle_to_matrix(back), axis_angle_to_matrix(r), atol=1e-9)
+    assert torch.allclose(back[:-1], r[:-1], atol=1e-9)
+
+
+def test_yaw_turns_the_face_to_image_right_and_pitch_looks_down():
+    forward = torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)  # FLAME: the face looks along +z
+    turned = euler_matrix(torch.tensor([30.0]), torch.tensor([0.0]), torch.tensor([0.0])).double()[0] @ forward
+    assert turned[0] == pytest.approx(math.sin(math.radians(30)), abs=1e-7) and turned[1] == pytest.approx(0)
+    down = euler_matrix(torch.tensor([0.0]), torch.tensor([20.0]), torch.tensor([0.0])).double()[0] @ forward
+    assert down[1] < 0
+
+
+def test_edit_pose_composes_on_the_fitted_pose_and_sets_the_jaw():
+    rig = _rig()
+    edited = edit_pose(rig, yaw=15.0, jaw_open=10.0, expression_scale=0.5)
+    fitted = axis_angle_to_matrix(rig.codes["pose"][:, :3].double())
+    want = euler_matrix(torch.full((2,), 15.0), torch.zeros(2), torch.zeros(2)).double() @ fitted
+    assert torch.allclose(axis_angle_to_matrix(edited.codes["pose"][:, :3].double()), want, atol=1e-6)
+    assert torch.allclose(edited.codes["pose"][:, 3:], torch.tensor([[math.radians(10), 0, 0]] * 2))
+    assert torch.allclose(edited.codes["exp"], rig.codes["exp"] * 0.5)
+    assert torch.equal(edited.codes["light"], rig.codes["light"]) and torch.equal(edited.tform, rig.tform)
+    same = edit_pose(rig)
+    assert torch.allclose(same.codes["pose"], rig.codes["pose"], atol=1e-6)
+
+
+def test_copy_from_one_reference_broadcasts_and_touches_only_what_is_asked():
+    rig, ref = _rig(3, 0), _rig(1, 5)
+    out = copy_from(rig, ref, light=True, jaw=True)
+    assert torch.equal(out.codes["light"], ref.codes["light"].expand(3, 9, 3))
+    assert torch.equal(out.codes["pose"][:, 3:], ref.codes["pose"][:, 3:].expand(3, 3))
+    assert torch.equal(out.codes["pose"][:, :3], rig.codes["pose"][:, :3])
+    assert torch.equal(out.codes["exp"], rig.codes["exp"]) and torch.equal(out.codes["shape"], rig.codes["shape"])
+    with pytest.raises(ValueError, match="reference has 2 faces"):
+        copy_from(rig, _rig(2), light=True)
+
+
+def test_batching_helpers():
+    rig = _rig(1)
+    frames = rig.expand(4)
+    assert len(frames) == 4 and torch.equal(frames.codes["tex"][3], rig.codes["tex"][0])
+    both = FaceRig.cat([rig, _rig(2)])
+    assert len(both) == 3 and len(both.select(slice(1, 3))) == 2 and len(both.select(0)) == 1
+    with pytest.raises(KeyError):
+        rig.with_codes(colour=torch.zeros(1))
+    assert sweep_values(-60, 60, 5).tolist() == [-60, -30, 0, 30, 60]
+    eased = sweep_values(0, 1, 5, ease=True)
+    assert eased[0] == 0 and eased[-1] == 1 and eased[1] < 0.25
