@@ -38,7 +38,8 @@ from .unet import AttentionBlock, DiffusionRig, ResBlock
 
 TRAIN_FORMAT = "comfy-diffusionrig-train"
 # TrainConfig fields a resumed run must share with its checkpoint (the others may change)
-_TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "grad_clip", "precision", "lora_rank", "lora_alpha", "lora_targets")
+_TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "grad_clip", "precision", "lora_rank", "lora_alpha", "lora_targets",
+                      "train_encoder")
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 Callback = Callable[[int, int, float, DiffusionRig], None]
@@ -87,6 +88,7 @@ class TrainConfig:
     as official) and on CPUs with native bf16, else fp32; weights and optimizer stay fp32.
     lora_rank 0 fine-tunes the whole UNet (official); LoRA usually wants a ~10x higher lr.
     lora_alpha None = rank. checkpoint_every / preview_every count steps (0: no previews).
+    train_encoder: also train the global encoder, as the official stage 1 does (from scratch).
     """
 
     steps: int = 5000  # official stage-2 max_steps
@@ -101,6 +103,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = DEFAULT_TARGETS
     checkpoint_every: int = 500
     preview_every: int = 0
+    train_encoder: bool = False
 
     def __post_init__(self):
         problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in (
@@ -112,6 +115,7 @@ class TrainConfig:
             ("lora_rank", self.lora_rank >= 0, "0 (full fine-tune) or a positive rank"),
             ("checkpoint_every", self.checkpoint_every >= 1, "at least 1"),
             ("preview_every", self.preview_every >= 0, "0 (off) or positive"),
+            ("train_encoder", not (self.train_encoder and self.lora_rank), "False with LoRA (adapters are UNet-only)"),
         ) if not ok]
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
@@ -244,6 +248,8 @@ def _trainable_parameters(model: DiffusionRig, config: TrainConfig) -> list[torc
             raise ValueError("the model has LoRA adapters but lora_rank is 0: merge_lora(model) before a full "
                              "fine-tune, or set lora_rank to train the adapters")
         params = list(model.denoisingUNet.parameters())
+        if config.train_encoder:
+            params += list(model.encoder.parameters())
     for p in params:
         p.requires_grad_(True)
     return params

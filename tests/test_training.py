@@ -278,3 +278,15 @@ def test_lora_resume_refuses_another_base(tmp_path):
     other = DiffusionRig(TINY)  # same architecture, other weights
     with pytest.raises(TrainingError, match="another base model"):
         train(other, album(), TrainConfig(steps=3, lora_rank=2, **FAST), checkpoint_path=path)
+
+
+def test_stage_one_trains_the_encoder_too():
+    model = tiny_model()
+    before = weights(model)
+    # zero-initialised output convolutions block the encoder's gradient for the first two steps
+    train(model, album(), TrainConfig(steps=4, lr=1e-3, train_encoder=True, **FAST))
+    after = weights(model)
+    moved = [k for k in before if k.startswith("encoder.") and k.endswith("weight") and not torch.equal(before[k], after[k])]
+    assert "encoder.fc.weight" in moved and "encoder.conv1.weight" in moved
+    with pytest.raises(ValueError, match="train_encoder"):
+        TrainConfig(train_encoder=True, lora_rank=4)
