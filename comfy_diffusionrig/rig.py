@@ -137,19 +137,20 @@ def euler_matrix(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor) -> 
 
 
 def edit_pose(rig: FaceRig, yaw: float | torch.Tensor = 0.0, pitch: float | torch.Tensor = 0.0,
-              roll: float | torch.Tensor = 0.0, jaw_open: float | torch.Tensor | None = None,
+              roll: float | torch.Tensor = 0.0, jaw_open: float | torch.Tensor = 0.0,
               expression_scale: float | torch.Tensor = 1.0) -> FaceRig:
-    """Turn the head by (yaw, pitch, roll) degrees on top of its fitted pose (scalars or one value per face),
-    set the jaw opening in degrees (None keeps the fitted jaw) and scale the expression."""
+    """Turn the head by (yaw, pitch, roll) degrees on top of its fitted pose, open the jaw by jaw_open
+    degrees more than fitted (negative closes it), scale the expression; scalars or one value per face."""
     pose, exp = rig.codes["pose"].clone(), rig.codes["exp"]
     n, dtype = len(rig), pose.dtype
     as_batch = lambda v: torch.as_tensor(v, dtype=torch.float64).expand(n).clone()  # noqa: E731
     turn = euler_matrix(as_batch(yaw), as_batch(pitch), as_batch(roll))
     fitted = axis_angle_to_matrix(pose[:, 0:3].double())
     pose[:, 0:3] = matrix_to_axis_angle(turn @ fitted).to(dtype)
-    if jaw_open is not None:
-        pose[:, 3:6] = 0
-        pose[:, 3] = torch.deg2rad(as_batch(jaw_open)).to(dtype)  # FLAME's jaw opens about +x
+    zero = torch.zeros(n, dtype=torch.float64)
+    opening = axis_angle_to_matrix(torch.stack([torch.deg2rad(as_batch(jaw_open)), zero, zero], -1))
+    jaw = axis_angle_to_matrix(pose[:, 3:6].double())
+    pose[:, 3:6] = matrix_to_axis_angle(jaw @ opening).to(dtype)  # FLAME's jaw opens about +x
     exp = exp * as_batch(expression_scale).to(exp.dtype)[:, None]
     return rig.with_codes(pose=pose, exp=exp)
 

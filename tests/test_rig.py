@@ -41,7 +41,11 @@ def test_edit_pose_composes_on_the_fitted_pose_and_sets_the_jaw():
     fitted = axis_angle_to_matrix(rig.codes["pose"][:, :3].double())
     want = euler_matrix(torch.full((2,), 15.0), torch.zeros(2), torch.zeros(2)).double() @ fitted
     assert torch.allclose(axis_angle_to_matrix(edited.codes["pose"][:, :3].double()), want, atol=1e-6)
-    assert torch.allclose(edited.codes["pose"][:, 3:], torch.tensor([[math.radians(10), 0, 0]] * 2))
+    opening = axis_angle_to_matrix(torch.tensor([[math.radians(10), 0.0, 0.0]], dtype=torch.float64))
+    want_jaw = axis_angle_to_matrix(rig.codes["pose"][:, 3:].double()) @ opening
+    assert torch.allclose(axis_angle_to_matrix(edited.codes["pose"][:, 3:].double()), want_jaw, atol=1e-6)
+    closed = edit_pose(rig.with_codes(pose=torch.zeros(2, 6)), jaw_open=10.0)
+    assert torch.allclose(closed.codes["pose"][:, 3:], torch.tensor([[math.radians(10), 0, 0]] * 2))
     assert torch.allclose(edited.codes["exp"], rig.codes["exp"] * 0.5)
     assert torch.equal(edited.codes["light"], rig.codes["light"]) and torch.equal(edited.tform, rig.tform)
     same = edit_pose(rig)
