@@ -128,19 +128,24 @@ def _rasterize_pytorch3d(verts, faces, image_size, required: bool) -> Fragments:
     return Fragments(pix_to_face[..., 0], bary[..., 0, :], zbuf[..., 0])
 
 
-def _index_range(lo: torch.Tensor, hi: torch.Tensor, centres: torch.Tensor):
-    """First index and count of the pixel centres within [lo, hi] (+-1 pixel slack).
+def _first_last(centres: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """First index and count of the pixel centres c with lo <= c <= hi (exact float32 test).
 
-    lo, hi: [N] float; centres: [S] increasing.  Returns ([N] int64, [N] int64).
+    centres: [S] increasing float32; lo, hi: [N] float32.  Returns ([N] int64, [N] int64).
     """
-    size = centres.numel()
-    step = float(centres[1] - centres[0]) if size > 1 else 2.0
-    # clamp in float first: off-screen or non-finite vertices must not overflow the cast
-    first = ((lo - centres[0]) / step).nan_to_num(0.0).clamp(-2.0, size + 1.0).floor().long() - 1
-    last = ((hi - centres[0]) / step).nan_to_num(0.0).clamp(-2.0, size + 1.0).ceil().long() + 1
-    first = first.clamp(min=0)
-    last = last.clamp(max=size - 1)
-    return first, (last - first + 1).clamp(min=0)
+    first = torch.searchsorted(centres, lo.contiguous())
+    last = torch.searchsorted(centres, hi.contiguous(), right=True)
+    return first, (last - first).clamp(min=0)
+
+
+def _expand(counts: torch.Tensor):
+    """Enumerate sub-items: for group g with counts[g] items -> (group id, index within group).
+
+    counts: [G] int64.  Returns ([N] int64, [N] int64), N = counts.sum().
+    """
+    group = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    return group, torch.arange(group.numel(), device=counts.device) - starts.index_select(0, group)
 
 
 def _rasterize_torch(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int) -> Fragments:
@@ -154,56 +159,53 @@ def _rasterize_torch(verts: torch.Tensor, faces: torch.Tensor, height: int, widt
 
     # pytorch3d compares float32 geometry with its double epsilon: do the same in float64
     area = (x0 - x1) * (y2 - y1) - (y0 - y1) * (x2 - x1)
-    denom = ((x2 - x0) * (y1 - y0) - (y2 - y0) * (x1 - x0)).double() + _EPS
-    denom = denom.float()
-    xmin, xmax = tri[:, :, 0].amin(1), tri[:, :, 0].amax(1)
-    ymin, ymax = tri[:, :, 1].amin(1), tri[:, :, 1].amax(1)
+    denom = (((x2 - x0) * (y1 - y0) - (y2 - y0) * (x1 - x0)).double() + _EPS).float()
     usable = (area.double().abs() > _EPS) & (tri[:, :, 2].amin(1).double() >= _EPS)
+
+    # per-face terms of the three edge functions w_k = ((p.x - a.x) * ex - (p.y - a.y) * ey) / denom
+    # (edge k runs from corner k+1 to corner k+2), in pytorch3d's operation order
+    table = torch.stack(
+        [x1, y1, y2 - y1, x2 - x1, x2, y2, y0 - y2, x0 - x2, x0, y0, y1 - y0, x1 - x0,
+         tri[:, 0, 2], tri[:, 1, 2], tri[:, 2, 2], denom]
+    )
 
     xs = pixel_centres(width, height, device)
     ys = pixel_centres(height, width, device)
-    # pixel-index range of each bounding box, with one pixel of slack against rounding (the
-    # exact float32 bounding-box test below decides)
-    cols = _index_range(xmin, xmax, xs)
-    rows = _index_range(ymin, ymax, ys)
-    col_lo, n_cols = cols
-    row_lo, n_rows = rows
-    counts = torch.where(usable, n_cols * n_rows, torch.zeros_like(n_cols))
+    xmin, xmax = tri[:, :, 0].amin(1), tri[:, :, 0].amax(1)
+    row_first, n_rows = _first_last(ys, tri[:, :, 1].amin(1), tri[:, :, 1].amax(1))
+    n_rows = torch.where(usable, n_rows, torch.zeros_like(n_rows))
 
-    # per-face terms of the three edge functions, in pytorch3d's operation order
-    e0x, e0y = y2 - y1, x2 - x1
-    e1x, e1y = y0 - y2, x0 - x2
-    e2x, e2y = y1 - y0, x1 - x0
+    # one item per (face, pixel row) inside the face's bounding box
+    row_face, row_local = _expand(n_rows)
+    row = row_first.index_select(0, row_face) + row_local
+    col_first, n_cols = _row_spans(table.index_select(1, row_face), ys.index_select(0, row),
+                                   xmin.index_select(0, row_face), xmax.index_select(0, row_face), xs)
 
-    starts = torch.cumsum(counts, 0) - counts
-    total = int(counts.sum())
     kept = []
-    # faces grouped so that each chunk holds about _CHUNK candidates (one huge face may exceed it)
+    # rows grouped so that each chunk holds about _CHUNK candidate pixels
+    starts = torch.cumsum(n_cols, 0) - n_cols
+    total = int(n_cols.sum())
     bounds = torch.searchsorted(starts, torch.arange(0, max(total, 1), _CHUNK, device=device)).tolist()
-    bounds = sorted(set(bounds + [batch * n_faces]))
+    bounds = sorted(set(bounds + [n_cols.numel()]))
     for first, last in zip(bounds[:-1], bounds[1:]):
-        chunk_counts = counts[first:last]
-        face = torch.repeat_interleave(torch.arange(first, last, device=device), chunk_counts)
-        if face.numel() == 0:
-            continue
-        local = torch.arange(face.numel(), device=device) - (starts[face] - starts[first])
-        ncol = n_cols[face]
-        col = col_lo[face] + local % ncol
-        row = row_lo[face] + torch.div(local, ncol, rounding_mode="floor")
-        px, py = xs[col], ys[row]
-
-        in_box = (px <= xmax[face]) & (px >= xmin[face]) & (py <= ymax[face]) & (py >= ymin[face])
-        den = denom[face]
-        w0 = ((px - x1[face]) * e0x[face] - (py - y1[face]) * e0y[face]) / den
-        w1 = ((px - x2[face]) * e1x[face] - (py - y2[face]) * e1y[face]) / den
-        w2 = ((px - x0[face]) * e2x[face] - (py - y0[face]) * e2y[face]) / den
-        z = w0 * tri[face, 0, 2] + w1 * tri[face, 1, 2] + w2 * tri[face, 2, 2]
-        inside = in_box & (w0 > 0) & (w1 > 0) & (w2 > 0) & (z >= 0)
-        idx = inside.nonzero().squeeze(1)
-        b = torch.div(face[idx], n_faces, rounding_mode="floor")
+        item, col_local = _expand(n_cols[first:last])
+        item = item + first
+        face = row_face.index_select(0, item)
+        pix_row = row.index_select(0, item)
+        col = col_first.index_select(0, item) + col_local
+        px, py = xs.index_select(0, col), ys.index_select(0, pix_row)
+        ax, ay, ex0, ey0, bx, by, ex1, ey1, cx, cy, ex2, ey2, z0, z1, z2, den = table.index_select(1, face)
+        w0 = ((px - ax) * ex0 - (py - ay) * ey0) / den
+        w1 = ((px - bx) * ex1 - (py - by) * ey1) / den
+        w2 = ((px - cx) * ex2 - (py - cy) * ey2) / den
+        z = w0 * z0 + w1 * z1 + w2 * z2
+        idx = ((w0 > 0) & (w1 > 0) & (w2 > 0) & (z >= 0)).nonzero().squeeze(1)
+        face = face.index_select(0, idx)
+        b = torch.div(face, n_faces, rounding_mode="floor")
         # output rows/cols run opposite to pytorch3d's NDC axes (+y up, +x left)
-        pixel = (b * height + (height - 1 - row[idx])) * width + (width - 1 - col[idx])
-        kept.append((pixel, face[idx], torch.stack([w0[idx], w1[idx], w2[idx]], 1), z[idx]))
+        pixel = (b * height + (height - 1 - pix_row.index_select(0, idx))) * width + (width - 1 - col.index_select(0, idx))
+        weights = torch.stack([w0, w1, w2], 1).index_select(0, idx)
+        kept.append((pixel, face, weights, z.index_select(0, idx)))
 
     n_pix = batch * height * width
     pix_to_face = torch.full((n_pix,), -1, dtype=torch.long, device=device)
@@ -219,12 +221,44 @@ def _rasterize_torch(verts: torch.Tensor, faces: torch.Tensor, height: int, widt
         best = torch.full((n_pix,), sentinel, dtype=torch.long, device=device)
         best.scatter_reduce_(0, pixel, key, reduce="amin")
         hit = (best != sentinel).nonzero().squeeze(1)
-        winner = best[hit] & 0xFFFFFFFF
-        pix_to_face[hit] = face[winner]
-        bary[hit] = weights[winner]
-        zbuf[hit] = z[winner]
+        winner = best.index_select(0, hit) & 0xFFFFFFFF
+        pix_to_face[hit] = face.index_select(0, winner)
+        bary[hit] = weights.index_select(0, winner)
+        zbuf[hit] = z.index_select(0, winner)
     return Fragments(
         pix_to_face.reshape(batch, height, width),
         bary.reshape(batch, height, width, 3),
         zbuf.reshape(batch, height, width),
     )
+
+
+def _row_spans(table, py, xmin, xmax, xs):
+    """Columns of one pixel row that may lie inside a face: a conservative superset.
+
+    table: [16, R] face terms (see `_rasterize_torch`); py: [R] row centre; xmin, xmax: [R]
+    face bounding box.  Returns (first column [R], count [R]) into xs.
+
+    Each edge function is affine in x along the row; solving `sign * w_k > -tol` for x gives
+    a half-line per edge.  tol is far above float32 round-off, so every pixel the exact
+    float32 test accepts is kept; the bounding box (exact, as pytorch3d) caps the span.
+    """
+    t = table.double()
+    py = py.double()
+    sign = torch.sign(t[15])
+    lower = xmin.double()
+    upper = xmax.double()
+    scale = t[[0, 1, 4, 5, 8, 9]].abs().amax(0) + py.abs() + 1.0
+    for ax, ay, ex, ey in ((0, 1, 2, 3), (4, 5, 6, 7), (8, 9, 10, 11)):
+        slope = sign * t[ex]
+        offset = -sign * (py - t[ay]) * t[ey]
+        tol = 2.0**-16 * scale * (t[ex].abs() + t[ey].abs())
+        # sign * E_k(x) = slope * (x - ax) + offset > -tol
+        bound = t[ax] + (-tol - offset) / torch.where(slope == 0, torch.ones_like(slope), slope)
+        lower = torch.where(slope > 0, torch.maximum(lower, bound), lower)
+        upper = torch.where(slope < 0, torch.minimum(upper, bound), upper)
+        # an edge parallel to the row excludes the whole row or nothing
+        upper = torch.where((slope == 0) & (offset <= -tol), torch.full_like(upper, -torch.inf), upper)
+    # back to float32 without shrinking the span; the bounding box stays exact
+    lower = torch.maximum(lower.float(), xmin)
+    upper = torch.minimum(upper.float(), xmax)
+    return _first_last(xs, lower, upper)
