@@ -64,3 +64,178 @@ def sh_shading(normals: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
     basis = sh_basis(normals)
     flat = basis.reshape(basis.shape[0], -1, 9)
     return torch.bmm(flat, light.to(basis.dtype)).reshape(*normals.shape[:-1], 3)
+
+
+def _sh_weights() -> torch.Tensor:
+    """Per-basis factor from a radiance SH projection to DECA's light code, float64 [9].
+
+    Irradiance of order-2 SH radiance is sum_k A_l * Y_k(d) * Y_k(n) (Ramamoorthi & Hanrahan
+    2001), with Y_k = norm_k * poly_k; DECA shades with light_k * DECA_SH_CONSTANTS_k * poly_k,
+    so light_k = A_l * norm_k^2 * poly_k(d) / DECA_SH_CONSTANTS_k.
+    """
+    pi = math.pi
+    cosine_lobe = torch.tensor([pi] + [2 * pi / 3] * 3 + [pi / 4] * 5, dtype=torch.float64)
+    norm_sq = torch.tensor(
+        [1 / (4 * pi)] + [3 / (4 * pi)] * 3 + [15 / (4 * pi)] * 3 + [15 / (16 * pi), 5 / (16 * pi)],
+        dtype=torch.float64,
+    )
+    return cosine_lobe * norm_sq / DECA_SH_CONSTANTS.double()
+
+
+def _polynomials(normals: torch.Tensor) -> torch.Tensor:
+    return sh_basis(normals) / DECA_SH_CONSTANTS.to(device=normals.device, dtype=normals.dtype)
+
+
+def light_direction(azimuth_deg, elevation_deg) -> torch.Tensor:
+    """Unit vector pointing towards the light, FLAME frame (see module docstring).
+
+    azimuth_deg, elevation_deg: floats or tensors (broadcast).  Returns: [..., 3] float64.
+    """
+    azimuth = torch.deg2rad(torch.as_tensor(azimuth_deg, dtype=torch.float64))
+    elevation = torch.deg2rad(torch.as_tensor(elevation_deg, dtype=torch.float64))
+    azimuth, elevation = torch.broadcast_tensors(azimuth, elevation)
+    return torch.stack(
+        [torch.sin(azimuth) * torch.cos(elevation), torch.sin(elevation), torch.cos(azimuth) * torch.cos(elevation)], -1
+    )
+
+
+def sh_from_direction(azimuth_deg, elevation_deg, intensity=1.0, ambient=0.4, color=(1.0, 1.0, 1.0)) -> torch.Tensor:
+    """A directional light plus uniform ambient light as a DECA SH light code.
+
+    azimuth_deg, elevation_deg: direction the light comes from (module docstring convention)
+    intensity: irradiance of the direct light on a surface facing it (order-2 SH smooths the
+        clamped cosine: a facing normal gets 17/16 * intensity, the opposite one 1/16)
+    ambient: irradiance added everywhere; color: RGB tint of the whole light, [..., 3]
+    Scalars or tensors, broadcast together.  Returns: [..., 9, 3] float32.
+    """
+    direction = light_direction(azimuth_deg, elevation_deg)
+    intensity = torch.as_tensor(intensity, dtype=torch.float64)
+    ambient = torch.as_tensor(ambient, dtype=torch.float64)
+    color = torch.as_tensor(color, dtype=torch.float64)
+    batch = torch.broadcast_shapes(direction.shape[:-1], intensity.shape, ambient.shape, color.shape[:-1])
+    light = _polynomials(direction) * _sh_weights() * intensity[..., None]
+    light = light.expand(*batch, 9).clone()
+    # uniform irradiance lives in the constant band only
+    light[..., 0] += ambient / DECA_SH_CONSTANTS[0].double()
+    return (light[..., :, None] * color[..., None, :]).float()
+
+
+def light_parameters(light: torch.Tensor):
+    """Approximate inverse of `sh_from_direction`, to start sliders from a fitted light.
+
+    The direction is the dominant direction of the linear SH band (summed over RGB); the
+    per-channel direct intensity is the linear band's component along it, the ambient is
+    what the constant band holds beyond the direct light's share.  Exact for lights made
+    by `sh_from_direction` whose color has its largest channel equal to 1.
+    light: [..., 9, 3].  Returns (azimuth_deg [...], elevation_deg [...], intensity [...],
+    ambient [...], color [..., 3]) in light's dtype; color's largest channel is 1.
+    """
+    irradiance = light.double() * DECA_SH_CONSTANTS.double().to(light.device)[:, None]
+    linear = irradiance[..., 1:4, :]  # [..., 3 xyz, 3 rgb]
+    summed = linear.sum(-1)
+    length = summed.norm(dim=-1, keepdim=True)
+    directional = length[..., 0] > 1e-9
+    direction = torch.where(directional[..., None], summed / length.clamp_min(1e-12), summed.new_tensor([0.0, 0.0, 1.0]))
+    # the linear band of a directional light is intensity / 2 * direction (A_1 * norm_1^2 = 1/2)
+    per_channel = 2 * (linear * direction[..., :, None]).sum(-2)
+    per_channel = torch.where(directional[..., None], per_channel, torch.zeros_like(per_channel))
+    constant = irradiance[..., 0, :] - per_channel / 4  # the direct light's DC share is 1/4
+    intensity = per_channel.amax(-1)
+    tint = torch.where((intensity > 1e-9)[..., None], per_channel, constant)
+    color = tint / tint.amax(-1, keepdim=True).clamp_min(1e-12)
+    ambient = constant.sum(-1) / color.sum(-1).clamp_min(1e-12)
+    azimuth = torch.rad2deg(torch.atan2(direction[..., 0], direction[..., 2]))
+    elevation = torch.rad2deg(torch.asin(direction[..., 1].clamp(-1.0, 1.0)))
+    dtype = light.dtype
+    return azimuth.to(dtype), elevation.to(dtype), intensity.to(dtype), ambient.to(dtype), color.to(dtype)
+
+
+def rotation_matrix(yaw_deg=0.0, pitch_deg=0.0) -> torch.Tensor:
+    """R = yaw about +y after pitch about -x: turns the camera direction (0, 0, 1) into
+    `light_direction(yaw_deg, pitch_deg)`.  Returns: [..., 3, 3] float64."""
+    yaw = torch.deg2rad(torch.as_tensor(yaw_deg, dtype=torch.float64))
+    pitch = torch.deg2rad(torch.as_tensor(pitch_deg, dtype=torch.float64))
+    yaw, pitch = torch.broadcast_tensors(yaw, pitch)
+    one, zero = torch.ones_like(yaw), torch.zeros_like(yaw)
+    cy, sy, cp, sp = torch.cos(yaw), torch.sin(yaw), torch.cos(pitch), torch.sin(pitch)
+    about_y = torch.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(*yaw.shape, 3, 3)
+    about_minus_x = torch.stack([one, zero, zero, zero, cp, sp, zero, -sp, cp], -1).reshape(*yaw.shape, 3, 3)
+    return about_y @ about_minus_x
+
+
+def _fibonacci_sphere(count: int) -> torch.Tensor:
+    index = torch.arange(count, dtype=torch.float64) + 0.5
+    y = 1 - 2 * index / count
+    radius = torch.sqrt(1 - y * y)
+    angle = math.pi * (3 - math.sqrt(5)) * index
+    return torch.stack([radius * torch.cos(angle), y, radius * torch.sin(angle)], -1)
+
+
+def rotate_sh(light: torch.Tensor, rotation: torch.Tensor | None = None, yaw_deg=0.0, pitch_deg=0.0) -> torch.Tensor:
+    """Rotate the lighting environment: a light from d afterwards comes from R d.
+
+    light: [B, 9, 3] or [9, 3]; rotation: [3, 3] or [B, 3, 3], or None to use
+    `rotation_matrix(yaw_deg, pitch_deg)`.  Exact for order-2 SH: the result shades a normal n
+    like `light` shades R^T n.  Returns light's shape and dtype.
+    """
+    if rotation is None:
+        rotation = rotation_matrix(yaw_deg, pitch_deg)
+    rotation = torch.as_tensor(rotation, dtype=torch.float64, device=light.device)
+    # the 9 basis functions span a rotation-invariant space, so basis(R^T n) is an exact
+    # linear map of basis(n); solve for it on points that pin down all 9 functions
+    points = _fibonacci_sphere(32).to(light.device)
+    basis = sh_basis(points)
+    rotated = sh_basis(points @ rotation)  # row p @ R = (R^T p)^T
+    mixing = torch.linalg.lstsq(basis.expand(*rotated.shape[:-2], -1, -1), rotated).solution
+    return (mixing @ light.double()).to(light.dtype)
+
+
+# pseudo-keys for parts of the [B, 6] pose code: global rotation 0:3, jaw 3:6 (DECA layout)
+_POSE_PARTS = {"global_pose": slice(0, 3), "jaw_pose": slice(3, 6)}
+
+
+def copy_codes(target: dict, source: dict, keys=("light",)) -> dict:
+    """Copy code entries from another face (e.g. its light or expression).
+
+    target, source: DECA code dicts (shape [B, 100], tex [B, 50], exp [B, 50], pose [B, 6],
+    cam [B, 3], light [B, 9, 3], ...); keys: code names, plus "global_pose" (pose[:, 0:3]) and
+    "jaw_pose" (pose[:, 3:6]).  A batch-1 source is broadcast to the target's batch.
+    Returns a new dict; neither input is modified.
+    """
+    out = dict(target)
+    for key in keys:
+        name, part = ("pose", _POSE_PARTS[key]) if key in _POSE_PARTS else (key, slice(None))
+        for codes, which in ((target, "target"), (source, "source")):
+            if name not in codes:
+                raise KeyError(f"cannot copy {key!r}: the {which} codes have no {name!r} entry (keys: {sorted(codes)})")
+        current = out[name]
+        value = source[name][:, part].to(device=current.device, dtype=current.dtype)
+        if value.shape[0] not in (1, current.shape[0]):
+            raise ValueError(
+                f"cannot copy {key!r}: source batch {value.shape[0]} does not match target batch "
+                f"{current.shape[0]}; pass one source face or as many as targets"
+            )
+        updated = current.clone()
+        updated[:, part] = value.expand_as(current[:, part])
+        out[name] = updated
+    return out
+
+
+def lit_sphere(light: torch.Tensor, size: int = 256, albedo=0.7) -> torch.Tensor:
+    """Preview of the SH light on a sphere seen from the camera.
+
+    light: [9, 3] or [B, 9, 3]; albedo: grey level or RGB.  Normals are in the FLAME frame
+    (image right = +x, up = +y, towards the viewer = +z); outside the sphere is black.
+    Returns: [B, 3, size, size] float32 in [0, 1].
+    """
+    if light.dim() == 2:
+        light = light[None]
+    centres = (torch.arange(size, dtype=torch.float32, device=light.device) + 0.5) / size * 2 - 1
+    y, x = torch.meshgrid(-centres, centres, indexing="ij")
+    inside = (x * x + y * y) < 1
+    z = torch.sqrt((1 - x * x - y * y).clamp_min(0))
+    normals = torch.stack([x, y, z], -1).expand(light.shape[0], -1, -1, -1)
+    shading = sh_shading(normals, light.float())
+    albedo = torch.as_tensor(albedo, dtype=torch.float32, device=light.device)
+    image = (shading * albedo).clamp(0, 1) * inside[..., None]
+    return image.permute(0, 3, 1, 2).contiguous()
