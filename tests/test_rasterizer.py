@@ -105,6 +105,55 @@ def test_matches_reference_on_random_meshes(seed, hw):
     assert bool((fast.bary[0][empty] == -1).all()) and bool((fast.zbuf[0][empty] == -1).all())
 
 
+def float32_brute_force(verts: torch.Tensor, faces: torch.Tensor, height: int, width: int):
+    """Every face against every pixel with pytorch3d's float32 operation order (no spans, no
+    bounding-box enumeration): the fast path must agree bit for bit.  Returns face [H, W]."""
+    def centres(size, other):
+        span = torch.tensor(2.0) * size / other if size > other else torch.tensor(2.0)
+        return -(span / 2) + (span * torch.arange(size, dtype=torch.float32) + span / 2) / size
+
+    # pytorch3d's +y up / +x left: output row 0 is the largest y, column 0 the largest x
+    py = centres(height, width).flip(0)[None, :, None]
+    px = centres(width, height).flip(0)[None, None, :]
+    (x0, y0, z0), (x1, y1, z1), (x2, y2, z2) = (verts[faces[:, k]].T[..., None, None] for k in range(3))
+    area = (x0 - x1) * (y2 - y1) - (y0 - y1) * (x2 - x1)
+    den = (((x2 - x0) * (y1 - y0) - (y2 - y0) * (x1 - x0)).double() + 1e-8).float()
+    w0 = ((px - x1) * (y2 - y1) - (py - y1) * (x2 - x1)) / den
+    w1 = ((px - x2) * (y0 - y2) - (py - y2) * (x0 - x2)) / den
+    w2 = ((px - x0) * (y1 - y0) - (py - y0) * (x1 - x0)) / den
+    z = w0 * z0 + w1 * z1 + w2 * z2
+    in_box = ((px >= torch.minimum(torch.minimum(x0, x1), x2)) & (px <= torch.maximum(torch.maximum(x0, x1), x2))
+              & (py >= torch.minimum(torch.minimum(y0, y1), y2)) & (py <= torch.maximum(torch.maximum(y0, y1), y2)))
+    usable = (area.double().abs() > 1e-8) & (torch.minimum(torch.minimum(z0, z1), z2).double() >= 1e-8)
+    inside = usable & in_box & (w0 > 0) & (w1 > 0) & (w2 > 0) & (z >= 0)
+    depth = torch.where(inside, z, torch.inf)
+    nearest = inside & (depth == depth.amin(0))
+    return torch.where(nearest.any(0), nearest.int().argmax(0), -1)  # argmax: first = lowest face
+
+
+@pytest.mark.parametrize("hw", [(48, 64), (64, 40)])
+def test_spans_never_drop_a_pixel_on_slivers(hw):
+    # thin slivers, near-horizontal and near-vertical edges and sub-pixel triangles stress the
+    # per-row spans; against the float32 brute force the answer must be identical
+    gen = torch.Generator().manual_seed(11)
+    n = 300
+    centre = torch.rand(n, 1, 2, generator=gen) * 2.2 - 1.1
+    along = torch.randn(n, 1, 2, generator=gen)
+    along = along / along.norm(dim=-1, keepdim=True) * torch.rand(n, 1, 1, generator=gen) * 1.5
+    across = torch.stack([-along[..., 1], along[..., 0]], -1) * torch.rand(n, 1, 1, generator=gen) ** 4 * 0.2
+    # every third face gets an exactly horizontal or vertical edge
+    corners = torch.cat([centre - along, centre + along, centre + across], 1)
+    corners[::3, 1, 1] = corners[::3, 0, 1]
+    corners[1::3, 1, 0] = corners[1::3, 0, 0]
+    corners[2::6] = corners[2::6] * 0.01 + corners[2::6, :1]  # sub-pixel
+    verts = torch.cat([corners, torch.rand(n, 3, 1, generator=gen) + 0.5], -1).reshape(-1, 3)
+    faces = torch.arange(3 * n).reshape(n, 3)
+    fast = rasterize(verts[None], faces, hw, backend="torch")
+    expected = float32_brute_force(verts, faces, *hw)
+    assert (expected >= 0).sum() > 500
+    assert torch.equal(fast.pix_to_face[0], expected)
+
+
 def test_strict_inside_on_exact_edges():
     # dyadic vertices: every edge function is exact in float32, the hypotenuse x + y = 0
     # passes through pixel centres, which must stay empty (strict test)
