@@ -1,0 +1,599 @@
+"""FLAME (Li et al. 2017) as DECA drives it: the head model, its landmarks and its texture space.
+
+The math is plain functions over tensors (`batch_rodrigues`, `lbs`, `dynamic_lut_rows`,
+`vertices_to_landmarks`, `ffhq_center`); `FLAME` and `FlameTexture` only hold the model
+data as buffers.  The asset files are read without running any pickled code: FLAME's
+`generic_model.pkl` (a python-2 pickle with chumpy and scipy objects) and DECA's
+`landmark_embedding.npy` (a pickled object array holding legacy torch tensors) go through
+restricted unpicklers that rebuild only arrays and refuse everything else; neither chumpy nor
+scipy is needed.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import io
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# DECA's code sizes (decalib config: n_shape, n_exp, n_pose, n_tex)
+N_SHAPE, N_EXP, N_POSE, N_TEX = 100, 50, 6, 50
+# FLAME 2020 stores 300 shape then 100 expression components in `shapedirs`; DECA takes the
+# first 100 shape and the first 50 expression ones
+_EXP_OFFSET = 300
+# DECA's albedo map size (decalib config: uv_size)
+UV_SIZE = 256
+# rows of DECA's contour look-up table: yaw 0..39, -1..-39 degrees
+_LUT_ROWS = 79
+# where the licensed files come from; quoted in every "missing file" message
+FLAME_SOURCE = (
+    "FLAME 2020 from https://flame.is.tue.mpg.de (FLAME licence, registration required); "
+    "landmark_embedding.npy and head_template.obj from the DECA repository's data/ folder"
+)
+
+
+class FlameAssetError(ValueError):
+    """A FLAME/DECA asset file that cannot be used; the message names the file and what to do."""
+
+
+class MissingAssetError(FlameAssetError, FileNotFoundError):
+    """A FLAME/DECA asset file that is not there."""
+
+
+def require_file(path: str | os.PathLike, folder: str, source: str) -> Path:
+    """The path if it is a file, else `MissingAssetError` naming it, its models folder and its source."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingAssetError(
+            f"{path} not found: {path.name} goes into ComfyUI's models/{folder}/ folder; get it from {source}"
+        )
+    return path
+
+
+# ------------------------------------------------------------------ restricted unpickling
+
+
+class _ChumpyArray:
+    """Stand-in for `chumpy.Ch`: keeps the pickled state, whose `x` is the array."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _SparseMatrix:
+    """Stand-in for a scipy csc/csr matrix: keeps the pickled attributes (data, indices, indptr, shape)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+class _CscMatrix(_SparseMatrix):
+    compressed_axis = 1
+
+
+class _CsrMatrix(_SparseMatrix):
+    compressed_axis = 0
+
+
+def _numpy_multiarray():
+    try:  # numpy >= 2 moved the implementation; the pickles name the old path
+        return importlib.import_module("numpy._core.multiarray")
+    except ImportError:
+        return importlib.import_module("numpy.core.multiarray")
+
+
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """`_codecs.encode` as python 3 uses it to pickle bytes at protocol 2 (latin-1 only)."""
+    if encoding.replace("-", "").lower() != "latin1":
+        raise pickle.UnpicklingError(f"unexpected text encoding {encoding!r} in the pickle")
+    return text.encode("latin1")
+
+
+def _common_globals() -> dict[tuple[str, str], object]:
+    multiarray = _numpy_multiarray()
+    allowed = {}
+    for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        allowed[(module, "_reconstruct")] = multiarray._reconstruct
+        allowed[(module, "scalar")] = multiarray.scalar
+    allowed[("numpy", "ndarray")] = np.ndarray
+    allowed[("numpy", "dtype")] = np.dtype
+    for module in ("__builtin__", "builtins"):
+        allowed[(module, "set")] = set
+        allowed[(module, "frozenset")] = frozenset
+        allowed[(module, "object")] = object
+    for module in ("copy_reg", "copyreg"):
+        allowed[(module, "_reconstructor")] = importlib.import_module("copyreg")._reconstructor
+    allowed[("_codecs", "encode")] = _latin1_bytes
+    allowed[("collections", "OrderedDict")] = importlib.import_module("collections").OrderedDict
+    return allowed
+
+
+def _flame_pickle_globals() -> dict[tuple[str, str], object]:
+    allowed = _common_globals()
+    for module in ("scipy.sparse.csc", "scipy.sparse._csc"):
+        allowed[(module, "csc_matrix")] = _CscMatrix
+    for module in ("scipy.sparse.csr", "scipy.sparse._csr"):
+        allowed[(module, "csr_matrix")] = _CsrMatrix
+    return allowed
+
+
+def _storage_from_legacy_bytes(blob: bytes):
+    """A storage saved by legacy `torch.save`, read with torch's own weights-only unpickler."""
+    return torch.load(io.BytesIO(blob), weights_only=True)
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_grad_and_hooks):
+    """`torch._utils._rebuild_tensor_v2` for plain CPU tensors (requires_grad and hooks are dropped)."""
+    if not isinstance(storage, torch.storage.TypedStorage):
+        raise pickle.UnpicklingError(f"expected a torch storage, found {type(storage).__name__}")
+    return torch.empty(0, dtype=storage.dtype).set_(storage._untyped_storage, offset, size, stride)
+
+
+def _embedding_globals() -> dict[tuple[str, str], object]:
+    allowed = _common_globals()
+    allowed[("torch._utils", "_rebuild_tensor_v2")] = _rebuild_tensor
+    allowed[("torch.storage", "_load_from_bytes")] = _storage_from_legacy_bytes
+    return allowed
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only allow-listed globals (plus `chumpy.*` as `_ChumpyArray`)."""
+
+    def __init__(self, file, path: Path, allowed: dict[tuple[str, str], object]):
+        super().__init__(file, encoding="latin1")  # python-2 pickles: byte strings are latin-1
+        self._path = path
+        self._allowed = allowed
+
+    def find_class(self, module: str, name: str):
+        if module == "chumpy" or module.startswith("chumpy."):
+            return _ChumpyArray
+        found = self._allowed.get((module, name))
+        if found is None:
+            raise FlameAssetError(
+                f"{self._path}: refused to load the global '{module}.{name}'. Only numpy arrays, sparse "
+                "matrices and chumpy arrays are rebuilt from FLAME/DECA files, so this is not the official "
+                f"{self._path.name} (or it was modified); nothing in it was run. Replace it with the original "
+                f"file ({FLAME_SOURCE})."
+            )
+        return found
+
+    def persistent_load(self, pid):
+        raise FlameAssetError(f"{self._path}: unexpected persistent reference in the pickle; not a FLAME/DECA file")
+
+
+def _unpickle(file, path: Path, allowed) -> object:
+    try:
+        return _RestrictedUnpickler(file, path, allowed).load()
+    except FlameAssetError:
+        raise
+    except Exception as exc:  # truncated file, wrong format, ...
+        raise FlameAssetError(f"{path}: could not be read as a pickle ({type(exc).__name__}: {exc}); "
+                              f"re-download it ({FLAME_SOURCE})") from exc
+
+
+def _sparse_to_dense(matrix: _SparseMatrix, key: str, path: Path) -> np.ndarray:
+    """Dense float64 copy of a pickled scipy csc/csr matrix (duplicates summed, as scipy does)."""
+    state = getattr(matrix, "state", None) or {}
+    shape = state.get("_shape", state.get("shape"))
+    try:
+        data = np.asarray(state["data"], dtype=np.float64)
+        indices = np.asarray(state["indices"], dtype=np.int64)
+        indptr = np.asarray(state["indptr"], dtype=np.int64)
+        rows, cols = (int(s) for s in shape)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise FlameAssetError(f"{path}: '{key}' is a sparse matrix without data/indices/indptr/shape") from exc
+    n_major = cols if matrix.compressed_axis == 1 else rows
+    n_minor = rows if matrix.compressed_axis == 1 else cols
+    if (indptr.shape != (n_major + 1,) or indptr[0] != 0 or indptr[-1] != data.size or np.any(np.diff(indptr) < 0)
+            or indices.shape != data.shape or (indices.size and (indices.min() < 0 or indices.max() >= n_minor))):
+        raise FlameAssetError(f"{path}: '{key}' is a corrupt sparse matrix")
+    major = np.repeat(np.arange(n_major), np.diff(indptr))
+    dense = np.zeros((rows, cols))
+    where = (indices, major) if matrix.compressed_axis == 1 else (major, indices)
+    np.add.at(dense, where, data)
+    return dense
+
+
+def _as_array(value, key: str, path: Path) -> np.ndarray:
+    if isinstance(value, _ChumpyArray):
+        value = (getattr(value, "state", None) or {}).get("x")
+    elif isinstance(value, _SparseMatrix):
+        value = _sparse_to_dense(value, key, path)
+    if not isinstance(value, np.ndarray) or value.dtype == object:
+        raise FlameAssetError(f"{path}: '{key}' is a {type(value).__name__}, expected a numeric array")
+    return value
+
+
+def _check_shape(array: np.ndarray, expected: tuple, key: str, path: Path) -> None:
+    """expected: ints or None (any size) per dimension."""
+    if array.ndim != len(expected) or any(e is not None and s != e for s, e in zip(array.shape, expected)):
+        want = "x".join("?" if e is None else str(e) for e in expected)
+        raise FlameAssetError(f"{path}: '{key}' has shape {array.shape}, expected {want}; not a FLAME model file")
+
+
+# ------------------------------------------------------------------ asset readers
+
+
+def read_flame_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """FLAME's `generic_model.pkl` -> the arrays DECA uses (float64/int64, as stored).
+
+    Returns f [F,3], v_template [V,3], shapedirs [V,3,K], posedirs [V,3,P], J_regressor [J,V]
+    (dense), kintree_table [2,J], weights [V,J].
+    """
+    path = require_file(path, "flame", FLAME_SOURCE)
+    with open(path, "rb") as f:
+        model = _unpickle(f, path, _flame_pickle_globals())
+    if not isinstance(model, dict):
+        raise FlameAssetError(f"{path}: holds a {type(model).__name__}, not a FLAME model dict")
+    keys = ("f", "v_template", "shapedirs", "posedirs", "J_regressor", "kintree_table", "weights")
+    missing = [k for k in keys if k not in model]
+    if missing:
+        raise FlameAssetError(f"{path}: not a FLAME model, keys {missing} are missing (found {sorted(model)[:12]}); "
+                              f"use FLAME 2020's generic_model.pkl ({FLAME_SOURCE})")
+    arrays = {k: _as_array(model[k], k, path) for k in keys}
+    n_verts = arrays["v_template"].shape[0]
+    n_joints = arrays["kintree_table"].shape[-1]
+    _check_shape(arrays["v_template"], (None, 3), "v_template", path)
+    _check_shape(arrays["f"], (None, 3), "f", path)
+    _check_shape(arrays["shapedirs"], (n_verts, 3, None), "shapedirs", path)
+    _check_shape(arrays["posedirs"], (n_verts, 3, 9 * (n_joints - 1)), "posedirs", path)
+    _check_shape(arrays["J_regressor"], (n_joints, n_verts), "J_regressor", path)
+    _check_shape(arrays["kintree_table"], (2, n_joints), "kintree_table", path)
+    _check_shape(arrays["weights"], (n_verts, n_joints), "weights", path)
+    if arrays["shapedirs"].shape[2] < _EXP_OFFSET + N_EXP:
+        raise FlameAssetError(f"{path}: shapedirs has {arrays['shapedirs'].shape[2]} components, DECA needs "
+                              f"{_EXP_OFFSET} shape + {N_EXP} expression ones (FLAME 2020 has 400)")
+    faces = arrays["f"].astype(np.int64)
+    if faces.size and (faces.min() < 0 or faces.max() >= n_verts):
+        raise FlameAssetError(f"{path}: face indices out of range for {n_verts} vertices")
+    return arrays
+
+
+def _read_npy_object(path: Path) -> object:
+    """The object inside a `.npy` file holding a 0-d object array, unpickled under an allow-list."""
+    with open(path, "rb") as f:
+        if f.read(6) != b"\x93NUMPY":
+            raise FlameAssetError(f"{path}: not a .npy file")
+        major, _minor = f.read(2)
+        if major not in (1, 2, 3):
+            raise FlameAssetError(f"{path}: unsupported .npy version {major}")
+        (length,) = struct.unpack("<H" if major == 1 else "<I", f.read(2 if major == 1 else 4))
+        try:
+            header = ast.literal_eval(f.read(length).decode("utf8" if major == 3 else "latin1"))
+        except (ValueError, SyntaxError, UnicodeDecodeError) as exc:
+            raise FlameAssetError(f"{path}: unreadable .npy header") from exc
+        if not isinstance(header, dict) or header.get("descr") != "|O" or tuple(header.get("shape", ())) != ():
+            raise FlameAssetError(f"{path}: expected a pickled object (DECA's landmark embedding), found {header}")
+        array = _unpickle(f, path, _embedding_globals())
+    if isinstance(array, np.ndarray) and array.dtype == object and array.shape == ():
+        return array[()]
+    return array
+
+
+def read_landmark_embedding(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """DECA's `landmark_embedding.npy` -> tensors (faces int64, barycentrics float32).
+
+    Returns static_faces [L], static_bary [L,3] (landmarks 17..67), dynamic_faces [79,K],
+    dynamic_bary [79,K,3] (contour landmarks 0..K-1 per yaw row), full_faces [68],
+    full_bary [68,3] (DECA's "3D" landmarks).
+    """
+    path = require_file(path, "flame", FLAME_SOURCE)
+    embedding = _read_npy_object(path)
+    if not isinstance(embedding, dict):
+        raise FlameAssetError(f"{path}: holds a {type(embedding).__name__}, not DECA's landmark embedding dict")
+    keys = {
+        "static_faces": "static_lmk_faces_idx",
+        "static_bary": "static_lmk_bary_coords",
+        "dynamic_faces": "dynamic_lmk_faces_idx",
+        "dynamic_bary": "dynamic_lmk_bary_coords",
+        "full_faces": "full_lmk_faces_idx",
+        "full_bary": "full_lmk_bary_coords",
+    }
+    missing = [v for v in keys.values() if v not in embedding]
+    if missing:
+        raise FlameAssetError(f"{path}: keys {missing} are missing; use landmark_embedding.npy from the DECA "
+                              "repository's data/ folder")
+    out = {}
+    for name, key in keys.items():
+        value = embedding[key]
+        value = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+        out[name] = value.long() if name.endswith("faces") else value.float()
+    out["full_faces"] = out["full_faces"].reshape(-1)
+    out["full_bary"] = out["full_bary"].reshape(-1, 3)
+    n_static, n_dynamic = out["static_faces"].numel(), out["dynamic_faces"].shape[-1]
+    expected = {
+        "static_faces": (n_static,),
+        "static_bary": (n_static, 3),
+        "dynamic_faces": (_LUT_ROWS, n_dynamic),
+        "dynamic_bary": (_LUT_ROWS, n_dynamic, 3),
+        "full_faces": (68,),
+        "full_bary": (68, 3),
+    }
+    for name, shape in expected.items():
+        if tuple(out[name].shape) != shape:
+            raise FlameAssetError(f"{path}: '{keys[name]}' has shape {tuple(out[name].shape)}, expected {shape}")
+    if n_static + n_dynamic != 68:
+        raise FlameAssetError(f"{path}: {n_dynamic} contour + {n_static} static landmarks, expected 68 in all")
+    return out
+
+
+def read_obj(path: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DECA's `head_template.obj` -> faces [F,3] int64, uvcoords [T,2] float32 (OBJ `vt`), uvfaces [F,3] int64.
+
+    Faces are `f a/ta b/tb c/tc` lines (1-based; a third `/n` field is ignored); only triangles.
+    """
+    path = require_file(path, "flame", "the DECA repository's data/ folder (head_template.obj)")
+    faces, uvfaces, uvcoords = [], [], []
+    with open(path, encoding="utf8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            try:
+                if tokens[0] == "vt":
+                    uvcoords.append((float(tokens[1]), float(tokens[2])))
+                elif tokens[0] == "f":
+                    corners = [t.split("/") for t in tokens[1:]]
+                    if len(corners) != 3 or any(len(c) < 2 or not c[1] for c in corners):
+                        raise ValueError("expected a triangle 'f a/ta b/tb c/tc'")
+                    faces.append([int(c[0]) - 1 for c in corners])
+                    uvfaces.append([int(c[1]) - 1 for c in corners])
+            except (ValueError, IndexError) as exc:
+                raise FlameAssetError(f"{path}, line {number}: {exc} in {line.strip()!r}") from exc
+    if not faces or not uvcoords:
+        raise FlameAssetError(f"{path}: no textured faces (f a/ta ...) or no 'vt' lines; not a head template")
+    faces_t, uvfaces_t = torch.tensor(faces), torch.tensor(uvfaces)
+    if faces_t.min() < 0 or uvfaces_t.min() < 0 or uvfaces_t.max() >= len(uvcoords):
+        raise FlameAssetError(f"{path}: face or texture indices out of range")
+    return faces_t, torch.tensor(uvcoords, dtype=torch.float32), uvfaces_t
+
+
+# ------------------------------------------------------------------ FLAME math
+
+
+def batch_rodrigues(rotvecs: torch.Tensor) -> torch.Tensor:
+    """Axis-angle [N,3] -> rotation matrices [N,3,3].
+
+    The angle is |r + 1e-8| (the eps added to every component, as smplx/DECA), so r = 0 gives I.
+    """
+    angle = torch.norm(rotvecs + 1e-8, dim=1, keepdim=True)
+    rx, ry, rz = torch.split(rotvecs / angle, 1, dim=1)
+    zeros = torch.zeros_like(rx)
+    skew = torch.cat([zeros, -rz, ry, rz, zeros, -rx, -ry, rx, zeros], dim=1).view(-1, 3, 3)
+    sin, cos = torch.sin(angle)[:, :, None], torch.cos(angle)[:, :, None]
+    eye = torch.eye(3, dtype=rotvecs.dtype, device=rotvecs.device)
+    return eye + sin * skew + (1 - cos) * torch.bmm(skew, skew)
+
+
+def _rigid_transforms(rot_mats: torch.Tensor, joints: torch.Tensor, parents: torch.Tensor):
+    """Forward kinematics.  rot_mats [B,J,3,3], joints [B,J,3] (rest), parents [J] (parents[0] = -1).
+
+    Returns posed joints [B,J,3] and skinning transforms [B,J,4,4] (rest joint -> posed).
+    """
+    rest = joints.unsqueeze(-1)
+    offsets = rest.clone()
+    offsets[:, 1:] -= rest[:, parents[1:]]
+    local = torch.cat([F.pad(rot_mats, [0, 0, 0, 1]), F.pad(offsets, [0, 0, 0, 1], value=1)], dim=3)
+    chain = [local[:, 0]]
+    for i in range(1, parents.shape[0]):
+        chain.append(torch.matmul(chain[int(parents[i])], local[:, i]))
+    world = torch.stack(chain, dim=1)
+    # subtract the rotated rest position so the transforms act on rest-pose vertices
+    skinning = world - F.pad(torch.matmul(world, F.pad(rest, [0, 0, 0, 1])), [3, 0])
+    return world[:, :, :3, 3], skinning
+
+
+def lbs(betas, full_pose, v_template, shapedirs, posedirs, j_regressor, parents, weights):
+    """Linear blend skinning (smplx/DECA `lbs`, axis-angle pose).
+
+    betas [B,K]; full_pose [B,J*3]; v_template [V,3]; shapedirs [V,3,K]; posedirs [9(J-1),3V];
+    j_regressor [J,V]; parents [J]; weights [V,J].
+    Returns vertices [B,V,3] and posed joints [B,J,3].
+    """
+    batch = betas.shape[0]
+    v_shaped = v_template + torch.einsum("bl,mkl->bmk", betas, shapedirs)
+    joints = torch.einsum("bik,ji->bjk", v_shaped, j_regressor)
+    rot_mats = batch_rodrigues(full_pose.reshape(-1, 3)).view(batch, -1, 3, 3)
+    eye = torch.eye(3, dtype=betas.dtype, device=betas.device)
+    pose_feature = (rot_mats[:, 1:] - eye).view(batch, -1)
+    v_posed = torch.matmul(pose_feature, posedirs).view(batch, -1, 3) + v_shaped
+    posed_joints, transforms = _rigid_transforms(rot_mats, joints, parents)
+    per_vertex = torch.matmul(weights, transforms.view(batch, -1, 16)).view(batch, -1, 4, 4)
+    homogeneous = F.pad(v_posed, [0, 1], value=1.0)
+    verts = torch.matmul(per_vertex, homogeneous.unsqueeze(-1))[:, :, :3, 0]
+    return verts, posed_joints
+
+
+def dynamic_lut_rows(full_pose: torch.Tensor, neck_chain: torch.Tensor) -> torch.Tensor:
+    """Row of DECA's contour look-up table for each pose: [B,J*3] -> [B] int64.
+
+    The head's yaw relative to the body (rotations of `neck_chain`, child first) in whole
+    degrees, clamped above at 39, rounded half-to-even (torch.round); rows 0..39 hold yaw
+    0..39, rows 40..78 yaw -1..-39, and anything below -39 uses row 78.
+    """
+    batch = full_pose.shape[0]
+    rot_mats = batch_rodrigues(full_pose.view(batch, -1, 3)[:, neck_chain].reshape(-1, 3)).view(batch, -1, 3, 3)
+    relative = torch.eye(3, dtype=full_pose.dtype, device=full_pose.device).expand(batch, 3, 3)
+    for k in range(rot_mats.shape[1]):
+        relative = torch.bmm(rot_mats[:, k], relative)
+    yaw = torch.atan2(-relative[:, 2, 0], torch.sqrt(relative[:, 0, 0] ** 2 + relative[:, 1, 0] ** 2))
+    degrees = torch.round(torch.clamp(yaw * 180.0 / np.pi, max=39)).long()
+    return torch.where(degrees >= 0, degrees, torch.where(degrees < -39, 78, 39 - degrees))
+
+
+def vertices_to_landmarks(verts: torch.Tensor, faces: torch.Tensor, face_idx: torch.Tensor, bary: torch.Tensor):
+    """Barycentric landmarks.  verts [B,V,3]; faces [F,3]; face_idx [B,L]; bary [B,L,3] -> [B,L,3]."""
+    corners = verts[torch.arange(verts.shape[0], device=verts.device)[:, None, None], faces[face_idx]]
+    return torch.einsum("blfi,blf->bli", corners, bary)
+
+
+def ffhq_center(landmarks2d: torch.Tensor) -> torch.Tensor:
+    """DiffusionRig's face centre (FFHQ alignment rule) from the 68 landmarks: [B,68,D] -> [B,D].
+
+    eye_avg = mean of both eyes' centres (36..41, 42..47), mouth_avg = mean of the mouth
+    corners (48, 54); centre = eye_avg + 0.1 * (mouth_avg - eye_avg).
+    """
+    eye_avg = (landmarks2d[:, 36:42].mean(1) + landmarks2d[:, 42:48].mean(1)) * 0.5
+    mouth_avg = (landmarks2d[:, 48] + landmarks2d[:, 54]) * 0.5
+    return eye_avg + (mouth_avg - eye_avg) * 0.1
+
+
+def _kinematic_chain(parents: torch.Tensor, joint: int) -> torch.Tensor:
+    chain = [joint]
+    while int(parents[chain[-1]]) != -1:
+        chain.append(int(parents[chain[-1]]))
+    return torch.tensor(chain)
+
+
+def _check_code(value: torch.Tensor, width: int, name: str) -> None:
+    if value.dim() != 2 or value.shape[1] != width:
+        raise ValueError(f"FLAME {name} must be [B, {width}], got {tuple(value.shape)}")
+
+
+class FLAME(nn.Module):
+    """FLAME as DECA uses it: 100 shape, 50 expression, pose = global axis-angle | jaw.
+
+    Neck and eyes stay at rest, as in DECA.  Build with `load_flame`.  Buffers are not part of
+    `state_dict()` (they come from the asset files, not from checkpoints).
+    """
+
+    # joint order of FLAME: global, neck, jaw, left eye, right eye
+    NECK = 1
+
+    def __init__(self, model: dict[str, np.ndarray], embedding: dict[str, torch.Tensor]):
+        super().__init__()
+        f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731 (DECA casts to float32)
+        shapedirs = model["shapedirs"]
+        shapedirs = np.concatenate([shapedirs[:, :, :N_SHAPE], shapedirs[:, :, _EXP_OFFSET:_EXP_OFFSET + N_EXP]], 2)
+        posedirs = model["posedirs"].reshape(-1, model["posedirs"].shape[-1]).T
+        parents = torch.as_tensor(model["kintree_table"][0].astype(np.int64))
+        parents[0] = -1  # FLAME stores the root's parent as uint32 max
+        if any(not 0 <= int(parents[i]) < i for i in range(1, len(parents))):
+            raise FlameAssetError(f"FLAME kinematic tree {parents.tolist()} does not list parents before children")
+        buffers = {
+            "faces": torch.as_tensor(model["f"].astype(np.int64)),
+            "v_template": f32(model["v_template"]),
+            "shapedirs": f32(shapedirs),
+            "posedirs": f32(posedirs),
+            "j_regressor": f32(model["J_regressor"]),
+            "parents": parents,
+            "lbs_weights": f32(model["weights"]),
+            "neck_chain": _kinematic_chain(parents, self.NECK),
+            **{f"lmk_{k}": v for k, v in embedding.items()},
+        }
+        for name, value in buffers.items():
+            self.register_buffer(name, value, persistent=False)
+
+    def full_pose(self, pose: torch.Tensor) -> torch.Tensor:
+        """pose [B,6] (global | jaw) -> [B,J*3] = global, neck 0, jaw, eyes 0 (DECA's full pose)."""
+        batch = pose.shape[0]
+        n_joints = self.parents.shape[0]
+        zeros = pose.new_zeros(batch, 3)
+        return torch.cat([pose[:, :3], zeros, pose[:, 3:], pose.new_zeros(batch, 3 * (n_joints - 3))], 1)
+
+    def skin(self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor):
+        """shape [B,100], expression [B,50], pose [B,6] -> vertices [B,V,3], posed joints [B,J,3]."""
+        _check_code(shape, N_SHAPE, "shape")
+        _check_code(expression, N_EXP, "expression")
+        _check_code(pose, N_POSE, "pose")
+        betas = torch.cat([shape, expression], 1)
+        return lbs(betas, self.full_pose(pose), self.v_template, self.shapedirs, self.posedirs,
+                   self.j_regressor, self.parents, self.lbs_weights)
+
+    def forward(self, shape: torch.Tensor, expression: torch.Tensor, pose: torch.Tensor):
+        """shape [B,100], expression [B,50], pose [B,6] -> vertices [B,V,3], landmarks2d [B,68,3],
+        landmarks3d [B,68,3].
+
+        landmarks2d: 17 pose-dependent contour points then 51 static ones, as 3D world points
+        (DECA projects them later); landmarks3d: DECA's fixed 68-point embedding.
+        """
+        verts, _ = self.skin(shape, expression, pose)
+        batch = verts.shape[0]
+        rows = dynamic_lut_rows(self.full_pose(pose), self.neck_chain)
+        face_idx = torch.cat([self.lmk_dynamic_faces[rows], self.lmk_static_faces.expand(batch, -1)], 1)
+        bary = torch.cat([self.lmk_dynamic_bary[rows], self.lmk_static_bary.expand(batch, -1, -1)], 1)
+        landmarks2d = vertices_to_landmarks(verts, self.faces, face_idx, bary)
+        landmarks3d = vertices_to_landmarks(verts, self.faces, self.lmk_full_faces.expand(batch, -1),
+                                            self.lmk_full_bary.expand(batch, -1, -1))
+        return verts, landmarks2d, landmarks3d
+
+
+def load_flame(generic_model_pkl: str | os.PathLike, landmark_embedding_npy: str | os.PathLike) -> FLAME:
+    """FLAME 2020's `generic_model.pkl` + DECA's `landmark_embedding.npy` -> `FLAME` (CPU, float32).
+
+    Nothing in either file is executed; files that are not these raise `FlameAssetError`.
+    """
+    model = read_flame_model(generic_model_pkl)
+    embedding = read_landmark_embedding(landmark_embedding_npy)
+    n_faces = model["f"].shape[0]
+    for name in ("static_faces", "dynamic_faces", "full_faces"):
+        if embedding[name].numel() and (embedding[name].min() < 0 or embedding[name].max() >= n_faces):
+            raise FlameAssetError(f"{landmark_embedding_npy}: landmark faces out of range for the {n_faces} faces "
+                                  f"of {generic_model_pkl}; the two files do not belong together")
+    return FLAME(model, embedding)
+
+
+# ------------------------------------------------------------------ texture
+
+
+class FlameTexture(nn.Module):
+    """FLAME's PCA albedo space as DECA uses it: texcode [B,N] -> albedo [B,3,256,256] RGB.
+
+    mean: [R,R,3], basis: [R,R,3,N] (BGR, 0..255, row 0 = top of the UV map).  The map is
+    mean/255 + basis/255 @ code, nearest-resized to 256 (texel i*R//256), BGR -> RGB; not clamped.
+    """
+
+    def __init__(self, mean: np.ndarray, basis: np.ndarray, size: int = UV_SIZE):
+        super().__init__()
+        self.resolution = mean.shape[0]
+        self.size = size
+        self.register_buffer("mean", torch.as_tensor(np.asarray(mean, np.float32).reshape(-1) / 255), persistent=False)
+        basis = np.asarray(basis, np.float32).reshape(-1, basis.shape[-1]) / 255
+        self.register_buffer("basis", torch.as_tensor(basis), persistent=False)
+        texels = torch.arange(size) * self.resolution // size
+        self.register_buffer("texels", texels, persistent=False)
+
+    def forward(self, texcode: torch.Tensor) -> torch.Tensor:
+        if texcode.dim() != 2 or texcode.shape[1] != self.basis.shape[1]:
+            raise ValueError(f"texcode must be [B, {self.basis.shape[1]}], got {tuple(texcode.shape)}")
+        flat = self.mean + texcode.to(self.basis.dtype) @ self.basis.T
+        res = self.resolution
+        maps = flat.view(-1, res, res, 3).permute(0, 3, 1, 2)
+        maps = maps.index_select(2, self.texels).index_select(3, self.texels)
+        return maps.flip(1)  # BGR -> RGB
+
+
+def load_flame_texture(path: str | os.PathLike, n_components: int = N_TEX) -> FlameTexture:
+    """`FLAME_texture.npz` (keys mean [R,R,3], tex_dir [R,R,3,200]) -> `FlameTexture` with the first PCs."""
+    path = require_file(path, "flame", "https://flame.is.tue.mpg.de (FLAME texture space, FLAME_texture.npz)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = [k for k in ("mean", "tex_dir") if k not in data.files]
+            if missing:
+                raise FlameAssetError(f"{path}: keys {missing} are missing (found {data.files}); use FLAME's "
+                                      "FLAME_texture.npz (the FLAME albedo, not the BFM-converted one)")
+            mean, basis = data["mean"], data["tex_dir"][..., :n_components]
+    except FlameAssetError:
+        raise
+    except (OSError, ValueError, EOFError) as exc:  # not a zip, pickled arrays, truncated
+        raise FlameAssetError(f"{path}: not a readable .npz of plain arrays ({exc})") from exc
+    res = mean.shape[0] if mean.ndim else 0
+    if mean.shape != (res, res, 3) or basis.shape[:3] != (res, res, 3) or basis.ndim != 4:
+        raise FlameAssetError(f"{path}: mean {mean.shape} / tex_dir {basis.shape} are not [R,R,3] / [R,R,3,N]")
+    if basis.shape[3] < n_components:
+        raise FlameAssetError(f"{path}: tex_dir has {basis.shape[3]} components, {n_components} are needed")
+    return FlameTexture(mean, basis)
