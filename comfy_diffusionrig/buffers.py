@@ -40,7 +40,7 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
 
     verts: [B, V, 3]; faces: [F, 3] int64.  Returns: [B, V, 3].
     """
-    v0, v1, v2 = (verts[:, faces[:, k]] for k in range(3))
+    v0, v1, v2 = (verts.index_select(1, faces[:, k]) for k in range(3))
     # the cross product's length is twice the face area: summing weights faces by area
     face_normals = torch.cross(v1 - v0, v2 - v0, dim=-1)
     normals = torch.zeros_like(verts)
@@ -151,14 +151,16 @@ class Renderer(nn.Module):
 
         pix_to_face = fragments.pix_to_face
         hit = (pix_to_face >= 0).reshape(-1).nonzero().squeeze(1)
-        packed = pix_to_face.reshape(-1)[hit]
-        n_faces = self.faces.shape[0]
+        packed = pix_to_face.reshape(-1).index_select(0, hit)
+        n_faces, n_verts = self.faces.shape[0], verts.shape[1]
         b, f = torch.div(packed, n_faces, rounding_mode="floor"), packed % n_faces
-        weights = fragments.bary.reshape(-1, 3)[hit].unsqueeze(-1)
+        weights = fragments.bary.reshape(-1, 3).index_select(0, hit).unsqueeze(-1)
 
-        normals = vertex_normals(verts, self.faces)
-        normal_at = (weights * normals[b[:, None], self.faces[f]]).sum(1)
-        uv_at = (weights * self.uv_grid[self.uvfaces[f]]).sum(1)
+        normals = vertex_normals(verts, self.faces).reshape(-1, 3)
+        corners = (self.faces.index_select(0, f) + b[:, None] * n_verts).reshape(-1)
+        normal_at = (weights * normals.index_select(0, corners).reshape(-1, 3, 3)).sum(1)
+        uv_corners = self.uvfaces.index_select(0, f).reshape(-1)
+        uv_at = (weights * self.uv_grid.index_select(0, uv_corners).reshape(-1, 3, 2)).sum(1)
 
         pixels = batch * height * width
         normal_map = verts.new_zeros(pixels, 3).index_copy_(0, hit, normal_at).reshape(batch, height, width, 3)
