@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from comfy_diffusionrig.buffers import Renderer, _raster_verts, project
+from comfy_diffusionrig.flame import read_obj
 from comfy_diffusionrig.rasterizer import _pytorch3d_available, rasterize
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "flame"
@@ -28,18 +29,9 @@ REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" 
 
 def read_mesh():
     """faces, uvcoords, uvfaces of the reference OBJ; world verts, cam, light, albedo of a render case."""
-    uvcoords, faces, uvfaces = [], [], []
-    for line in (REFERENCE / "head_template_synthetic.obj").read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0] == "vt":
-            uvcoords.append([float(fields[1]), float(fields[2])])
-        elif fields and fields[0] == "f":
-            corners = [corner.split("/") for corner in fields[1:]]
-            faces.append([int(c[0]) - 1 for c in corners])
-            uvfaces.append([int(c[1]) - 1 for c in corners])
+    mesh = read_obj(REFERENCE / "head_template_synthetic.obj")
     case = torch.load(REFERENCE / "render.pt", weights_only=True)["direct_256"]
     albedo = torch.load(REFERENCE / "flametex.pt", weights_only=True)["albedo"][:1]
-    mesh = (torch.tensor(faces), torch.tensor(uvcoords), torch.tensor(uvfaces))
     return mesh, case["verts"], case["cam"], case["lights"], albedo
 
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig.buffers import Renderer, project, transform_points, vertex_normals
+from comfy_diffusionrig.flame import read_obj
 
 from conftest import reference_file
 
@@ -14,31 +15,12 @@ CASES = ["direct_64", "direct_256", "orig_224_to_256", "orig_64_to_72x96"]
 IMAGES = {"rendered": "images", "normal": "normal_images", "albedo": "albedo_images", "alpha": "alpha_images"}
 
 
-def _read_obj(path):
-    """faces, uvcoords, uvfaces of an OBJ (1-based `f v/vt` corners)."""
-    uvcoords, faces, uvfaces = [], [], []
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0] == "vt":
-            uvcoords.append([float(fields[1]), float(fields[2])])
-        elif fields and fields[0] == "f":
-            corners = [corner.split("/") for corner in fields[1:]]
-            faces.append([int(c[0]) - 1 for c in corners])
-            uvfaces.append([int(c[1]) - 1 for c in corners])
-    return torch.tensor(faces), torch.tensor(uvcoords), torch.tensor(uvfaces)
-
-
 @pytest.fixture(scope="module")
 def fixture():
-    path = reference_file("flame", "head_template_synthetic.obj")
-    try:
-        from comfy_diffusionrig.flame import read_obj
-    except ImportError:  # flame.py is written in parallel; fall back to the local reader
-        read_obj = _read_obj
-    faces, uvcoords, uvfaces = read_obj(path)
+    faces, uvcoords, uvfaces = read_obj(reference_file("flame", "head_template_synthetic.obj"))
     cases = torch.load(reference_file("flame", "render.pt"), weights_only=True)
     albedo = torch.load(reference_file("flame", "flametex.pt"), weights_only=True)["albedo"]
-    renderer = Renderer(torch.as_tensor(faces), torch.as_tensor(uvcoords), torch.as_tensor(uvfaces), backend="torch")
+    renderer = Renderer(faces, uvcoords, uvfaces, backend="torch")
     return renderer, cases, albedo
 
 

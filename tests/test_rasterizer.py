@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig import rasterizer
+from comfy_diffusionrig.flame import read_obj
 from comfy_diffusionrig.rasterizer import rasterize
 
 from conftest import reference_file
@@ -226,11 +227,7 @@ def test_backend_selection():
 @pytest.fixture(scope="module")
 def render_cases():
     cases = torch.load(reference_file("flame", "render.pt"), weights_only=True)
-    faces = torch.tensor(
-        [[int(corner.split("/")[0]) - 1 for corner in line.split()[1:]]
-         for line in reference_file("flame", "head_template_synthetic.obj").read_text().splitlines()
-         if line.startswith("f ")]
-    )
+    faces, _, _ = read_obj(reference_file("flame", "head_template_synthetic.obj"))
     return {name: case for name, case in cases.items() if isinstance(case, dict)}, faces
 
 
