@@ -1,0 +1,481 @@
+"""Face detection, FFHQ alignment (against a literal re-derivation of the official recipe),
+transforms, paste back, face selection, hard image kinds and bad input."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("dlib", reason="needs dlib-bin (pip install dlib-bin face-recognition-models)")
+
+from comfy_diffusionrig import align_face, detect_faces, paste_back  # noqa: E402
+from comfy_diffusionrig.alignment import (  # noqa: E402
+    AlignedFace,
+    Face,
+    apply_transform,
+    dlib_model_path,
+    face_region_mask,
+    ffhq_align,
+    ffhq_quad,
+    load_image,
+    select_faces,
+    to_rgb,
+    align_faces,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"
+
+try:
+    dlib_model_path("shape_predictor_68_face_landmarks.dat")
+except FileNotFoundError as exc:  # pragma: no cover - depends on the environment
+    pytest.skip(str(exc), allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def astronaut():
+    return load_image(EXAMPLES / "astronaut.png")
+
+
+@pytest.fixture(scope="module")
+def hopper():
+    return load_image(EXAMPLES / "grace_hopper.jpg")
+
+
+@pytest.fixture(scope="module")
+def hopper_face(hopper):
+    return detect_faces(hopper)[0]
+
+
+# ----------------------------------------------------------------------------- the official recipe, literally
+
+
+def reference_ffhq(img: Image.Image, lm: np.ndarray, output_size: int, transform_size: int = 4096) -> Image.Image:
+    """The FFHQ recipe of DiffusionRig's scripts/align.py, step by step on the whole image.
+
+    Independent re-derivation: the quad is built from rotation of the eye-mouth frame (not
+    from the flipud formulation used by the module), the whole photo is shrunk before the
+    crop, the quad is rendered in one call. numpy-1 float32 arithmetic in the padding.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    lm = np.asarray(lm, np.float64)
+    eye_l, eye_r = lm[36:42].mean(0), lm[42:48].mean(0)
+    eye_c = (eye_l + eye_r) / 2
+    e2e = eye_r - eye_l
+    e2m = (lm[48] + lm[54]) / 2 - eye_c
+    rot90 = np.array([[0.0, -1.0], [1.0, 0.0]])  # (a, b) -> (-b, a)
+    direction = e2e - rot90 @ e2m
+    half = direction / np.linalg.norm(direction) * max(np.linalg.norm(e2e) * 2.0, np.linalg.norm(e2m) * 1.8)
+    half_y = rot90 @ half
+    c = eye_c + 0.1 * e2m
+    quad = np.array([c - half - half_y, c - half + half_y, c + half + half_y, c + half - half_y])
+    qsize = 2 * np.linalg.norm(half)
+
+    shrink = int(np.floor(qsize / output_size * 0.5))
+    if shrink > 1:
+        img = img.resize((int(np.rint(img.size[0] / shrink)), int(np.rint(img.size[1] / shrink))), Image.LANCZOS)
+        quad, qsize = quad / shrink, qsize / shrink
+    border = max(int(np.rint(qsize * 0.1)), 3)
+    lo, hi = np.floor(quad.min(0)).astype(int), np.ceil(quad.max(0)).astype(int)
+    x0, y0 = max(lo[0] - border, 0), max(lo[1] - border, 0)
+    x1, y1 = min(hi[0] + border, img.size[0]), min(hi[1] + border, img.size[1])
+    img = img.crop((x0, y0, x1, y1))
+    quad = quad - [x0, y0]
+    lo, hi = np.floor(quad.min(0)).astype(int), np.ceil(quad.max(0)).astype(int)
+    pad = [max(-lo[0] + border, 0), max(-lo[1] + border, 0), max(hi[0] - img.size[0] + border, 0),
+           max(hi[1] - img.size[1] + border, 0)]
+    if max(pad) > border - 4:
+        pad = [max(p, int(np.rint(qsize * 0.3))) for p in pad]
+        a = np.pad(np.float32(img), ((pad[1], pad[3]), (pad[0], pad[2]), (0, 0)), "reflect")
+        h, w, _ = a.shape
+        yy, xx = np.mgrid[:h, :w].astype(np.float32)
+        frac = np.maximum(1 - np.minimum(xx / np.float32(pad[0]), (w - 1 - xx) / np.float32(pad[2])),
+                          1 - np.minimum(yy / np.float32(pad[1]), (h - 1 - yy) / np.float32(pad[3])))[:, :, None]
+        a += (gaussian_filter(a, [qsize * 0.02, qsize * 0.02, 0]) - a) * np.clip(frac * 3 + 1, 0, 1)
+        a += (np.median(a, axis=(0, 1)) - a) * np.clip(frac, 0, 1)
+        img = Image.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)), "RGB")
+        quad = quad + pad[:2]
+    img = img.transform((transform_size, transform_size), Image.QUAD, tuple((quad + 0.5).flatten()), Image.BILINEAR)
+    return img.resize((output_size, output_size), Image.LANCZOS) if output_size < transform_size else img
+
+
+def test_quad_matches_independent_derivation(hopper_face):
+    quad, qsize = ffhq_quad(hopper_face.landmarks)
+    lm = hopper_face.landmarks
+    e2e = lm[42:48].mean(0) - lm[36:42].mean(0)
+    # a square: equal sides, right angles, side = qsize, centre 0.1 of the way to the mouth
+    sides = np.linalg.norm(np.roll(quad, -1, axis=0) - quad, axis=1)
+    np.testing.assert_allclose(sides, qsize, rtol=1e-12)
+    np.testing.assert_allclose(quad.mean(0), (lm[36:48].mean(0) + 0.1 * ((lm[48] + lm[54]) / 2 - lm[36:48].mean(0))),
+                               atol=1e-9)
+    assert qsize >= 4 * np.linalg.norm(e2e) - 1e-9
+    # the top edge (top-left -> top-right) runs roughly along the eye line
+    top = quad[3] - quad[0]
+    assert np.dot(top, e2e) / (np.linalg.norm(top) * np.linalg.norm(e2e)) > 0.95
+
+
+@pytest.mark.parametrize("name,size", [("grace_hopper.jpg", 256), ("astronaut.png", 256), ("astronaut.png", 32)])
+def test_alignment_matches_official_recipe(name, size):
+    """Same pixels as the literal recipe: padding (Hopper), no padding, and the shrink path (32 px).
+
+    Tolerance: exact for the quad render; the module resizes only the shrunk crop (PIL box
+    resize), whose filter coefficients can round one level differently, so at most 1 level.
+    """
+    image = load_image(EXAMPLES / name)
+    face = detect_faces(image)[0]
+    ours, _ = ffhq_align(image, face.landmarks, size)
+    ref = reference_ffhq(image, face.landmarks, size)
+    diff = np.abs(np.asarray(ours, int) - np.asarray(ref, int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, (diff.max(), (diff > 0).mean())
+
+
+def test_transform_maps_quad_to_image_corners(hopper_face, hopper):
+    """Pixel-centre convention: the quad's corners are the aligned image's outer pixel edges."""
+    size = 256
+    _, transform = ffhq_align(hopper, hopper_face.landmarks, size)
+    quad, _ = ffhq_quad(hopper_face.landmarks)
+    corners = apply_transform(transform, quad)
+    expected = np.array([[-0.5, -0.5], [-0.5, size - 0.5], [size - 0.5, size - 0.5], [size - 0.5, -0.5]])
+    np.testing.assert_allclose(corners, expected, atol=1e-9)
+    # round trip through the inverse
+    pts = np.random.default_rng(0).uniform(0, 500, (50, 2))
+    np.testing.assert_allclose(apply_transform(np.linalg.inv(transform), apply_transform(transform, pts)), pts,
+                               atol=1e-9)
+
+
+def test_transform_samples_the_aligned_pixels(astronaut):
+    """Reading the original at transform^-1(aligned pixel centre) gives the aligned pixel.
+
+    The astronaut's face is upsampled by ~1.5 at 256 px, so the aligned image is a bilinear
+    read of the original: mean error under 2 levels; a half-pixel shift of the transform
+    would at least double it (checked).
+    """
+    from scipy.ndimage import map_coordinates
+
+    aligned = align_face(astronaut)
+    inv = np.linalg.inv(aligned.transform)
+    ys, xs = np.mgrid[32:224, 32:224]
+    src = apply_transform(inv, np.stack([xs.ravel(), ys.ravel()], 1))
+    orig = np.asarray(astronaut, np.float64)
+    got = np.asarray(aligned.image, np.float64)[32:224, 32:224].reshape(-1, 3)
+
+    def error(offset):
+        read = np.stack([map_coordinates(orig[..., c], [src[:, 1] + offset, src[:, 0] + offset], order=1)
+                         for c in range(3)], 1)
+        return np.abs(read - got).mean()
+
+    assert error(0.0) < 2.0
+    assert error(0.5) > 2 * error(0.0)
+
+
+@pytest.mark.parametrize("name", ["grace_hopper.jpg", "astronaut.png"])
+def test_landmarks_of_aligned_face_follow_transform(name):
+    """dlib landmarks found on the aligned image = transformed original landmarks.
+
+    Tolerance: the 68-point predictor itself moves by 1-2 px between two resamplings of a
+    face (Hopper's glasses, the jaw line), so median error < 2.5 px and mean offset < 1.5 px
+    at 256; the pixel convention is checked exactly by test_transform_samples_the_aligned_pixels.
+    """
+    image = load_image(EXAMPLES / name)
+    aligned = align_face(image)
+    offsets = detect_faces(aligned.image)[0].landmarks - aligned.landmarks
+    assert np.median(np.linalg.norm(offsets, axis=1)) < 2.5
+    assert np.linalg.norm(offsets.mean(0)) < 1.5
+    # FFHQ canonical placement: eyes level, centred horizontally, about 0.47 x size down
+    eyes = aligned.landmarks[36:48].mean(0) / aligned.size
+    assert abs(eyes[0] - 0.5) < 0.02 and 0.40 < eyes[1] < 0.52
+
+
+@pytest.mark.parametrize("size,min_psnr", [(256, 36.0), (1024, 33.0)])
+def test_paste_back_of_unmodified_crop_reproduces_original(astronaut, size, min_psnr):
+    """Outside the face region: byte-identical. Inside: only resampling loss.
+
+    The astronaut's face is upsampled 1.5x at 256 (measured 37.3 dB) and 5.9x at 1024, where
+    the edit is first shrunk (LANCZOS) to photo scale against aliasing (measured 34.3 dB).
+    """
+    aligned = align_face(astronaut, size=size)
+    out = paste_back(astronaut, aligned, aligned.image)
+    assert out.size == astronaut.size and out.mode == "RGB"
+    a, b = np.asarray(out, np.float64), np.asarray(astronaut, np.float64)
+    changed = np.any(a != b, axis=2)
+    mask = face_region_mask(aligned)
+    ys, xs = np.nonzero(changed)
+    at = np.rint(apply_transform(aligned.transform, np.stack([xs, ys], 1))).astype(int).clip(0, size - 1)
+    # every changed pixel lies where the face mask is non-zero (1 px rounding slack)
+    from scipy.ndimage import maximum_filter
+
+    assert (maximum_filter(mask, 3)[at[:, 1], at[:, 0]] > 0).all()
+    region = np.zeros(changed.shape, bool)
+    yy, xx = np.mgrid[:b.shape[0], :b.shape[1]]
+    pos = np.rint(apply_transform(aligned.transform, np.stack([xx.ravel(), yy.ravel()], 1))).astype(int)
+    ok = (pos >= 0).all(1) & (pos < size).all(1)
+    region.ravel()[ok] = mask[pos[ok, 1], pos[ok, 0]] > 0
+    mse = ((a - b) ** 2)[region].mean()
+    assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) > min_psnr
+    assert region.sum() > 3000  # the region is the face, not a sliver
+
+
+def test_paste_back_changes_only_face_region_and_colour_match(hopper):
+    aligned = align_face(hopper)
+    edited = Image.new("RGB", (256, 256), (0, 255, 0))
+    out = np.asarray(paste_back(hopper, aligned, edited), np.int64)
+    orig = np.asarray(hopper, np.int64)
+    changed = np.any(out != orig, axis=2)
+    x0, y0, x1, y1 = aligned.face.box
+    cy, cx = np.argwhere(changed).mean(0)
+    assert x0 < cx < x1 and y0 - 0.3 * (y1 - y0) < cy < y1  # centred on the face
+    nose = tuple(int(v) for v in aligned.face.landmarks[30])
+    assert tuple(out[nose[1], nose[0]]) == (0, 255, 0)  # full strength in the middle
+    assert changed.sum() < 0.5 * (x1 - x0) * (y1 - y0) * 2.5
+    # colour matching pulls a uniform green edit's mean to the face's own mean colour
+    matched = np.asarray(paste_back(hopper, aligned, edited, color_match=True), np.int64)
+    assert abs(matched[nose[1], nose[0], 1] - 255) > 50
+
+
+def test_paste_back_edited_at_other_size_and_small_face(astronaut):
+    """A 40 px face aligned at 256 and a 1024 px edit both paste back where the face is."""
+    small = astronaut.resize((240, 240), Image.LANCZOS)  # face box ~43 px
+    faces = detect_faces(small)
+    assert faces and 35 < faces[0].box[2] - faces[0].box[0] < 55
+    aligned = align_face(small, faces[0])
+    found = detect_faces(aligned.image)[0].landmarks
+    assert np.linalg.norm(found - aligned.landmarks, axis=1).mean() < 4.0  # 6x upsampled: blurrier
+    out = paste_back(small, aligned, aligned.image.resize((1024, 1024), Image.LANCZOS))
+    diff = np.abs(np.asarray(out, int) - np.asarray(small, int))
+    assert diff.mean() < 0.5 and diff.max() < 80
+
+
+def _composite(astronaut, hopper):
+    canvas = Image.new("RGB", (900, 420), (128, 128, 128))
+    canvas.paste(astronaut.crop((0, 0, 512, 300)), (0, 60))  # the lower half holds a HOG false alarm
+    canvas.paste(hopper.resize((256, 300), Image.LANCZOS), (600, 60))
+    return canvas
+
+
+def test_multi_face_selection(astronaut, hopper):
+    photo = _composite(astronaut, hopper)
+    faces = detect_faces(photo)
+    assert len(faces) == 2
+    assert faces[0].area >= faces[1].area
+    assert faces[0].box[0] > 600 and faces[1].box[0] < 512  # Hopper's face is the larger one
+    assert select_faces(faces, "largest") == [faces[0]]
+    assert select_faces(faces, "index", 1) == [faces[1]]
+    assert select_faces(faces, "all") == faces
+    with pytest.raises(ValueError, match="only 2 face"):
+        select_faces(faces, "index", 2)
+    batch = align_faces(photo, "all", size=128)
+    assert len(batch) == 2 and all(a.image.size == (128, 128) for a in batch)
+    second = align_face(photo, 1, size=128)
+    np.testing.assert_array_equal(np.asarray(second.image), np.asarray(batch[1].image))
+    out = paste_back(photo, batch, [np.full((128, 128, 3), 255, np.uint8)] * 2)
+    changed = np.any(np.asarray(out) != np.asarray(photo), axis=2)
+    assert changed[:, :512].any() and changed[:, 600:].any() and not changed[:, 520:590].any()
+
+
+# ----------------------------------------------------------------------------- hard image kinds
+
+
+def test_exif_orientation(hopper):
+    """A phone-style JPEG stored sideways with Orientation=6 loads upright; so does the PIL image."""
+    sideways = hopper.transpose(Image.Transpose.ROTATE_90)  # what the sensor stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    sideways.save(buf, "JPEG", quality=95, exif=exif)
+    loaded = load_image(buf.getvalue())
+    assert loaded.size == hopper.size
+    raw = Image.open(io.BytesIO(buf.getvalue()))
+    assert raw.size == sideways.size
+    face = detect_faces(raw)[0]  # coordinates refer to the upright image
+    ref = detect_faces(hopper)[0]
+    assert np.abs(np.array(face.box) - np.array(ref.box)).max() < 12
+    assert paste_back(raw, align_face(raw, face), align_face(raw, face).image).size == hopper.size
+
+
+def test_rgba_grey_cmyk_and_16bit(astronaut):
+    ref_box = np.array(detect_faces(astronaut)[0].box)
+    rgba = astronaut.convert("RGBA")
+    alpha = np.full(astronaut.size[::-1], 255, np.uint8)
+    alpha[:, 400:] = 0  # transparent strip away from the face
+    rgba.putalpha(Image.fromarray(alpha))
+    assert to_rgb(rgba).getpixel((450, 10)) == (255, 255, 255)  # composited on white
+    face = detect_faces(rgba)[0]
+    assert np.abs(np.array(face.box) - ref_box).max() < 8
+    aligned = align_face(rgba, face)
+    out = paste_back(rgba, aligned, aligned.image)
+    assert out.mode == "RGBA"
+    np.testing.assert_array_equal(np.asarray(out)[..., 3], alpha)  # alpha kept
+    np.testing.assert_array_equal(np.asarray(out)[:, 400:], np.asarray(rgba)[:, 400:])
+
+    grey = astronaut.convert("L")
+    buf16 = io.BytesIO()
+    Image.fromarray(np.asarray(grey).astype(np.uint16) * 257).save(buf16, "PNG")
+    cmyk = io.BytesIO()
+    astronaut.convert("CMYK").save(cmyk, "JPEG", quality=95)
+    loaded16 = load_image(buf16.getvalue())
+    np.testing.assert_array_equal(np.asarray(loaded16)[..., 0], np.asarray(grey))  # 16 -> 8 bit exactly
+    for image in (grey, loaded16, load_image(cmyk.getvalue()), np.asarray(grey), np.asarray(astronaut) / 255.0):
+        face = detect_faces(image)[0]
+        assert np.abs(np.array(face.box) - ref_box).max() < 12
+
+
+def test_cnn_detector_on_grey_scan():
+    """The cameraman (grey, turned face) is missed by HOG and found by the CNN detector."""
+    image = load_image(EXAMPLES / "cameraman.png")
+    assert detect_faces(image) == []
+    faces = detect_faces(image, detector="cnn")
+    assert len(faces) == 1 and faces[0].detector == "cnn"
+    x0, y0, x1, y1 = faces[0].box
+    assert 170 < x0 < 200 and 100 < y0 < 130 and 60 < x1 - x0 < 95
+    assert align_face(image, faces[0]).image.size == (256, 256)
+
+
+def test_huge_photo_detects_on_downscaled_copy(astronaut):
+    """8000 px photo: detection on a ~1.2 MP copy, landmarks refined at full resolution."""
+    face_small = detect_faces(astronaut)[0]
+    big = Image.new("RGB", (8000, 6000), (200, 190, 180))
+    big.paste(astronaut.resize((2048, 2048), Image.LANCZOS), (3000, 2000))
+    faces = detect_faces(big)
+    assert len(faces) >= 1
+    expected = face_small.landmarks * 4 + 1.5 + [3000, 2000]  # pixel centres scale about -0.5
+    err = np.linalg.norm(faces[0].landmarks - expected, axis=1)
+    assert err.mean() < 8  # ~2 px of the 512 px photo, the predictor's jitter at 4x
+    aligned = align_face(big, faces[0])
+    found = detect_faces(aligned.image)[0].landmarks
+    assert np.linalg.norm(found - aligned.landmarks, axis=1).mean() < 2.5
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b""))
+
+
+def test_bad_input_errors(tmp_path, hopper):
+    with pytest.raises(ValueError, match="no face") as info:
+        align_face(Image.new("RGB", (300, 300), (90, 120, 150)))
+    assert "try" in str(info.value)
+    with pytest.raises(ValueError, match="no face"):
+        align_face(Image.new("RGB", (1, 1)))
+    with pytest.raises(ValueError, match="no face"):
+        align_faces(np.zeros((64, 64, 3), np.uint8))
+    assert detect_faces(np.zeros((1, 1, 3), np.uint8)) == []
+
+    buf = io.BytesIO()
+    hopper.save(buf, "JPEG")
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        load_image(buf.getvalue()[: len(buf.getvalue()) // 3])
+    with pytest.raises(ValueError, match="not an image"):
+        load_image(b"this is a text file, not a photo")
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="not an image"):
+        load_image(text)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_image(tmp_path / "missing.jpg")
+    # decompression bombs: refused from the header (a 60 MP header over a 64-byte payload)
+    with pytest.raises(ValueError, match="limit"):
+        load_image(_png_header_only(10000, 6000), max_pixels=50_000_000)
+    with pytest.raises(ValueError, match="too large"):
+        load_image(_png_header_only(30000, 30000))  # 900 MP: PIL's own guard, reworded
+    with pytest.raises(ValueError, match="shape"):
+        detect_faces(np.zeros((4, 4, 2), np.uint8))
+    with pytest.raises(TypeError, match="PIL image or a numpy array"):
+        detect_faces("photo.jpg")
+    with pytest.raises(ValueError, match="unknown detector"):
+        detect_faces(hopper, detector="mtcnn")
+    aligned = align_face(hopper)
+    with pytest.raises(ValueError, match="aligned from a 512x600"):
+        paste_back(Image.new("RGB", (100, 100)), aligned, aligned.image)
+
+
+def test_model_files_found_without_importing_package(tmp_path, monkeypatch):
+    assert "face_recognition_models" not in sys.modules
+    path = dlib_model_path("shape_predictor_68_face_landmarks.dat")
+    assert path.is_file() and "face_recognition_models" not in sys.modules
+    (tmp_path / "dlib").mkdir()
+    (tmp_path / "dlib" / "mmod_human_face_detector.dat").write_bytes(b"x")
+    assert dlib_model_path("mmod_human_face_detector.dat", tmp_path) == tmp_path / "dlib" / "mmod_human_face_detector.dat"
+    with pytest.raises(FileNotFoundError, match="pip install dlib-bin face-recognition-models"):
+        dlib_model_path("no_such_model.dat", tmp_path)
+
+
+def test_insightface_detector_plumbing(tmp_path, monkeypatch, hopper_face, hopper):
+    """insightface is optional: a stand-in package checks the calls (pack found, CPU, no download)."""
+    import types
+
+    from comfy_diffusionrig import alignment
+
+    calls = {}
+
+    class FakeApp:
+        def __init__(self, name, root, providers, allowed_modules):
+            calls.update(name=name, root=root, providers=providers)
+
+        def prepare(self, ctx_id, det_size):
+            calls["ctx_id"] = ctx_id
+
+        def get(self, bgr):
+            calls["shape"] = bgr.shape
+            lm = np.c_[hopper_face.landmarks, np.zeros(68)]
+            return [types.SimpleNamespace(bbox=np.array(hopper_face.box), det_score=0.9, landmark_3d_68=lm)]
+
+    module = types.ModuleType("insightface")
+    app_module = types.ModuleType("insightface.app")
+    app_module.FaceAnalysis = FakeApp
+    module.app = app_module
+    monkeypatch.setitem(sys.modules, "insightface", module)
+    monkeypatch.setitem(sys.modules, "insightface.app", app_module)
+    alignment.insightface_app.cache_clear()
+    with pytest.raises(FileNotFoundError, match="no insightface model pack"):
+        detect_faces(hopper, detector="insightface", models_dir=tmp_path)
+    pack = tmp_path / "insightface" / "models" / "buffalo_l"
+    pack.mkdir(parents=True)
+    (pack / "det_10g.onnx").write_bytes(b"")
+    faces = detect_faces(hopper, detector="insightface", models_dir=tmp_path)
+    alignment.insightface_app.cache_clear()
+    assert calls == {"name": "buffalo_l", "root": str(tmp_path / "insightface"), "providers": ["CPUExecutionProvider"],
+                     "ctx_id": -1, "shape": (600, 512, 3)}
+    np.testing.assert_array_equal(faces[0].landmarks, hopper_face.landmarks)
+    assert isinstance(align_face(hopper, faces[0]), AlignedFace) and isinstance(faces[0], Face)
+
+
+def test_runs_with_network_blocked():
+    """Load, detect, align, paste back and identity in a fresh process whose sockets all fail."""
+    script = textwrap.dedent(f"""
+        import socket
+        def refuse(*args, **kwargs):
+            raise OSError("network access attempted")
+        socket.socket = refuse
+        socket.create_connection = refuse
+        socket.getaddrinfo = refuse
+        from comfy_diffusionrig import align_face, detect_faces, paste_back
+        from comfy_diffusionrig.alignment import load_image
+        from comfy_diffusionrig.identity import face_similarity
+        image = load_image({str(EXAMPLES / "grace_hopper.jpg")!r})
+        faces = detect_faces(image)
+        aligned = align_face(image, faces[0])
+        out = paste_back(image, aligned, aligned.image)
+        cnn = detect_faces(image, detector="cnn", detect_pixels=60_000)
+        result = face_similarity(image, aligned.image)
+        assert result.same_person, result.verdict
+        print("offline ok", len(faces), len(cnn), out.size)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "offline ok 1 1 (512, 600)" in done.stdout
