@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 
+from .checkpoints import atomic_write
 from .training import TrainingData
+
+ALBUM_FORMAT = "comfy-diffusionrig-album-v1"
 
 
 @dataclass
@@ -28,3 +36,95 @@ class Album:
 
     def training_data(self) -> TrainingData:
         return TrainingData(self.images, self.buffers)
+
+
+MIN_PHOTOS = 8  # below this, personalization overfits quickly (the paper uses about 20)
+
+
+def album_key(photos: list[Image.Image], size: int, detector: str, deca) -> str:
+    """Content key of an album: the photos' pixels, the settings and the DECA weights."""
+    digest = hashlib.sha256(f"album-v1|{size}|{detector}|".encode())
+    for photo in photos:
+        rgb = photo.convert("RGB")
+        digest.update(f"{rgb.size}".encode())
+        digest.update(rgb.tobytes())
+    for value in deca.state_dict().values():
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:24]
+
+
+def save_album(album: Album, path: str | Path) -> Path:
+    """Write an album atomically as a weights-only torch file (tensors, strings, lists)."""
+    state = {"format": ALBUM_FORMAT, "images": album.images, "buffers": album.buffers, "names": list(album.names),
+             "warnings": list(album.warnings), "codes": dict(album.codes)}
+    return atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
+
+
+def read_album(path: str | Path) -> Album:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != ALBUM_FORMAT:
+        raise ValueError(f"{path} is not a face album written by comfy-diffusionrig; delete it to rebuild")
+    return Album(state["images"], state["buffers"], state["names"], state["warnings"], state["codes"])
+
+
+def build_album(photos: list[Image.Image], deca, names: list[str] | None = None, size: int = 256,
+                detector: str = "hog", check_identity: bool = True, cache_dir: str | Path | None = None,
+                progress: Callable[[int, int], None] | None = None) -> Album:
+    """One person's photos -> an Album: detect and align the largest face of each, fit DECA, give every
+    fit the album's mean shape (official create_data.py --use_meanshape), render the buffers.
+
+    Photos with no face, or (check_identity) whose face is not the album's person by the dlib
+    identity score, are left out with a warning; so is an album too small to personalize.
+    cache_dir: albums are stored there under a content key and reused when the same photos,
+    settings and DECA come again.
+    """
+    from .alignment import align_face
+    from .identity import DLIB_DISTANCE_THRESHOLD, face_descriptor
+    from .rig import fit_faces, render_rig
+
+    names = list(names) if names else [f"photo {i + 1}" for i in range(len(photos))]
+    if len(names) != len(photos):
+        raise ValueError(f"{len(photos)} photos but {len(names)} names")
+    if not photos:
+        raise ValueError("the album is empty: give the photos of one person (about 20 work best)")
+    cached = None
+    if cache_dir is not None:
+        cached = Path(cache_dir) / f"album_{album_key(photos, size, detector, deca)}.pt"
+        if cached.is_file():
+            return read_album(cached)
+    report = progress or (lambda done, total: None)
+    warnings, kept, aligned = [], [], []
+    for i, (photo, name) in enumerate(zip(photos, names)):
+        try:
+            aligned.append(align_face(photo, size=size, detector=detector))
+            kept.append(i)
+        except ValueError as err:
+            warnings.append(f"{name}: left out, {err}")
+        report(i + 1, len(photos) + 2)
+    if check_identity and len(kept) >= 3:
+        descriptors = np.stack([face_descriptor(photos[i], face=a.face) for i, a in zip(kept, aligned)])
+        distances = np.linalg.norm(descriptors[:, None] - descriptors[None], axis=-1)
+        typical = np.nanmedian(np.where(np.eye(len(kept), dtype=bool), np.nan, distances), axis=1)
+        other = typical > DLIB_DISTANCE_THRESHOLD
+        for j in np.flatnonzero(other):
+            warnings.append(f"{names[kept[j]]}: left out, its face looks like another person (median identity "
+                            f"distance {typical[j]:.2f} to the album, same-person threshold "
+                            f"{DLIB_DISTANCE_THRESHOLD})")
+        kept = [k for k, o in zip(kept, other) if not o]
+        aligned = [a for a, o in zip(aligned, other) if not o]
+    if not kept:
+        raise ValueError("no usable face in the album's photos: " + "; ".join(warnings))
+    if len(kept) < MIN_PHOTOS:
+        warnings.append(f"only {len(kept)} usable photo(s): personalization works best with about 20 photos of "
+                        "the person under varied light, expression and pose")
+    images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
+    rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
+    report(len(photos) + 1, len(photos) + 2)
+    mean_shape = rig.codes["shape"].mean(0, keepdim=True).expand_as(rig.codes["shape"]).clone()
+    rig = rig.with_codes(shape=mean_shape)
+    buffers = render_rig(deca, rig)
+    report(len(photos) + 2, len(photos) + 2)
+    album = Album(images * 2 - 1, buffers, [names[k] for k in kept], warnings, dict(rig.codes))
+    if cached is not None:
+        save_album(album, cached)
+    return album

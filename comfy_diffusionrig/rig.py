@@ -64,6 +64,42 @@ class FaceRig:
                        torch.cat([r.tform for r in rigs]), torch.cat([r.ffhq_center for r in rigs]), rigs[0].image_size)
 
 
+@torch.no_grad()
+def fit_faces(deca, images: torch.Tensor, landmarks) -> FaceRig:
+    """Fit DECA to aligned faces, as DiffusionRig prepares its data.
+
+    images: [B, 3, H, W] RGB in [0, 1] (FFHQ-aligned faces); landmarks: [B, 68, 2] pixel (x, y)
+    of each face in its image. The DECA crop comes from the landmarks (DECA's TestData rule).
+    """
+    from .deca import crop_from_landmarks, warp_crop
+
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"fit_faces needs images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
+    device = next(deca.parameters()).device
+    to_crop = crop_from_landmarks(landmarks)
+    to_crop = to_crop[None] if to_crop.ndim == 2 else to_crop
+    if to_crop.shape[0] != images.shape[0]:
+        raise ValueError(f"{images.shape[0]} images but {to_crop.shape[0]} landmark sets")
+    codes = deca.encode(warp_crop(images.float(), to_crop).to(device))
+    codes = {k: v.float().cpu() for k, v in codes.items()}
+    center = deca.decode({k: v.to(device) for k, v in codes.items()})["center"].float().cpu()
+    tform = torch.linalg.inv(to_crop.double()).transpose(1, 2).float()  # official decode() convention
+    return FaceRig(codes, tform, center, (int(images.shape[2]), int(images.shape[3])))
+
+
+@torch.no_grad()
+def render_rig(deca, rig: FaceRig, batch_size: int = 16) -> torch.Tensor:
+    """[B, 9, H, W] rendered|normal|albedo of every face of the rig (the head kept at its FFHQ centre)."""
+    check_finite(rig)
+    device = next(deca.parameters()).device
+    out = []
+    for first in range(0, len(rig), batch_size):
+        part = rig.select(list(range(first, min(first + batch_size, len(rig)))))
+        codes = {k: v.to(device) for k, v in part.codes.items()}
+        out.append(deca.render(codes, part.image_size, part.tform.to(device), part.ffhq_center.to(device)).cpu())
+    return torch.cat(out)
+
+
 def _broadcast(source: torch.Tensor, n: int, what: str) -> torch.Tensor:
     if source.shape[0] == n:
         return source

@@ -92,6 +92,38 @@ def model_dir(folder: str) -> Path:
     return _fallback_models_dir() / folder
 
 
+EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
+EXAMPLE_PREFIX = "examples/"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def _input_dir() -> Path:
+    if IN_COMFYUI:
+        return Path(_folder_paths.get_input_directory())
+    return Path(os.environ.get("COMFY_DIFFUSIONRIG_INPUT", "input"))
+
+
+def input_files() -> list[str]:
+    """Photos for a combo input: ComfyUI's input folder, then the pack's example images as examples/<name>."""
+    root = _input_dir()
+    own = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
+        if root.is_dir() else []
+    examples = sorted(EXAMPLE_PREFIX + p.name for p in EXAMPLE_IMAGES.iterdir()
+                      if p.suffix.lower() in IMAGE_SUFFIXES) if EXAMPLE_IMAGES.is_dir() else []
+    return own + examples
+
+
+def input_path(name: str, node: str) -> Path:
+    """Full path of a photo chosen in `input_files`, or a FileNotFoundError saying where photos go."""
+    example = name.startswith(EXAMPLE_PREFIX)
+    relative = name[len(EXAMPLE_PREFIX):] if example else name
+    path = (EXAMPLE_IMAGES if example else _input_dir()) / relative
+    if "/" in relative or "\\" in relative or not path.is_file():
+        raise FileNotFoundError(f"{node}: photo {name!r} not found; put photos in {_input_dir()} (ComfyUI's input "
+                                f"folder, or upload them) or pick one of the examples/ images")
+    return path
+
+
 def torch_device() -> torch.device:
     return _mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
 

@@ -9,13 +9,18 @@ import re
 import numpy as np
 import torch
 
+from pathlib import Path
+
 from comfy_diffusionrig import ddim_sample
+from comfy_diffusionrig.album import build_album
+from comfy_diffusionrig.alignment import DETECTORS, load_image
 from comfy_diffusionrig.checkpoints import save_diffusionrig
 from comfy_diffusionrig.lora import lora_layers, save_lora
 from comfy_diffusionrig.plotting import loss_curve
 from comfy_diffusionrig.training import TrainConfig, train
 
-from .host import Progress, check_interrupt, model_dir
+from .face_nodes import image_to_pil
+from .host import IMAGE_SUFFIXES, Progress, check_interrupt, model_dir
 
 CATEGORY = "DiffusionRig/personalize"
 TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
@@ -31,6 +36,68 @@ def _checked_name(name: str, node: str) -> str:
         raise ValueError(f"{node}: save name {name!r} is not usable as a file name; use letters, digits, spaces, "
                          "'_', '-' or '.' (no folders), e.g. 'anna_personalized'")
     return name
+
+
+class BuildFaceAlbum:
+    DESCRIPTION = ("Builds a personal album from one person's photos (an IMAGE batch and/or a folder): aligns the "
+                   "face of each, fits DECA, uses the person's mean face shape and renders the buffers. Photos "
+                   "without a face or showing someone else are left out and reported. Albums are cached on disk: "
+                   "queueing the same photos again is instant.")
+    CATEGORY = CATEGORY
+    FUNCTION = "build"
+    RETURN_TYPES = ("FACE_ALBUM", "IMAGE", "STRING")
+    RETURN_NAMES = ("album", "aligned", "report")
+    OUTPUT_TOOLTIPS = ("For Train DiffusionRig.", "The aligned photos kept in the album.",
+                       "What was kept and what was left out, and why.")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "deca": ("DECA_MODEL", {"tooltip": "From Load DECA."}),
+            "size": ("INT", {"default": 256, "min": 64, "max": 1024, "step": 64,
+                             "tooltip": "Aligned size: the DiffusionRig model's image size (256 official)."}),
+            "detector": (list(DETECTORS), {"default": "hog", "tooltip": "Face detector (see Detect & Align Face)."}),
+            "check_identity": ("BOOLEAN", {"default": True, "tooltip": "Leave out faces that look like another "
+                                                                       "person (dlib identity score)."}),
+        }, "optional": {
+            "images": ("IMAGE", {"tooltip": "Photos of the person (a batch, e.g. from Load Image Batch)."}),
+            "folder": ("STRING", {"default": "", "tooltip": "Or/and a folder of photos of the person (every image "
+                                                            "file in it)."}),
+        }}
+
+    def build(self, deca, size, detector, check_identity, images=None, folder=""):
+        node = "Build Face Album"
+        photos, names = [], []
+        if images is not None:
+            photos += image_to_pil(images)
+            names += [f"image {i + 1}" for i in range(images.shape[0])]
+        if folder.strip():
+            root = Path(folder.strip()).expanduser()
+            if not root.is_dir():
+                raise FileNotFoundError(f"{node}: folder {root} does not exist")
+            for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+                try:
+                    photos.append(load_image(path))
+                    names.append(path.name)
+                except ValueError as err:
+                    log.warning("%s: %s skipped: %s", node, path.name, err)
+        if not photos:
+            raise ValueError(f"{node}: no photos; connect an IMAGE batch or give a folder of photos of the person")
+        progress = Progress(len(photos) + 2)
+
+        def report(done, total):
+            check_interrupt()
+            progress.update(done)
+
+        album = build_album(photos, deca, names, size=size, detector=detector, check_identity=check_identity,
+                            cache_dir=model_dir("diffusionrig") / "albums", progress=report)
+        text = (f"{len(album)} photo(s) in the album: {', '.join(album.names)}"
+                + "".join(f"\nwarning: {w}" for w in album.warnings))
+        for warning in album.warnings:
+            log.warning("%s: %s", node, warning)
+        preview = ((album.images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+        return {"ui": {"text": [text]}, "result": (album, preview, text)}
 
 
 class TrainDiffusionRig:
@@ -158,10 +225,12 @@ class SaveDiffusionRigModel:
 
 
 NODE_CLASS_MAPPINGS = {
+    "DiffusionRigBuildAlbum": BuildFaceAlbum,
     "DiffusionRigTrain": TrainDiffusionRig,
     "DiffusionRigSaveModel": SaveDiffusionRigModel,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffusionRigBuildAlbum": "Build Face Album",
     "DiffusionRigTrain": "Train DiffusionRig (personalize)",
     "DiffusionRigSaveModel": "Save DiffusionRig Model",
 }

@@ -1,0 +1,456 @@
+"""Face nodes: photos in, aligned faces, DECA fits (FACE_RIG), edits, buffers, paste back, identity."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from comfy_diffusionrig import alignment as align_lib
+from comfy_diffusionrig import identity
+from comfy_diffusionrig.deca import load_deca
+from comfy_diffusionrig.lighting import lit_sphere, rotate_sh, sh_from_direction
+from comfy_diffusionrig.rig import FaceRig, copy_from, edit_pose, fit_faces, render_rig, sweep_values
+
+from .host import (EXAMPLE_IMAGES, check_interrupt, input_files, input_path, model_dir, model_files, model_path,
+                   torch_device)
+
+CATEGORY = "DiffusionRig"
+DETECTORS = list(align_lib.DETECTORS)
+
+
+@dataclass
+class FaceAlignments:
+    """FACE_ALIGNMENT: the aligned faces of a batch of photos, and which photo each came from."""
+
+    faces: list  # comfy_diffusionrig.alignment.AlignedFace
+    sources: list[int]
+
+    def __len__(self) -> int:
+        return len(self.faces)
+
+
+def pil_to_image(pictures: list[Image.Image]) -> torch.Tensor:
+    """PIL images of one size -> ComfyUI IMAGE [B, H, W, 3] float 0..1."""
+    return torch.from_numpy(np.stack([np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pictures]))
+
+
+def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
+    """ComfyUI IMAGE [B, H, W, C] -> RGB PIL images."""
+    array = (image[..., :3].clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    return [Image.fromarray(a, "RGB") for a in array]
+
+
+def _chw(image: torch.Tensor) -> torch.Tensor:
+    """IMAGE [B, H, W, C] 0..1 -> [B, 3, H, W] 0..1."""
+    return image[..., :3].permute(0, 3, 1, 2).float()
+
+
+class LoadFacePhoto:
+    DESCRIPTION = ("Loads a photo from ComfyUI's input folder or the pack's example images, upright (EXIF "
+                   "orientation applied) and as 8-bit RGB whatever the file (RGBA, grey, CMYK, 16-bit).")
+    CATEGORY = f"{CATEGORY}/faces"
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The photo, [1, H, W, 3].",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": (input_files(), {"tooltip": "A file of ComfyUI/input/ or one of the pack's "
+                                                                  "example images (examples/...)."})}}
+
+    def load(self, image):
+        return (pil_to_image([align_lib.load_image(input_path(image, "Load Face Photo"))]),)
+
+    @classmethod
+    def IS_CHANGED(cls, image):
+        path = input_path(image, "Load Face Photo")
+        return f"{path}:{path.stat().st_mtime_ns}"
+
+
+class LoadDECA:
+    DESCRIPTION = ("Loads DECA (the 3D face fitter) from models/deca/deca_model.tar and the FLAME files from "
+                   "models/flame/ (generic_model.pkl, landmark_embedding.npy, head_template.obj, "
+                   "FLAME_texture.npz).")
+    CATEGORY = f"{CATEGORY}/loaders"
+    FUNCTION = "load"
+    RETURN_TYPES = ("DECA_MODEL",)
+    RETURN_NAMES = ("deca",)
+    OUTPUT_TOOLTIPS = ("DECA with FLAME and the buffer renderer, kept loaded between runs.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "deca_model": (model_files("deca", (".tar", ".pt", ".pth")),
+                           {"tooltip": "DECA checkpoint in models/deca/ (deca_model.tar)."}),
+            "rasterizer": (["auto", "torch", "pytorch3d"],
+                           {"default": "auto", "tooltip": "auto: pytorch3d when installed, else the pack's own "
+                                                          "rasterizer (same pixels)."}),
+        }}
+
+    def load(self, deca_model, rasterizer):
+        path = model_path("deca", deca_model, "Load DECA")
+        return (load_deca(path, model_dir("flame"), device=torch_device(), backend=rasterizer),)
+
+
+class DetectAlignFace:
+    DESCRIPTION = ("Finds faces (dlib, offline) and FFHQ-aligns them to squares as DiffusionRig expects. Keeps "
+                   "the alignment so Paste Face Back can put the edit into the photo.")
+    CATEGORY = f"{CATEGORY}/faces"
+    FUNCTION = "align"
+    RETURN_TYPES = ("IMAGE", "FACE_ALIGNMENT", "INT")
+    RETURN_NAMES = ("aligned", "alignment", "count")
+    OUTPUT_TOOLTIPS = ("Aligned faces, one per chosen face of every photo.", "For Paste Face Back / DECA Fit.",
+                       "How many faces came out.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Photo(s); every photo of the batch is searched."}),
+            "faces": (["largest", "index", "all"],
+                      {"default": "largest", "tooltip": "Which faces: the largest, the index-th (largest first), "
+                                                        "or all of them as a batch."}),
+            "index": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Face index for faces = index."}),
+            "detector": (DETECTORS, {"default": "hog", "tooltip": "hog: fast, frontal faces (official). cnn: turned "
+                                                                  "or small faces, slower. insightface: needs the "
+                                                                  "package and a model pack in models/insightface."}),
+            "size": ("INT", {"default": 256, "min": 64, "max": 1024, "step": 64,
+                             "tooltip": "Aligned size; DiffusionRig models work at 256."}),
+        }}
+
+    def align(self, image, faces, index, detector, size):
+        node = "Detect & Align Face"
+        aligned, sources = [], []
+        for i, photo in enumerate(image_to_pil(image)):
+            check_interrupt()
+            try:
+                found = align_lib.align_faces(photo, mode=faces, index=index, size=size, detector=detector,
+                                              models_dir=str(model_dir("insightface")))
+            except ValueError as err:
+                raise ValueError(f"{node}, photo {i + 1} of {image.shape[0]}: {err}") from err
+            aligned += found
+            sources += [i] * len(found)
+        return (pil_to_image([a.image for a in aligned]), FaceAlignments(aligned, sources), len(aligned))
+
+
+class DECAFit:
+    DESCRIPTION = ("Fits DECA's 3D face model to aligned faces: shape, texture, expression, pose, camera and "
+                   "spherical-harmonics light (a FACE_RIG to edit).")
+    CATEGORY = CATEGORY
+    FUNCTION = "fit"
+    RETURN_TYPES = ("FACE_RIG",)
+    RETURN_NAMES = ("rig",)
+    OUTPUT_TOOLTIPS = ("The fitted codes of every face.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "deca": ("DECA_MODEL", {"tooltip": "From Load DECA."}),
+            "aligned": ("IMAGE", {"tooltip": "Aligned faces (Detect & Align Face)."}),
+        }, "optional": {
+            "alignment": ("FACE_ALIGNMENT", {"tooltip": "From the same Detect & Align Face: reuses its landmarks "
+                                                        "instead of detecting them again."}),
+        }}
+
+    def fit(self, deca, aligned, alignment=None):
+        node = "DECA Fit"
+        if alignment is not None and len(alignment) == aligned.shape[0]:
+            landmarks = np.stack([a.landmarks for a in alignment.faces])
+        else:
+            landmarks = []
+            for i, face in enumerate(image_to_pil(aligned)):
+                found = align_lib.detect_faces(face)
+                if not found:
+                    raise ValueError(f"{node}: no face found in aligned image {i + 1}; connect the alignment output "
+                                     "of Detect & Align Face, or check the image")
+                landmarks.append(found[0].landmarks)
+            landmarks = np.stack(landmarks)
+        return (fit_faces(deca, _chw(aligned), landmarks),)
+
+
+_HEX = re.compile(r"^#?([0-9a-fA-F]{6})$")
+
+
+def parse_color(text: str, node: str) -> tuple[float, float, float]:
+    match = _HEX.match(text.strip())
+    if not match:
+        raise ValueError(f"{node}: colour {text!r} is not a hex colour like #FFE4C4")
+    value = match.group(1)
+    return tuple(int(value[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+
+
+def _sphere_image(light: torch.Tensor) -> torch.Tensor:
+    return lit_sphere(light.float(), size=256).permute(0, 2, 3, 1).contiguous()
+
+
+class Relight:
+    DESCRIPTION = ("Changes the light of a face rig: set a light with sliders, rotate the fitted light, or copy "
+                   "the light of a reference face. The lit sphere shows the light before sampling.")
+    CATEGORY = CATEGORY
+    FUNCTION = "relight"
+    RETURN_TYPES = ("FACE_RIG", "IMAGE")
+    RETURN_NAMES = ("rig", "lit_sphere")
+    OUTPUT_TOOLTIPS = ("The rig with its new light.", "A grey sphere under each face's new light.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "rig": ("FACE_RIG", {"tooltip": "From DECA Fit."}),
+            "mode": (["sliders", "rotate fitted light", "copy reference"],
+                     {"default": "sliders", "tooltip": "sliders: a new directional + ambient light. rotate: turn "
+                                                       "the photo's own light by azimuth/elevation. copy: the "
+                                                       "reference rig's light."}),
+            "azimuth": ("FLOAT", {"default": 45.0, "min": -180.0, "max": 180.0, "step": 1.0,
+                                  "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
+            "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
+                                    "tooltip": "Degrees; positive = from above."}),
+            "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05,
+                                    "tooltip": "Direct light strength (sliders mode)."}),
+            "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
+                                  "tooltip": "Light from everywhere (sliders mode): higher = softer shadows."}),
+            "color": ("STRING", {"default": "#FFFFFF", "tooltip": "Light colour as hex, e.g. #FFD8A8 for warm."}),
+        }, "optional": {
+            "reference": ("FACE_RIG", {"tooltip": "Rig of another photo whose light to copy (copy mode)."}),
+        }}
+
+    def relight(self, rig, mode, azimuth, elevation, intensity, ambient, color, reference=None):
+        node = "Relight"
+        if mode == "copy reference":
+            if reference is None:
+                raise ValueError(f"{node}: mode 'copy reference' needs a reference rig (DECA Fit of another photo)")
+            out = copy_from(rig, reference, light=True)
+        elif mode == "rotate fitted light":
+            out = rig.with_codes(light=rotate_sh(rig.codes["light"], yaw_deg=azimuth, pitch_deg=elevation))
+        else:
+            light = sh_from_direction(azimuth, elevation, intensity, ambient, parse_color(color, node))
+            out = rig.with_codes(light=light.expand(len(rig), 9, 3).clone())
+        return (out, _sphere_image(out.codes["light"]))
+
+
+class EditExpressionPose:
+    DESCRIPTION = ("Edits expression and pose of a face rig: open the jaw, turn the head, exaggerate or calm "
+                   "the expression, or copy expression / jaw / head pose from a reference face.")
+    CATEGORY = CATEGORY
+    FUNCTION = "edit"
+    RETURN_TYPES = ("FACE_RIG",)
+    RETURN_NAMES = ("rig",)
+    OUTPUT_TOOLTIPS = ("The edited rig.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        angle = lambda tip, lo=-90.0, hi=90.0: ("FLOAT", {"default": 0.0, "min": lo, "max": hi, "step": 1.0,  # noqa
+                                                        "tooltip": tip})
+        return {"required": {
+            "rig": ("FACE_RIG", {"tooltip": "From DECA Fit (or Relight)."}),
+            "jaw_open": angle("Degrees to open (positive) or close the jaw, on top of the fitted jaw.", -30.0, 45.0),
+            "head_yaw": angle("Degrees to turn the head; positive turns the face to image right."),
+            "head_pitch": angle("Degrees to nod; positive looks down."),
+            "head_roll": angle("Degrees to tilt; positive tilts the head to image right."),
+            "expression_strength": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05,
+                                              "tooltip": "Scales the expression: 0 = neutral, 1 = as fitted, "
+                                                         ">1 exaggerated."}),
+        }, "optional": {
+            "reference": ("FACE_RIG", {"tooltip": "A rig to copy from (see the copy switches)."}),
+            "copy_expression": ("BOOLEAN", {"default": True, "tooltip": "With a reference: take its expression."}),
+            "copy_jaw": ("BOOLEAN", {"default": True, "tooltip": "With a reference: take its jaw pose."}),
+            "copy_head_pose": ("BOOLEAN", {"default": False, "tooltip": "With a reference: take its head pose."}),
+        }}
+
+    def edit(self, rig, jaw_open, head_yaw, head_pitch, head_roll, expression_strength, reference=None,
+             copy_expression=True, copy_jaw=True, copy_head_pose=False):
+        if reference is not None:
+            rig = copy_from(rig, reference, expression=copy_expression, jaw=copy_jaw, head_pose=copy_head_pose)
+        return (edit_pose(rig, yaw=head_yaw, pitch=head_pitch, roll=head_roll, jaw_open=jaw_open,
+                          expression_scale=expression_strength),)
+
+
+class RenderBuffers:
+    DESCRIPTION = ("Renders the physical buffers DiffusionRig is conditioned on: SH-shaded face, normals and "
+                   "albedo, aligned with the photo.")
+    CATEGORY = CATEGORY
+    FUNCTION = "render"
+    RETURN_TYPES = ("RIG_BUFFERS", "IMAGE")
+    RETURN_NAMES = ("buffers", "preview")
+    OUTPUT_TOOLTIPS = ("For the DiffusionRig Sampler.", "shaded | normal | albedo side by side.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "deca": ("DECA_MODEL", {"tooltip": "From Load DECA."}),
+            "rig": ("FACE_RIG", {"tooltip": "A fitted (and maybe edited) rig."}),
+        }}
+
+    def render(self, deca, rig):
+        buffers = render_rig(deca, rig)
+        covered = (buffers != 0).any(1, keepdim=True).to(buffers.dtype)
+        rendered, normal, albedo = buffers[:, 0:3], (buffers[:, 3:6] + 1) / 2 * covered, buffers[:, 6:9]
+        preview = torch.cat([rendered, normal, albedo], dim=3).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+        return (buffers, preview)
+
+
+SWEEPS = ["light_azimuth", "light_elevation", "light_intensity", "jaw_open", "head_yaw", "head_pitch", "head_roll",
+          "expression_strength"]
+
+
+class RigSweep:
+    DESCRIPTION = ("Animates one parameter of a face over frames (a FACE_RIG batch): light direction or strength, "
+                   "jaw, head turn, expression. With the sampler's shared noise the frames stay consistent: a "
+                   "turntable or light sweep for video.")
+    CATEGORY = CATEGORY
+    FUNCTION = "sweep"
+    RETURN_TYPES = ("FACE_RIG",)
+    RETURN_NAMES = ("frames",)
+    OUTPUT_TOOLTIPS = ("One rig per frame.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "rig": ("FACE_RIG", {"tooltip": "A fitted rig (the face at face_index is animated)."}),
+            "parameter": (SWEEPS, {"default": "light_azimuth",
+                                   "tooltip": "light_azimuth/elevation: degrees the fitted light turns; "
+                                              "light_intensity: light scale; jaw_open, head_*: degrees; "
+                                              "expression_strength: scale."}),
+            "start": ("FLOAT", {"default": -60.0, "min": -360.0, "max": 360.0, "step": 1.0,
+                                "tooltip": "Value at the first frame."}),
+            "end": ("FLOAT", {"default": 60.0, "min": -360.0, "max": 360.0, "step": 1.0,
+                              "tooltip": "Value at the last frame."}),
+            "frames": ("INT", {"default": 24, "min": 1, "max": 1000, "tooltip": "Number of frames."}),
+            "ease": ("BOOLEAN", {"default": True, "tooltip": "Smooth start and stop."}),
+            "face_index": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Which face of the rig batch."}),
+        }}
+
+    def sweep(self, rig, parameter, start, end, frames, ease, face_index):
+        if face_index >= len(rig):
+            raise ValueError(f"Rig Sweep: face_index {face_index} but the rig has {len(rig)} face(s)")
+        values = torch.from_numpy(sweep_values(start, end, frames, ease))
+        base = rig.select(face_index).expand(frames)
+        light = base.codes["light"]
+        if parameter == "light_azimuth":
+            return (base.with_codes(light=rotate_sh(light, yaw_deg=values.view(-1, 1, 1)[:, 0, 0])),)
+        if parameter == "light_elevation":
+            return (base.with_codes(light=rotate_sh(light, pitch_deg=values.view(-1, 1, 1)[:, 0, 0])),)
+        if parameter == "light_intensity":
+            return (base.with_codes(light=light * values.to(light.dtype).view(-1, 1, 1)),)
+        keyword = {"jaw_open": "jaw_open", "head_yaw": "yaw", "head_pitch": "pitch", "head_roll": "roll",
+                   "expression_strength": "expression_scale"}[parameter]
+        return (edit_pose(base, **{keyword: values}),)
+
+
+class PasteFaceBack:
+    DESCRIPTION = ("Puts edited faces back into the original photos with a feathered face mask; every pixel "
+                   "outside the face region stays exactly as it was. Chain an upscaler after it.")
+    CATEGORY = f"{CATEGORY}/faces"
+    FUNCTION = "paste"
+    RETURN_TYPES = ("IMAGE", "MASK")
+    RETURN_NAMES = ("image", "mask")
+    OUTPUT_TOOLTIPS = ("The photo(s) with the edit, at the original size.", "Where the edit was blended in.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "original": ("IMAGE", {"tooltip": "The photo(s) given to Detect & Align Face."}),
+            "alignment": ("FACE_ALIGNMENT", {"tooltip": "From that Detect & Align Face."}),
+            "edited": ("IMAGE", {"tooltip": "Edited faces: one per aligned face, or many frames of a single face."}),
+            "color_match": ("BOOLEAN", {"default": False, "tooltip": "Match the edit's colours to the original "
+                                                                     "face (hides tint shifts)."}),
+            "feather": ("FLOAT", {"default": 0.08, "min": 0.0, "max": 0.5, "step": 0.01,
+                                  "tooltip": "Width of the soft edge, as a fraction of the face width."}),
+        }}
+
+    def paste(self, original, alignment, edited, color_match, feather):
+        node = "Paste Face Back"
+        photos, edits = image_to_pil(original), image_to_pil(edited)
+        if len(alignment) == 1 and len(edits) > 1:  # frames of one face: one output photo per frame
+            jobs = [(alignment.sources[0], [alignment.faces[0]], [e]) for e in edits]
+        elif len(edits) == len(alignment):
+            jobs = [(p, [f for f, s in zip(alignment.faces, alignment.sources) if s == p],
+                     [e for e, s in zip(edits, alignment.sources) if s == p]) for p in sorted(set(alignment.sources))]
+        else:
+            raise ValueError(f"{node}: {len(edits)} edited image(s) for {len(alignment)} aligned face(s); give one "
+                             "edit per face (or frames of a single face)")
+        if max(alignment.sources, default=0) >= len(photos):
+            raise ValueError(f"{node}: the alignment came from {max(alignment.sources) + 1} photos but {len(photos)} "
+                             "original(s) are connected; connect the same photos")
+        images, masks = [], []
+        for source, faces, face_edits in jobs:
+            check_interrupt()
+            photo = photos[source]
+            images.append(align_lib.paste_back(photo, faces, face_edits, color_match=color_match, feather=feather))
+            # the blend weights themselves: paste white faces onto a black photo
+            black = Image.new("RGB", photo.size)
+            white = [Image.new("RGB", e.size, (255, 255, 255)) for e in face_edits]
+            pasted = align_lib.paste_back(black, faces, white, feather=feather)
+            masks.append(np.asarray(pasted)[..., 0] / 255.0)
+        sizes = {im.size for im in images}
+        if len(sizes) > 1:
+            raise ValueError(f"{node}: the photos have different sizes {sorted(sizes)}, which one IMAGE batch cannot "
+                             "hold; run them one at a time")
+        return (pil_to_image(images), torch.from_numpy(np.stack(masks).astype(np.float32)))
+
+
+class FaceIdentitySimilarity:
+    DESCRIPTION = ("Scores whether two face images show the same person (dlib face descriptors, or ArcFace when "
+                   "insightface and its models are installed): check that an edit kept the identity.")
+    CATEGORY = f"{CATEGORY}/faces"
+    FUNCTION = "compare"
+    RETURN_TYPES = ("FLOAT", "STRING")
+    RETURN_NAMES = ("similarity", "verdict")
+    OUTPUT_TOOLTIPS = ("Similarity of the least similar pair (higher = more alike).", "Readable verdict per pair.")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "image_a": ("IMAGE", {"tooltip": "Face photo(s), e.g. the original aligned face."}),
+            "image_b": ("IMAGE", {"tooltip": "Face photo(s) to compare, e.g. the edits (pairs up with image_a; a "
+                                             "single image_a is compared with every image_b)."}),
+            "backend": (["auto", "dlib", "arcface"], {"default": "auto",
+                                                      "tooltip": "auto: ArcFace when available, else dlib."}),
+        }}
+
+    def compare(self, image_a, image_b, backend):
+        a, b = image_to_pil(image_a), image_to_pil(image_b)
+        if len(a) not in (1, len(b)):
+            raise ValueError(f"Face Identity Similarity: {len(a)} images against {len(b)}; give one image_a or as "
+                             "many as image_b")
+        results = []
+        for i, picture in enumerate(b):
+            check_interrupt()
+            results.append(identity.face_similarity(a[i if len(a) > 1 else 0], picture, backend=backend,
+                                                    models_dir=str(model_dir("insightface"))))
+        text = "\n".join(f"pair {i + 1}: {r.verdict}" for i, r in enumerate(results))
+        score = min(r.score for r in results)
+        return {"ui": {"text": [text]}, "result": (score, text)}
+
+
+NODE_CLASS_MAPPINGS = {
+    "DiffusionRigLoadPhoto": LoadFacePhoto,
+    "DiffusionRigLoadDECA": LoadDECA,
+    "DiffusionRigDetectAlign": DetectAlignFace,
+    "DiffusionRigDECAFit": DECAFit,
+    "DiffusionRigRelight": Relight,
+    "DiffusionRigEditExpressionPose": EditExpressionPose,
+    "DiffusionRigRenderBuffers": RenderBuffers,
+    "DiffusionRigRigSweep": RigSweep,
+    "DiffusionRigPasteBack": PasteFaceBack,
+    "DiffusionRigIdentity": FaceIdentitySimilarity,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "DiffusionRigLoadPhoto": "Load Face Photo",
+    "DiffusionRigLoadDECA": "Load DECA",
+    "DiffusionRigDetectAlign": "Detect & Align Face",
+    "DiffusionRigDECAFit": "DECA Fit",
+    "DiffusionRigRelight": "Relight",
+    "DiffusionRigEditExpressionPose": "Edit Expression & Pose",
+    "DiffusionRigRenderBuffers": "Render Buffers",
+    "DiffusionRigRigSweep": "Rig Sweep",
+    "DiffusionRigPasteBack": "Paste Face Back",
+    "DiffusionRigIdentity": "Face Identity Similarity",
+}
