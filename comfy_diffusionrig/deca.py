@@ -104,7 +104,9 @@ def crop_from_landmarks(landmarks, crop_size: int = DECA_CROP_SIZE, scale: float
     Returns: [3, 3] (or [B, 3, 3]) float32 T, original pixel -> crop pixel (column vectors),
     the official `tform.params`; DECA.render wants `inverse(T).transpose(-1, -2)`.
     """
-    points = landmarks.detach().cpu().double().numpy() if torch.is_tensor(landmarks) else np.asarray(landmarks, np.float64)
+    if torch.is_tensor(landmarks):
+        landmarks = landmarks.detach().cpu().double().numpy()
+    points = np.asarray(landmarks, np.float64)
     single = points.ndim == 2
     points = points[None] if single else points
     if points.ndim != 3 or points.shape[-1] != 2 or not np.isfinite(points).all():
@@ -141,15 +143,16 @@ def warp_crop(image: torch.Tensor, tform: torch.Tensor, crop_size: int = DECA_CR
     if images.dim() != 4 or tforms.shape[-2:] != (3, 3) or tforms.shape[0] not in (1, images.shape[0]):
         raise ValueError(f"image [B,C,H,W] {tuple(image.shape)} and tform [B,3,3] {tuple(tform.shape)} do not fit")
     height, width = images.shape[-2:]
-    inverse = _inverse(tforms.to(images.device, torch.float64), "tform").expand(images.shape[0], 3, 3)
-    steps = torch.arange(crop_size, dtype=torch.float64, device=images.device)
+    # the sampling grid is computed in float64 on the CPU (some accelerators have no float64)
+    inverse = _inverse(tforms.detach().cpu().double(), "tform").expand(images.shape[0], 3, 3)
+    steps = torch.arange(crop_size, dtype=torch.float64)
     rows, cols = torch.meshgrid(steps, steps, indexing="ij")
     crop_px = torch.stack([cols, rows, torch.ones_like(rows)], -1).reshape(-1, 3)
     source = crop_px @ inverse.transpose(1, 2)
     x, y = source[..., 0] / source[..., 2], source[..., 1] / source[..., 2]
     # align_corners=False puts pixel k's centre at (2k + 1) / size - 1
     grid = torch.stack([(2 * x + 1) / width - 1, (2 * y + 1) / height - 1], -1)
-    grid = grid.reshape(-1, crop_size, crop_size, 2).to(images.dtype)
+    grid = grid.reshape(-1, crop_size, crop_size, 2).to(images.device, images.dtype)
     crop = F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return crop[0] if single else crop
 
@@ -266,12 +269,13 @@ def _read_e_flame(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
                              f"use deca_model.tar from {DECA_SOURCE}") from exc
     state = checkpoint.get("E_flame") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
-        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        found = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise DecaAssetError(f"{path}: no 'E_flame' weights (found {found}); use deca_model.tar from {DECA_SOURCE}")
     # BatchNorm counters do not affect inference; older checkpoints may lack them
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(state[k].shape)} (expected {tuple(v.shape)})" for k, v in expected.items()
+    mismatched = [f"{k} {tuple(getattr(state[k], 'shape', ()))} (expected {tuple(v.shape)})"
+                  for k, v in expected.items()
                   if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)]
     if missing or unexpected or mismatched:
         problems = [f"{name} {len(keys)}: {keys[:5]}" for name, keys in

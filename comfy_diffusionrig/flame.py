@@ -211,6 +211,9 @@ def _sparse_to_dense(matrix: _SparseMatrix, key: str, path: Path) -> np.ndarray:
 def _as_array(value, key: str, path: Path) -> np.ndarray:
     if isinstance(value, _ChumpyArray):
         value = (getattr(value, "state", None) or {}).get("x")
+        if value is None:
+            raise FlameAssetError(f"{path}: '{key}' is a chumpy expression, not a stored array; use FLAME 2020's "
+                                  f"generic_model.pkl ({FLAME_SOURCE})")
     elif isinstance(value, _SparseMatrix):
         value = _sparse_to_dense(value, key, path)
     if not isinstance(value, np.ndarray) or value.dtype == object:
@@ -310,7 +313,9 @@ def read_landmark_embedding(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     out = {}
     for name, key in keys.items():
         value = embedding[key]
-        value = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value)
+        if not isinstance(value, (np.ndarray, torch.Tensor)) or value.dtype == object:
+            raise FlameAssetError(f"{path}: '{key}' is a {type(value).__name__}, expected an array or tensor")
+        value = torch.as_tensor(value)
         out[name] = value.long() if name.endswith("faces") else value.float()
     out["full_faces"] = out["full_faces"].reshape(-1)
     out["full_bary"] = out["full_bary"].reshape(-1, 3)
@@ -389,8 +394,8 @@ def _rigid_transforms(rot_mats: torch.Tensor, joints: torch.Tensor, parents: tor
     offsets[:, 1:] -= rest[:, parents[1:]]
     local = torch.cat([F.pad(rot_mats, [0, 0, 0, 1]), F.pad(offsets, [0, 0, 0, 1], value=1)], dim=3)
     chain = [local[:, 0]]
-    for i in range(1, parents.shape[0]):
-        chain.append(torch.matmul(chain[int(parents[i])], local[:, i]))
+    for i, parent in enumerate(parents.tolist()[1:], 1):
+        chain.append(torch.matmul(chain[parent], local[:, i]))
     world = torch.stack(chain, dim=1)
     # subtract the rotated rest position so the transforms act on rest-pose vertices
     skinning = world - F.pad(torch.matmul(world, F.pad(rest, [0, 0, 0, 1])), [3, 0])
@@ -426,7 +431,7 @@ def dynamic_lut_rows(full_pose: torch.Tensor, neck_chain: torch.Tensor) -> torch
     0..39, rows 40..78 yaw -1..-39, and anything below -39 uses row 78.
     """
     batch = full_pose.shape[0]
-    rot_mats = batch_rodrigues(full_pose.view(batch, -1, 3)[:, neck_chain].reshape(-1, 3)).view(batch, -1, 3, 3)
+    rot_mats = batch_rodrigues(full_pose.reshape(batch, -1, 3)[:, neck_chain].reshape(-1, 3)).view(batch, -1, 3, 3)
     relative = torch.eye(3, dtype=full_pose.dtype, device=full_pose.device).expand(batch, 3, 3)
     for k in range(rot_mats.shape[1]):
         relative = torch.bmm(rot_mats[:, k], relative)
@@ -459,6 +464,11 @@ def _kinematic_chain(parents: torch.Tensor, joint: int) -> torch.Tensor:
     return torch.tensor(chain)
 
 
+def _float32(array: np.ndarray) -> torch.Tensor:
+    """DECA casts every FLAME array to float32 (after slicing/reshaping in float64)."""
+    return torch.as_tensor(np.asarray(array, dtype=np.float32))
+
+
 def _check_code(value: torch.Tensor, width: int, name: str) -> None:
     if value.dim() != 2 or value.shape[1] != width:
         raise ValueError(f"FLAME {name} must be [B, {width}], got {tuple(value.shape)}")
@@ -476,7 +486,6 @@ class FLAME(nn.Module):
 
     def __init__(self, model: dict[str, np.ndarray], embedding: dict[str, torch.Tensor]):
         super().__init__()
-        f32 = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float32))  # noqa: E731 (DECA casts to float32)
         shapedirs = model["shapedirs"]
         shapedirs = np.concatenate([shapedirs[:, :, :N_SHAPE], shapedirs[:, :, _EXP_OFFSET:_EXP_OFFSET + N_EXP]], 2)
         posedirs = model["posedirs"].reshape(-1, model["posedirs"].shape[-1]).T
@@ -486,12 +495,12 @@ class FLAME(nn.Module):
             raise FlameAssetError(f"FLAME kinematic tree {parents.tolist()} does not list parents before children")
         buffers = {
             "faces": torch.as_tensor(model["f"].astype(np.int64)),
-            "v_template": f32(model["v_template"]),
-            "shapedirs": f32(shapedirs),
-            "posedirs": f32(posedirs),
-            "j_regressor": f32(model["J_regressor"]),
+            "v_template": _float32(model["v_template"]),
+            "shapedirs": _float32(shapedirs),
+            "posedirs": _float32(posedirs),
+            "j_regressor": _float32(model["J_regressor"]),
             "parents": parents,
-            "lbs_weights": f32(model["weights"]),
+            "lbs_weights": _float32(model["weights"]),
             "neck_chain": _kinematic_chain(parents, self.NECK),
             **{f"lmk_{k}": v for k, v in embedding.items()},
         }
