@@ -256,7 +256,7 @@ def test_paste_back_edited_at_other_size_and_small_face(astronaut):
 
 def _composite(astronaut, hopper):
     canvas = Image.new("RGB", (900, 420), (128, 128, 128))
-    canvas.paste(astronaut.crop((0, 0, 512, 300)), (0, 60))  # the lower half holds a HOG false alarm
+    canvas.paste(astronaut.crop((0, 0, 512, 300)), (0, 60))
     canvas.paste(hopper.resize((256, 300), Image.LANCZOS), (600, 60))
     return canvas
 
