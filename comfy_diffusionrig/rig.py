@@ -206,3 +206,34 @@ def sweep_values(start: float, end: float, frames: int, ease: bool = False) -> n
     if ease:
         s = (1 - np.cos(np.pi * s)) / 2
     return start + (end - start) * s
+
+
+SWEEP_PARAMETERS = ("light_azimuth", "light_elevation", "light_intensity", "jaw_open", "head_yaw", "head_pitch",
+                    "head_roll", "expression_strength")
+
+
+def sweep(rig: FaceRig, parameter: str, values) -> FaceRig:
+    """One frame per value for every face (frame-major rows: frame 0's faces, then frame 1's, ...).
+
+    light_azimuth / light_elevation: degrees the fitted light turns (about the vertical / the
+    horizontal axis); light_intensity: scale of the light; jaw_open, head_yaw/pitch/roll:
+    degrees on top of the fit (see `edit_pose`); expression_strength: expression scale.
+    """
+    from .lighting import rotate_sh
+
+    if parameter not in SWEEP_PARAMETERS:
+        raise ValueError(f"unknown sweep parameter {parameter!r}; choose one of {', '.join(SWEEP_PARAMETERS)}")
+    values = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    n, frames = len(rig), values.numel()
+    rows = FaceRig.cat([rig] * frames) if frames > 1 else rig
+    per_row = values.repeat_interleave(n)
+    light = rows.codes["light"]
+    if parameter == "light_azimuth":
+        return rows.with_codes(light=rotate_sh(light, yaw_deg=per_row))
+    if parameter == "light_elevation":
+        return rows.with_codes(light=rotate_sh(light, pitch_deg=per_row))
+    if parameter == "light_intensity":
+        return rows.with_codes(light=light * per_row.to(light.dtype).view(-1, 1, 1))
+    keyword = {"jaw_open": "jaw_open", "head_yaw": "yaw", "head_pitch": "pitch", "head_roll": "roll",
+               "expression_strength": "expression_scale"}[parameter]
+    return edit_pose(rows, **{keyword: per_row})

@@ -14,7 +14,7 @@ from comfy_diffusionrig import alignment as align_lib
 from comfy_diffusionrig import identity
 from comfy_diffusionrig.deca import load_deca
 from comfy_diffusionrig.lighting import lit_sphere, rotate_sh, sh_from_direction
-from comfy_diffusionrig.rig import FaceRig, copy_from, edit_pose, fit_faces, render_rig, sweep_values
+from comfy_diffusionrig.rig import SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_rig, sweep, sweep_values
 
 from .host import (EXAMPLE_IMAGES, check_interrupt, input_files, input_path, model_dir, model_files, model_path,
                    torch_device)
@@ -295,8 +295,7 @@ class RenderBuffers:
         return (buffers, preview)
 
 
-SWEEPS = ["light_azimuth", "light_elevation", "light_intensity", "jaw_open", "head_yaw", "head_pitch", "head_roll",
-          "expression_strength"]
+SWEEPS = list(SWEEP_PARAMETERS)
 
 
 class RigSweep:
@@ -329,18 +328,7 @@ class RigSweep:
     def sweep(self, rig, parameter, start, end, frames, ease, face_index):
         if face_index >= len(rig):
             raise ValueError(f"Rig Sweep: face_index {face_index} but the rig has {len(rig)} face(s)")
-        values = torch.from_numpy(sweep_values(start, end, frames, ease))
-        base = rig.select(face_index).expand(frames)
-        light = base.codes["light"]
-        if parameter == "light_azimuth":
-            return (base.with_codes(light=rotate_sh(light, yaw_deg=values.view(-1, 1, 1)[:, 0, 0])),)
-        if parameter == "light_elevation":
-            return (base.with_codes(light=rotate_sh(light, pitch_deg=values.view(-1, 1, 1)[:, 0, 0])),)
-        if parameter == "light_intensity":
-            return (base.with_codes(light=light * values.to(light.dtype).view(-1, 1, 1)),)
-        keyword = {"jaw_open": "jaw_open", "head_yaw": "yaw", "head_pitch": "pitch", "head_roll": "roll",
-                   "expression_strength": "expression_scale"}[parameter]
-        return (edit_pose(base, **{keyword: values}),)
+        return (sweep(rig.select(face_index), parameter, sweep_values(start, end, frames, ease)),)
 
 
 class PasteFaceBack:

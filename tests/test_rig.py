@@ -74,3 +74,19 @@ def test_batching_helpers():
     assert sweep_values(-60, 60, 5).tolist() == [-60, -30, 0, 30, 60]
     eased = sweep_values(0, 1, 5, ease=True)
     assert eased[0] == 0 and eased[-1] == 1 and eased[1] < 0.25
+
+
+def test_sweep_makes_frame_major_rows():
+    from comfy_diffusionrig.lighting import rotate_sh
+    from comfy_diffusionrig.rig import sweep
+
+    rig = _rig(2)
+    frames = sweep(rig, "light_azimuth", [0.0, 30.0, 60.0])
+    assert len(frames) == 6
+    assert torch.allclose(frames.codes["light"][:2], rig.codes["light"], atol=1e-6)
+    assert torch.allclose(frames.codes["light"][4:], rotate_sh(rig.codes["light"], yaw_deg=60.0), atol=1e-6)
+    assert torch.equal(frames.codes["shape"][2:4], rig.codes["shape"])
+    jaw = sweep(rig, "jaw_open", [0.0, 10.0])
+    assert torch.allclose(jaw.codes["pose"][2:], edit_pose(rig, jaw_open=10.0).codes["pose"], atol=1e-6)
+    with pytest.raises(ValueError, match="unknown sweep"):
+        sweep(rig, "hair", [1.0])

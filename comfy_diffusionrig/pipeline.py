@@ -1,0 +1,151 @@
+"""Photo in, edited photo out: the whole DiffusionRig edit as one function (for the CLI and benchmarks).
+
+align -> DECA fit -> edit the rig -> render buffers -> global code -> DDIM inversion of the
+photo under its own buffers -> DDIM under the edited buffers -> paste back into the photo.
+The ComfyUI nodes run the same library calls one node at a time.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .alignment import align_faces, paste_back
+from .checkpoints import load_diffusionrig
+from .deca import load_deca
+from .diffusion import ddim_invert, ddim_sample
+from .rig import FaceRig, fit_faces, render_rig
+
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+Edit = Callable[[FaceRig], FaceRig]
+
+
+def default_models_dir() -> Path:
+    return Path(os.environ.get("COMFY_DIFFUSIONRIG_MODELS", "models"))
+
+
+@dataclass
+class Models:
+    diffusionrig: torch.nn.Module
+    deca: torch.nn.Module
+
+
+def find_checkpoint(models_dir: str | Path, name: str | None = None) -> Path:
+    """models_dir/diffusionrig/<name>, or the only / first checkpoint there (real checkpoints before synthetic)."""
+    folder = Path(models_dir) / "diffusionrig"
+    if name:
+        path = folder / name if not Path(name).is_file() else Path(name)
+        if not path.is_file():
+            raise FileNotFoundError(f"DiffusionRig checkpoint {path} not found; put it in {folder}/")
+        return path
+    found = sorted((p for p in folder.glob("*") if p.suffix in CHECKPOINT_SUFFIXES),
+                   key=lambda p: ("synthetic" in p.name, p.name)) if folder.is_dir() else []
+    if not found:
+        raise FileNotFoundError(
+            f"no DiffusionRig checkpoint in {folder}/: put the official stage-1 model.pt (or a personalized "
+            "model) there, or run `comfy-diffusionrig demo-assets --out models` for synthetic stand-ins")
+    return found[0]
+
+
+def load_models(models_dir: str | Path | None = None, checkpoint: str | None = None,
+                deca_file: str = "deca_model.tar", device="cpu", dtype="auto", backend: str = "auto") -> Models:
+    """DiffusionRig + DECA from a ComfyUI-style models folder (diffusionrig/, deca/, flame/)."""
+    root = Path(models_dir) if models_dir is not None else default_models_dir()
+    model = load_diffusionrig(find_checkpoint(root, checkpoint), device=device, dtype=dtype)
+    deca = load_deca(root / "deca" / deca_file, root / "flame", device=device, backend=backend)
+    return Models(model, deca)
+
+
+def fit_photo(models: Models, photo: Image.Image, faces: str = "largest", detector: str = "hog") -> FaceRig:
+    """The fitted rig of a photo's face(s) (e.g. a reference to copy light or expression from)."""
+    size = models.diffusionrig.config.image_size
+    aligned = align_faces(photo, mode=faces, size=size, detector=detector)
+    images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
+    return fit_faces(models.deca, images, np.stack([a.landmarks for a in aligned]))
+
+
+@dataclass
+class EditResult:
+    photos: list[Image.Image]  # the original photo with the edit pasted in, one per rig frame
+    faces: list[Image.Image]  # the edited aligned faces
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, seed: int = 0,
+               start: str = "inversion", faces: str = "largest", detector: str = "hog",
+               color_match: bool = False, batch_size: int = 4,
+               callback: Callable[[int, int], None] | None = None) -> EditResult:
+    """Edit the face(s) of one photo; `edit` maps the fitted rig (one row per face) to the edited rig.
+
+    An edit may return several rows per face (a sweep: frames x faces, frame-major), giving
+    one output photo per frame. start "inversion" keeps the photo's background and details
+    (DDIM inversion under the original buffers), "noise" samples from seeded noise.
+    """
+    seconds: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        seconds[name] = seconds.get(name, 0.0) + now - clock[0]
+        clock[0] = now
+
+    model, deca = models.diffusionrig, models.deca
+    size = model.config.image_size
+    aligned = align_faces(photo, mode=faces, size=size, detector=detector)
+    lap("align")
+    images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
+    rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
+    lap("fit")
+    edited = edit(rig)
+    n_faces = len(rig)
+    if len(edited) % n_faces:
+        raise ValueError(f"the edit returned {len(edited)} rigs for {n_faces} faces")
+    frames = len(edited) // n_faces
+    source_buffers = render_rig(deca, rig)
+    target_buffers = render_rig(deca, edited)
+    lap("render")
+    device = model.device
+    x = (images * 2 - 1).to(device)
+    with torch.no_grad():
+        code = model.encode(x)
+    lap("encode")
+    total = (n_faces if start == "inversion" else 0) * steps + len(edited) * steps
+    done = [0]
+
+    def tick(*_):
+        done[0] += 1
+        if callback is not None:
+            callback(done[0], total)
+
+    with torch.no_grad():
+        if start == "inversion":
+            noise = torch.cat([ddim_invert(model, x[i:i + 1], source_buffers[i:i + 1].to(device), code[i:i + 1],
+                                           steps=steps, callback=tick) for i in range(n_faces)])
+        elif start == "noise":
+            noise = torch.randn(n_faces, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
+        else:
+            raise ValueError(f"start must be 'inversion' or 'noise', got {start!r}")
+        lap("invert")
+        repeat = lambda t: t.repeat(frames, *[1] * (t.ndim - 1))  # noqa: E731  (frame-major rows)
+        all_noise, all_code = repeat(noise), repeat(code)
+        outputs = []
+        for first in range(0, len(edited), batch_size):
+            rows = slice(first, first + batch_size)
+            outputs.append(ddim_sample(model, target_buffers[rows].to(device), all_code[rows], all_noise[rows],
+                                       steps=steps, callback=lambda *a, n=target_buffers[rows].shape[0]: [
+                                           tick() for _ in range(n)]).cpu())
+        result = torch.cat(outputs)
+    lap("sample")
+    edited_faces = [Image.fromarray(((f.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+                    for f in result]
+    photos = [paste_back(photo, aligned, edited_faces[k * n_faces:(k + 1) * n_faces], color_match=color_match)
+              for k in range(frames)]
+    lap("paste")
+    return EditResult(photos, edited_faces, seconds)
