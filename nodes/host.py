@@ -124,6 +124,19 @@ def input_path(name: str, node: str) -> Path:
     return path
 
 
+def photo_folder(text: str, node: str) -> Path:
+    """A folder of photos: absolute, relative to the input folder, or 'examples' (the pack's example images)."""
+    text = text.strip()
+    if text == "examples":
+        return EXAMPLE_IMAGES
+    path = Path(text).expanduser()
+    path = path if path.is_absolute() else _input_dir() / path
+    if not path.is_dir():
+        raise FileNotFoundError(f"{node}: folder {path} does not exist; give an absolute path, a folder inside "
+                                f"{_input_dir()}, or 'examples'")
+    return path
+
+
 def torch_device() -> torch.device:
     return _mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
 

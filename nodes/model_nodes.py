@@ -103,7 +103,7 @@ class DiffusionRigSampler:
                                                            "a batch of images)."}),
                 "global_code": ("GLOBAL_CODE", {"tooltip": "From Encode Global Code; one code is shared by the "
                                                            "whole batch."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Noise seed (start = noise). The same noise is used for every frame."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 1000,
                                   "tooltip": "DDIM steps; 20 is the official setting (t = 950, 900, ..., 0)."}),

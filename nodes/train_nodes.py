@@ -9,8 +9,6 @@ import re
 import numpy as np
 import torch
 
-from pathlib import Path
-
 from comfy_diffusionrig import ddim_sample
 from comfy_diffusionrig.album import build_album
 from comfy_diffusionrig.alignment import DETECTORS, load_image
@@ -20,7 +18,7 @@ from comfy_diffusionrig.plotting import loss_curve
 from comfy_diffusionrig.training import TrainConfig, train
 
 from .face_nodes import image_to_pil
-from .host import IMAGE_SUFFIXES, Progress, check_interrupt, model_dir
+from .host import IMAGE_SUFFIXES, Progress, check_interrupt, model_dir, photo_folder
 
 CATEGORY = "DiffusionRig/personalize"
 TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
@@ -62,8 +60,9 @@ class BuildFaceAlbum:
                                                                        "person (dlib identity score)."}),
         }, "optional": {
             "images": ("IMAGE", {"tooltip": "Photos of the person (a batch, e.g. from Load Image Batch)."}),
-            "folder": ("STRING", {"default": "", "tooltip": "Or/and a folder of photos of the person (every image "
-                                                            "file in it)."}),
+            "folder": ("STRING", {"default": "", "tooltip": "Or/and a folder of photos of the person: an absolute "
+                                                            "path, a folder inside ComfyUI/input/, or 'examples' "
+                                                            "for the pack's example images."}),
         }}
 
     def build(self, deca, size, detector, check_identity, images=None, folder=""):
@@ -73,9 +72,7 @@ class BuildFaceAlbum:
             photos += image_to_pil(images)
             names += [f"image {i + 1}" for i in range(images.shape[0])]
         if folder.strip():
-            root = Path(folder.strip()).expanduser()
-            if not root.is_dir():
-                raise FileNotFoundError(f"{node}: folder {root} does not exist")
+            root = photo_folder(folder, node)
             for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
                 try:
                     photos.append(load_image(path))
@@ -125,7 +122,7 @@ class TrainDiffusionRig:
                                                    "wants ~1e-4)."}),
             "batch_size": ("INT", {"default": 4, "min": 1, "max": 64,
                                    "tooltip": "Different album photos per step (official: 4)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Seed of the photo order, timesteps and noise: same seed, same result."}),
             "lora_rank": ("INT", {"default": 0, "min": 0, "max": 256,
                                   "tooltip": "0 = full fine-tune (official, ~550 MB model). >0 trains low-rank "

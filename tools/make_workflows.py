@@ -1,0 +1,208 @@
+"""Write the shareable workflows in workflows/ (ComfyUI UI format) from compact graph descriptions.
+
+    python tools/make_workflows.py          # rewrites workflows/*.json
+
+Every workflow runs on the example images with the offline stand-in models of
+`comfy-diffusionrig demo-assets`; with the real models, pick them in the loader nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
+
+from workflow_format import Graph  # noqa: E402
+
+DR_MODEL = "synthetic_random_diffusionrig.pt"
+DECA_FILE = "deca_model.tar"
+PHOTO = "examples/astronaut.png"
+REFERENCE = "examples/grace_hopper.jpg"
+
+
+def _front(g: Graph, photo: str, x: int, y: int, title: str):
+    """Load a photo, align its face, fit DECA: returns (photo, align, fit) node ids."""
+    load = g.add("DiffusionRigLoadPhoto", (x, y), title=title, image=photo)
+    align = g.add("DiffusionRigDetectAlign", (x + 340, y))
+    g.connect(load, "image", align, "image")
+    return load, align
+
+
+def _models(g: Graph, x: int, y: int):
+    deca = g.add("DiffusionRigLoadDECA", (x, y), deca_model=DECA_FILE)
+    model = g.add("DiffusionRigLoadModel", (x, y + 140), ckpt_name=DR_MODEL)
+    return deca, model
+
+
+def _fit(g: Graph, deca: int, align: int, x: int, y: int) -> int:
+    fit = g.add("DiffusionRigDECAFit", (x, y))
+    g.connect(deca, "deca", fit, "deca")
+    g.connect(align, "aligned", fit, "aligned")
+    g.connect(align, "alignment", fit, "alignment")
+    return fit
+
+
+def _sample(g: Graph, deca: int, model: int, align: int, source_rig: int, edited_rig: int, x: int, y: int,
+            edited_output: str = "rig", **sampler) -> int:
+    """Render source and edited buffers, encode the global code, sample by inversion: returns the sampler id."""
+    source = g.add("DiffusionRigRenderBuffers", (x, y), title="Render Buffers (original)")
+    g.connect(deca, "deca", source, "deca")
+    g.connect(source_rig, "rig", source, "rig")
+    edited = g.add("DiffusionRigRenderBuffers", (x, y + 160), title="Render Buffers (edited)")
+    g.connect(deca, "deca", edited, "deca")
+    g.connect(edited_rig, edited_output, edited, "rig")
+    code = g.add("DiffusionRigEncodeGlobalCode", (x, y + 320))
+    g.connect(model, "dr_model", code, "dr_model")
+    g.connect(align, "aligned", code, "aligned_image")
+    preview = g.add("PreviewImage", (x + 340, y + 160), title="Buffers preview")
+    g.connect(edited, "preview", preview, "images")
+    sample = g.add("DiffusionRigSampler", (x + 340, y + 320), **{"start": "inversion", **sampler})
+    g.connect(model, "dr_model", sample, "dr_model")
+    g.connect(edited, "buffers", sample, "rig_buffers")
+    g.connect(code, "global_code", sample, "global_code")
+    g.connect(align, "aligned", sample, "source_image")
+    g.connect(source, "buffers", sample, "source_buffers")
+    return sample
+
+
+def _paste(g: Graph, load: int, align: int, sample: int, x: int, y: int, prefix: str) -> int:
+    paste = g.add("DiffusionRigPasteBack", (x, y))
+    g.connect(load, "image", paste, "original")
+    g.connect(align, "alignment", paste, "alignment")
+    g.connect(sample, "image", paste, "edited")
+    save = g.add("SaveImage", (x + 340, y), filename_prefix=prefix)
+    g.connect(paste, "image", save, "images")
+    return paste
+
+
+def relight_from_reference(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load, align = _front(g, PHOTO, 0, 320, "Photo to relight")
+    ref_load, ref_align = _front(g, REFERENCE, 0, 620, "Reference photo (its light is copied)")
+    fit = _fit(g, deca, align, 700, 320)
+    ref_fit = _fit(g, deca, ref_align, 700, 620)
+    relight = g.add("DiffusionRigRelight", (1040, 320), mode="copy reference")
+    g.connect(fit, "rig", relight, "rig")
+    g.connect(ref_fit, "rig", relight, "reference")
+    sphere = g.add("PreviewImage", (1040, 700), title="Reference light")
+    g.connect(relight, "lit_sphere", sphere, "images")
+    sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
+    _paste(g, load, align, sample, 2060, 320, "diffusionrig_relit_from_reference")
+    return g.to_json()
+
+
+def relight_sliders(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load, align = _front(g, PHOTO, 0, 320, "Photo to relight")
+    fit = _fit(g, deca, align, 700, 320)
+    relight = g.add("DiffusionRigRelight", (1040, 320), mode="sliders", azimuth=60.0, elevation=25.0, intensity=0.9,
+                    ambient=0.45, color="#FFE2C4")
+    g.connect(fit, "rig", relight, "rig")
+    sphere = g.add("PreviewImage", (1040, 700), title="Lit sphere: the new light")
+    g.connect(relight, "lit_sphere", sphere, "images")
+    sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
+    _paste(g, load, align, sample, 2060, 320, "diffusionrig_relit")
+    return g.to_json()
+
+
+def expression_pose_transfer(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load, align = _front(g, PHOTO, 0, 320, "Photo to edit")
+    ref_load, ref_align = _front(g, REFERENCE, 0, 620, "Reference: expression and jaw donor")
+    fit = _fit(g, deca, align, 700, 320)
+    ref_fit = _fit(g, deca, ref_align, 700, 620)
+    edit = g.add("DiffusionRigEditExpressionPose", (1040, 320), jaw_open=8.0, head_yaw=10.0)
+    g.connect(fit, "rig", edit, "rig")
+    g.connect(ref_fit, "rig", edit, "reference")
+    sample = _sample(g, deca, model, align, fit, edit, 1380, 0)
+    _paste(g, load, align, sample, 2060, 320, "diffusionrig_expression_transfer")
+    return g.to_json()
+
+
+def light_sweep_video(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load, align = _front(g, PHOTO, 0, 320, "Photo")
+    fit = _fit(g, deca, align, 700, 320)
+    sweep = g.add("DiffusionRigRigSweep", (1040, 320), parameter="light_azimuth", start=-60.0, end=60.0, frames=8)
+    g.connect(fit, "rig", sweep, "rig")
+    sample = _sample(g, deca, model, align, fit, sweep, 1380, 0, edited_output="frames", batch_size=4)
+    _paste(g, load, align, sample, 2060, 320, "diffusionrig_light_sweep")
+    return g.to_json()
+
+
+def paste_back_upscale(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load, align = _front(g, PHOTO, 0, 320, "Photo")
+    fit = _fit(g, deca, align, 700, 320)
+    relight = g.add("DiffusionRigRelight", (1040, 320), mode="rotate fitted light", azimuth=-40.0, elevation=10.0)
+    g.connect(fit, "rig", relight, "rig")
+    sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
+    paste = g.add("DiffusionRigPasteBack", (2060, 320), color_match=True)
+    g.connect(load, "image", paste, "original")
+    g.connect(align, "alignment", paste, "alignment")
+    g.connect(sample, "image", paste, "edited")
+    upscale = g.add("ImageScaleBy", (2400, 320), upscale_method="lanczos", scale_by=2.0)
+    g.connect(paste, "image", upscale, "image")
+    save = g.add("SaveImage", (2740, 320), filename_prefix="diffusionrig_upscaled")
+    g.connect(upscale, "IMAGE", save, "images")
+    identity = g.add("DiffusionRigIdentity", (2060, 620), title="Did the edit keep the person?")
+    g.connect(load, "image", identity, "image_a")
+    g.connect(paste, "image", identity, "image_b")
+    return g.to_json()
+
+
+def personalize_and_relight(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    album = g.add("DiffusionRigBuildAlbum", (0, 320), title="Build Face Album (set folder to one person's photos)",
+                  check_identity=False, folder="examples")
+    g.connect(deca, "deca", album, "deca")
+    train = g.add("DiffusionRigTrain", (340, 320), steps=20, batch_size=2, learning_rate=1e-5,
+                  save_name="workflow_example")
+    g.connect(model, "dr_model", train, "dr_model")
+    g.connect(album, "album", train, "face_album")
+    curve = g.add("PreviewImage", (680, 620), title="Loss curve")
+    g.connect(train, "loss_curve", curve, "images")
+    load, align = _front(g, PHOTO, 0, 700, "Photo of the person to relight")
+    fit = _fit(g, deca, align, 700, 700)
+    relight = g.add("DiffusionRigRelight", (1040, 700), mode="sliders", azimuth=-50.0)
+    g.connect(fit, "rig", relight, "rig")
+    sample = _sample(g, deca, train, align, fit, relight, 1380, 320)
+    _paste(g, load, align, sample, 2060, 700, "diffusionrig_personalized")
+    return g.to_json()
+
+
+WORKFLOWS = {
+    "relight_from_reference": relight_from_reference,
+    "relight_sliders_lit_sphere": relight_sliders,
+    "expression_pose_transfer": expression_pose_transfer,
+    "light_sweep_video": light_sweep_video,
+    "paste_back_upscale": paste_back_upscale,
+    "personalize_and_relight": personalize_and_relight,
+}
+
+
+def build_all() -> dict[str, dict]:
+    import nodes
+
+    return {name: make(nodes.NODE_CLASS_MAPPINGS) for name, make in WORKFLOWS.items()}
+
+
+def main() -> None:
+    out = ROOT / "workflows"
+    out.mkdir(exist_ok=True)
+    for name, workflow in build_all().items():
+        (out / f"{name}.json").write_text(json.dumps(workflow, indent=1) + "\n")
+        print(f"wrote workflows/{name}.json")
+
+
+if __name__ == "__main__":
+    main()
