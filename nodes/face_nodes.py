@@ -16,7 +16,7 @@ from comfy_diffusionrig.deca import load_deca
 from comfy_diffusionrig.lighting import lit_sphere, rotate_sh, sh_from_direction
 from comfy_diffusionrig.rig import SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_rig, sweep, sweep_values
 
-from .host import (EXAMPLE_IMAGES, check_interrupt, input_files, input_path, model_dir, model_files, model_path,
+from .host import (check_interrupt, input_files, input_path, model_dir, model_files, model_path, models_root,
                    torch_device)
 
 CATEGORY = "DiffusionRig"
@@ -132,7 +132,7 @@ class DetectAlignFace:
             check_interrupt()
             try:
                 found = align_lib.align_faces(photo, mode=faces, index=index, size=size, detector=detector,
-                                              models_dir=str(model_dir("insightface")))
+                                              models_dir=str(models_root()))
             except ValueError as err:
                 raise ValueError(f"{node}, photo {i + 1} of {image.shape[0]}: {err}") from err
             aligned += found
@@ -166,7 +166,7 @@ class DECAFit:
         else:
             landmarks = []
             for i, face in enumerate(image_to_pil(aligned)):
-                found = align_lib.detect_faces(face)
+                found = align_lib.detect_faces(face, models_dir=str(models_root()))
                 if not found:
                     raise ValueError(f"{node}: no face found in aligned image {i + 1}; connect the alignment output "
                                      "of Detect & Align Face, or check the image")
@@ -412,7 +412,7 @@ class FaceIdentitySimilarity:
         for i, picture in enumerate(b):
             check_interrupt()
             results.append(identity.face_similarity(a[i if len(a) > 1 else 0], picture, backend=backend,
-                                                    models_dir=str(model_dir("insightface"))))
+                                                    models_dir=str(models_root())))
         text = "\n".join(f"pair {i + 1}: {r.verdict}" for i, r in enumerate(results))
         score = min(r.score for r in results)
         return {"ui": {"text": [text]}, "result": (score, text)}

@@ -85,6 +85,11 @@ def model_path(folder: str, name: str, node: str) -> Path:
     raise FileNotFoundError(f"{node}: model file {name!r} not found. {folder_hint(folder)}")
 
 
+def models_root() -> Path:
+    """ComfyUI's models/ folder (where optional insightface/ and dlib/ model folders are looked up)."""
+    return Path(_folder_paths.models_dir) if IN_COMFYUI else _fallback_models_dir()
+
+
 def model_dir(folder: str) -> Path:
     """The first directory of a model folder (where FLAME's set of files is looked up)."""
     if IN_COMFYUI:
