@@ -545,3 +545,130 @@ def make_head(seed: int = 0, detail: tuple[int, int] = (56, 64)) -> dict[str, np
         file but all numpy), and the grid layout ring [V], segment [V], mouth_ring [].
     """
     return {k: v.copy() for k, v in _cached_head(int(seed), tuple(int(d) for d in detail)).items()}
+
+
+# --------------------------------------------------------------------- texture
+
+
+def _texel_positions(head: dict[str, np.ndarray], size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Template surface point [R*R, 3] under each texel centre (row 0 = top, v = 1), and the
+    texel's fractional ring index [R*R] (the UV map is the lat-long grid, so it inverts directly)."""
+    ring, segment, verts = head["ring"], head["segment"], head["v_template"]
+    n_segments = int(segment.max()) + 1
+    n_rings = int(ring.max())
+    grid = verts[1:-1].reshape(n_rings, n_segments, 3)
+    grid = np.concatenate([grid, grid[:, :1]], 1)  # the seam column
+    grid = np.concatenate([np.repeat(verts[:1][None], n_segments + 1, 1), grid,
+                           np.repeat(verts[-1:][None], n_segments + 1, 1)], 0)  # poles as rings -1, n
+    centres = (np.arange(size) + 0.5) / size
+    u, v = np.meshgrid(centres, 1 - centres, indexing="xy")
+    ring_f = (1 - v) * (n_rings + 1)  # + 1: row 0 of `grid` is the top pole
+    col_f = u * n_segments
+    r0 = np.clip(np.floor(ring_f).astype(int), 0, n_rings)
+    c0 = np.clip(np.floor(col_f).astype(int), 0, n_segments - 1)
+    fr, fc = (ring_f - r0)[..., None], (col_f - c0)[..., None]
+    points = ((1 - fr) * ((1 - fc) * grid[r0, c0] + fc * grid[r0, c0 + 1])
+              + fr * ((1 - fc) * grid[r0 + 1, c0] + fc * grid[r0 + 1, c0 + 1]))
+    return points.reshape(-1, 3), (ring_f - 1).reshape(-1)
+
+
+def _soft(distance: np.ndarray, edge: float = 0.0006) -> np.ndarray:
+    """1 inside (distance < 0), 0 outside, with a soft edge of `edge` metres."""
+    return _smoothstep(-distance, -edge, edge)
+
+
+def _face_masks(points: np.ndarray, ring_f: np.ndarray, mouth_ring: int) -> dict[str, np.ndarray]:
+    """Paint masks [N] in 0..1 of the facial regions at template points [N, 3]."""
+    x, y, z = points.T
+    front = _smoothstep(z, 0.0, 0.04)
+    azimuth = np.abs(np.arctan2(x, z))
+    hairline = 0.076 - 0.04 * _smoothstep(azimuth, 0.5, 1.45) - 0.085 * _smoothstep(azimuth, 1.8, 2.6)
+    masks = {"hair": _soft(hairline - y, 0.006)}
+    ax = np.abs(x)
+    brow_y = _BROW_Y - 0.001 + 0.004 * np.exp(-0.5 * ((ax - 0.036) / 0.016) ** 2)
+    brow_thickness = 0.0032 * (1 - 0.5 * _smoothstep(ax, 0.03, 0.058))
+    masks["brows"] = front * _soft(np.abs(y - brow_y) - brow_thickness, 0.0012) * _soft(np.abs(ax - 0.034) - 0.023, 0.003)
+    dx, dy = ax - _EYE_X, y - _EYE_Y
+    opening = _eye_half_height(dx)
+    masks["eyes"] = front * _soft(np.abs(dy) - opening, 0.0004) * (opening > 0)
+    iris = np.hypot(dx, dy)
+    masks["iris"] = masks["eyes"] * _soft(iris - 0.0052, 0.0004)
+    masks["pupil"] = masks["eyes"] * _soft(iris - 0.0021, 0.0003)
+    masks["lashes"] = front * _soft(np.abs(dy - opening - 0.0004) - 0.0007, 0.0004) * _soft(np.abs(dx) - _EYE_HALF_WIDTH, 0.0008)
+    masks["eye_area"] = front * np.exp(-0.5 * ((dx / 0.014) ** 2 + ((dy + 0.004) / 0.007) ** 2))
+    upper, lower = _lip_outline(x)
+    inside_x = _soft(ax - _MOUTH_HALF_WIDTH, 0.0015)
+    masks["lips"] = front * inside_x * _soft(y - upper, 0.0007) * _soft(lower - y, 0.0009)
+    masks["mouth"] = front * inside_x * ((ring_f > mouth_ring) & (ring_f < mouth_ring + 1))
+    nostril = np.exp(-0.5 * (((ax - 0.0068) / 0.0028) ** 2 + ((y + 0.0175) / 0.0018) ** 2))
+    masks["nostrils"] = nostril * _smoothstep(z, 0.085, 0.1)
+    masks["cheeks"] = front * np.exp(-0.5 * (((ax - 0.045) / 0.013) ** 2 + ((y + 0.008) / 0.012) ** 2))
+    masks["ears"] = _smoothstep(ax, 0.07, 0.08) * np.exp(-0.5 * ((y - 0.012) / 0.025) ** 2)
+    masks["beard"] = front * _smoothstep(-y, 0.02, 0.03) * (1 - masks["lips"]) * (1 - masks["mouth"]) \
+        * _smoothstep(y, -0.11, -0.095) * (1 - _smoothstep(ax, 0.055, 0.07))
+    masks["skin"] = (1 - masks["hair"]) * (1 - masks["eyes"])
+    return masks
+
+
+def make_texture(head: dict[str, np.ndarray] | None = None, size: int = 128, seed: int = 0) -> dict[str, np.ndarray]:
+    """A FLAME_texture-format albedo space painted on the head's UV map.
+
+    head: `make_head` output (default: make_head(seed)); size: texture resolution R.
+    Returns mean [R,R,3] float32 and tex_dir [R,R,3,200] float32 (0..255 units, BGR, row 0 =
+    top of the UV map), vt [T,2] float64, ft [F,3] uint32.  Components 0..9: skin lighter,
+    redness, lip colour, eyebrows darker, hair lighter, olive tint, cheek blush, blue irises,
+    beard shadow, darker eye area; 10..49 smooth small variations; 50..199 zero (DECA reads
+    only the first 50, and zeros keep the file small).
+    """
+    head = make_head(seed) if head is None else head
+    rng = np.random.default_rng(seed + 1)
+    points, ring_f = _texel_positions(head, size)
+    m = _face_masks(points, ring_f, int(head["mouth_ring"]))
+    rgb = lambda *c: np.array(c, np.float64)  # noqa: E731
+    colour = np.broadcast_to(rgb(0.86, 0.66, 0.56), points.shape).copy()
+    layers = [  # (mask, colour, opacity), painted in order
+        (m["ears"], rgb(0.84, 0.6, 0.52), 0.6),
+        (m["cheeks"], rgb(0.86, 0.58, 0.52), 0.5),
+        (m["lips"], rgb(0.72, 0.39, 0.39), 1.0),
+        (m["mouth"], rgb(0.3, 0.08, 0.09), 1.0),
+        (m["nostrils"], rgb(0.35, 0.2, 0.17), 0.9),
+        (m["brows"], rgb(0.27, 0.18, 0.12), 0.9),
+        (m["hair"], rgb(0.21, 0.14, 0.09), 1.0),
+        (m["eyes"], rgb(0.93, 0.91, 0.88), 1.0),
+        (m["iris"], rgb(0.36, 0.23, 0.13), 1.0),
+        (m["pupil"], rgb(0.04, 0.04, 0.04), 1.0),
+        (m["lashes"], rgb(0.16, 0.1, 0.08), 0.9),
+    ]
+    for mask, paint, opacity in layers:
+        colour += (opacity * mask)[:, None] * (paint - colour)
+    skin = m["skin"][:, None]
+    named = [
+        skin * rgb(0.13, 0.13, 0.12),  # lighter skin
+        skin * rgb(0.06, -0.02, -0.02),  # redness
+        m["lips"][:, None] * rgb(0.1, -0.04, 0.0),  # lip colour
+        m["brows"][:, None] * rgb(-0.12, -0.09, -0.06),  # darker eyebrows
+        m["hair"][:, None] * rgb(0.2, 0.16, 0.1),  # lighter hair
+        skin * rgb(0.02, 0.03, -0.05),  # olive tint
+        m["cheeks"][:, None] * rgb(0.08, -0.02, -0.01),  # blush
+        (m["iris"] - m["pupil"])[:, None] * rgb(-0.08, 0.06, 0.16),  # blue irises
+        m["beard"][:, None] * rgb(-0.1, -0.09, -0.07),  # beard shadow
+        m["eye_area"][:, None] * rgb(-0.07, -0.07, -0.05),  # darker eye area
+    ]
+    centres = (np.arange(size) + 0.5) / size
+    tu, tv = (a.reshape(-1) for a in np.meshgrid(centres, 1 - centres, indexing="xy"))
+    for k in range(N_TEX_USED - len(named)):  # smooth blotches in UV space, shrinking with k
+        field = np.zeros(size * size)
+        for _ in range(3):
+            cu, cv, sigma = rng.uniform(0, 1), rng.uniform(0.2, 0.9), rng.uniform(0.05, 0.2)
+            field += rng.normal() * np.exp(-0.5 * (((tu - cu + 0.5) % 1 - 0.5) ** 2 + (tv - cv) ** 2) / sigma ** 2)
+        field /= max(np.abs(field).max(), 1e-12)
+        named.append(field[:, None] * rng.normal(0, 1, 3) * 0.03 / (1 + k / 10))
+    tex_dir = np.zeros((size * size, 3, N_TEX_DIRS), np.float32)
+    tex_dir[:, :, :N_TEX_USED] = np.stack(named, -1)[:, ::-1] * 255  # RGB -> BGR
+    mean = (colour[:, ::-1] * 255).astype(np.float32)
+    return {
+        "mean": mean.reshape(size, size, 3),
+        "tex_dir": tex_dir.reshape(size, size, 3, N_TEX_DIRS),
+        "vt": head["vt"].copy(),
+        "ft": head["ft"].copy(),
+    }
