@@ -33,6 +33,12 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be used, with a message saying what to do."""
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write, overwrite: bool = False) -> Path:
     """Call `write(tmp_path)` then rename the temporary file onto `path`.
 
@@ -47,6 +53,7 @@ def atomic_write(path: str | os.PathLike, write, overwrite: bool = False) -> Pat
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

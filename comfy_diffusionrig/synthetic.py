@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copyreg
 import io
+import math
 import pickle
 import struct
 from functools import lru_cache
@@ -672,3 +673,276 @@ def make_texture(head: dict[str, np.ndarray] | None = None, size: int = 128, see
         "vt": head["vt"].copy(),
         "ft": head["ft"].copy(),
     }
+
+
+# --------------------------------------------------------------------- FLAME-format writers
+
+
+class _ChumpyCh:
+    """Pickles as chumpy's `Ch` (GLOBAL `chumpy.ch Ch` + NEWOBJ + state dict) without chumpy."""
+
+    def __init__(self, array: np.ndarray):
+        self.array = array
+
+    def __reduce_ex__(self, protocol):
+        state = {"_dirty_vars": {"x"}, "_itr": None, "_make_dense": False, "_make_sparse": False,
+                 "_depends_on_deps": {}, "x": self.array}
+        return copyreg.__newobj__, (type(self),), state
+
+
+class _CscMatrix:
+    """Pickles as an old scipy `csc_matrix` (its attribute dict, as scipy 0.x/1.x wrote it).
+
+    Always built by hand rather than through scipy, so the file does not depend on the
+    installed scipy's private attribute names.
+    """
+
+    def __init__(self, dense: np.ndarray):
+        rows, cols = dense.shape
+        mask = dense.T != 0  # column-major order of the nonzeros
+        self.state = {
+            "_shape": (rows, cols),
+            "maxprint": 50,
+            "indptr": np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int32),
+            "indices": np.nonzero(mask)[1].astype(np.int32),
+            "data": dense.T[mask].astype(np.float64),
+            "_has_canonical_format": True,
+            "_has_sorted_indices": True,
+        }
+
+    def __reduce_ex__(self, protocol):
+        return copyreg.__newobj__, (type(self),), self.state
+
+
+# module paths as written by python 2 / old numpy and scipy, which is what FLAME's file holds
+_PY2_GLOBALS = {
+    _ChumpyCh: ("chumpy.ch", "Ch"),
+    _CscMatrix: ("scipy.sparse.csc", "csc_matrix"),
+    np.ndarray: ("numpy", "ndarray"),
+    np.dtype: ("numpy", "dtype"),
+    set: ("__builtin__", "set"),
+}
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Protocol-2 pickler that writes like python 2: text and bytes as py2 `str` opcodes.
+
+    Array data therefore needs `pickle.load(f, encoding="latin1")`, as FLAME's file does.
+    """
+
+    dispatch = pickle._Pickler.dispatch.copy()
+
+    def save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else bytes(obj)
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = save_py2_str
+    dispatch[bytes] = save_py2_str
+
+    def save_global(self, obj, name=None):
+        if obj is _numpy_reconstruct():
+            module, name = "numpy.core.multiarray", "_reconstruct"
+        else:
+            module, name = _PY2_GLOBALS[obj]
+        self.write(pickle.GLOBAL + f"{module}\n{name}\n".encode("ascii"))
+        self.memoize(obj)
+
+    dispatch[type] = save_global
+
+
+def _numpy_reconstruct():
+    return np.ndarray.__reduce__(np.zeros(1))[0]
+
+
+def _flame_pickle_bytes(head: dict[str, np.ndarray]) -> bytes:
+    """FLAME 2020's generic_model.pkl layout: keys, order, dtypes and object types."""
+    model = {
+        "f": head["f"],
+        "J_regressor": _CscMatrix(head["J_regressor"]),
+        "kintree_table": head["kintree_table"].astype(np.int64),
+        "J": head["J"],
+        "weights": head["weights"],
+        "posedirs": head["posedirs"],
+        "v_template": head["v_template"],
+        "shapedirs": _ChumpyCh(head["shapedirs"]),
+        "bs_style": "lbs",
+        "bs_type": "lrotmin",
+    }
+    buffer = io.BytesIO()
+    _Py2Pickler(buffer, protocol=2).dump(model)
+    return buffer.getvalue()
+
+
+def _landmark_embedding(head: dict[str, np.ndarray]) -> dict:
+    """DECA's landmark_embedding.npy dict: numpy arrays, and torch tensors for the contour table."""
+    return {
+        "static_lmk_faces_idx": head["static_lmk_faces_idx"].astype(np.int64),
+        "static_lmk_bary_coords": head["static_lmk_bary_coords"].astype(np.float64),
+        "dynamic_lmk_faces_idx": torch.from_numpy(head["dynamic_lmk_faces_idx"].astype(np.int64)),
+        "dynamic_lmk_bary_coords": torch.from_numpy(head["dynamic_lmk_bary_coords"].astype(np.float32)),
+        "full_lmk_faces_idx": head["full_lmk_faces_idx"].astype(np.int64),
+        "full_lmk_bary_coords": head["full_lmk_bary_coords"].astype(np.float32),
+    }
+
+
+def _obj_text(head: dict[str, np.ndarray]) -> str:
+    """DECA's head_template.obj layout: comments, mtllib, v, usemtl, vt, s off, f v/vt (1-based)."""
+    lines = ["# synthetic FLAME-format head template (procedural, contains no FLAME data)",
+             "# written by comfy_diffusionrig.synthetic in the layout of DECA's head_template.obj",
+             "mtllib template.mtl"]
+    lines += [f"v {x:.6f} {y:.6f} {z:.6f}" for x, y, z in head["v_template"]]
+    lines.append("usemtl material_1")
+    lines += [f"vt {u:.6f} {v:.6f}" for u, v in head["vt"]]
+    lines.append("s off")
+    lines += [f"f {a}/{ta} {b}/{tb} {c}/{tc}" for (a, b, c), (ta, tb, tc) in zip(head["f"].astype(np.int64) + 1,
+                                                                              head["ft"].astype(np.int64) + 1)]
+    return "\n".join(lines) + "\n"
+
+
+FLAME_FILE_NAMES = ("generic_model.pkl", "landmark_embedding.npy", "head_template.obj", "FLAME_texture.npz")
+
+
+def write_flame_files(out_dir, seed: int = 0, overwrite: bool = False, texture_size: int = 128) -> dict[str, Path]:
+    """Write the synthetic head as the four files of ComfyUI's models/flame/ folder.
+
+    generic_model.pkl (FLAME 2020 pickle layout), landmark_embedding.npy and head_template.obj
+    (DECA's layouts), FLAME_texture.npz (FLAME texture layout, texture_size x texture_size,
+    compressed) and SYNTHETIC_README.txt.  Existing files are kept (FileExistsError) unless
+    `overwrite`; each file is written to a temporary name and renamed.
+    Returns {file name: path}.
+    """
+    out_dir = Path(out_dir)
+    head = make_head(seed)
+    if not overwrite:
+        existing = [n for n in (*FLAME_FILE_NAMES, "SYNTHETIC_README.txt") if (out_dir / n).exists()]
+        if existing:
+            raise FileExistsError(f"{out_dir} already holds {existing}; pass overwrite=True to replace them")
+    texture = make_texture(head, texture_size, seed)
+    writers = {
+        "generic_model.pkl": lambda tmp: Path(tmp).write_bytes(_flame_pickle_bytes(head)),
+        "landmark_embedding.npy": lambda tmp: _save_object_npy(tmp, _landmark_embedding(head)),
+        "head_template.obj": lambda tmp: Path(tmp).write_text(_obj_text(head)),
+        "FLAME_texture.npz": lambda tmp: _save_npz(tmp, texture),
+        "SYNTHETIC_README.txt": lambda tmp: Path(tmp).write_text(SYNTHETIC_NOTE),
+    }
+    return {name: atomic_write(out_dir / name, write, overwrite=True) for name, write in writers.items()}
+
+
+def _save_object_npy(path, obj) -> None:
+    with open(path, "wb") as f:  # a file object: np.save would append .npy to a temporary name
+        np.save(f, np.array(obj, dtype=object), allow_pickle=True)
+
+
+def _save_npz(path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        np.savez_compressed(f, **arrays)
+
+
+# --------------------------------------------------------------------- DECA checkpoint
+
+# DECA's detail decoder (decalib Generator): conv_blocks index -> (out, in) of each conv and the
+# BatchNorm widths, in the order of the official state dict
+_D_DETAIL_BATCHNORMS = {0: 128, 3: 128, 7: 64, 11: 64, 15: 32, 19: 16}
+_D_DETAIL_CONVS = {2: (128, 128), 6: (64, 128), 10: (64, 64), 14: (32, 64), 18: (16, 32), 21: (1, 16)}
+N_DETAIL_CODE = 128
+_DETAIL_LATENT = 3 + 50 + N_DETAIL_CODE  # jaw pose, expression, detail code
+
+
+def _detail_decoder_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    state = {"l1.0.weight": torch.randn(8192, _DETAIL_LATENT, generator=gen) / math.sqrt(_DETAIL_LATENT),
+             "l1.0.bias": torch.zeros(8192)}
+    for index in sorted({**_D_DETAIL_BATCHNORMS, **_D_DETAIL_CONVS}):
+        if index in _D_DETAIL_BATCHNORMS:
+            width = _D_DETAIL_BATCHNORMS[index]
+            state.update({f"conv_blocks.{index}.weight": torch.ones(width), f"conv_blocks.{index}.bias": torch.zeros(width),
+                          f"conv_blocks.{index}.running_mean": torch.zeros(width),
+                          f"conv_blocks.{index}.running_var": torch.ones(width),
+                          f"conv_blocks.{index}.num_batches_tracked": torch.tensor(0)})
+        else:
+            c_out, c_in = _D_DETAIL_CONVS[index]
+            state[f"conv_blocks.{index}.weight"] = torch.randn(c_out, c_in, 3, 3, generator=gen) / math.sqrt(9 * c_in)
+            state[f"conv_blocks.{index}.bias"] = torch.zeros(c_out)
+    return state
+
+
+def deca_camera(head: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """DECA camera [s, tx, ty] that frames the neutral head's 68 landmarks in a 224 crop as DECA's
+    crop rule does (landmark box grown by 1.1 * 1.25 fills the crop)."""
+    head = make_head() if head is None else head
+    verts = head["v_template"]
+    faces = head["f"].astype(np.int64)
+    points = np.einsum("fkc,fk->fc", verts[faces[head["full_lmk_faces_idx"][0]]], head["full_lmk_bary_coords"][0])
+    lo, hi = points[:, :2].min(0), points[:, :2].max(0)
+    scale = 2.0 / (_CROP_GROWTH * float((hi - lo).max()))
+    centre = (lo + hi) / 2
+    return np.array([scale, -centre[0], -centre[1]])
+
+
+def write_deca_checkpoint(path, seed: int = 0, overwrite: bool = False, head: dict[str, np.ndarray] | None = None) -> Path:
+    """A random-weight `deca_model.tar` in DECA's layout: {"E_flame", "E_detail", "D_detail"} state dicts.
+
+    E_flame is DECA's ResNet-50 + MLP with random weights whose last layer is scaled down and
+    biased, so any crop gives codes in a plausible range: shape/tex/exp/pose near 0, a camera
+    framing the synthetic head like DECA's crop, a white light from the upper left.  E_detail
+    and D_detail are random too (DiffusionRig never runs them).  Written atomically.
+    """
+    from .deca import N_PARAMS, CODE_SLICES, DecaEncoder
+
+    gen = torch.Generator().manual_seed(int(seed))
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(int(seed))
+    try:
+        e_flame, e_detail = DecaEncoder(N_PARAMS), DecaEncoder(N_DETAIL_CODE)
+    finally:
+        torch.random.set_rng_state(torch_state)
+    with torch.no_grad():
+        last = e_flame.layers[2]
+        last.weight.mul_(0.02)  # codes vary a little with the image
+        bias = torch.zeros(N_PARAMS)
+        bias[CODE_SLICES["cam"]] = torch.as_tensor(deca_camera(head), dtype=torch.float32)
+        bias[CODE_SLICES["light"]] = sh_from_direction(35.0, 25.0, intensity=0.8, ambient=0.5).reshape(-1)
+        last.bias.copy_(bias)
+    checkpoint = {
+        "E_flame": {k: v.contiguous() for k, v in e_flame.state_dict().items()},
+        "E_detail": {k: v.contiguous() for k, v in e_detail.state_dict().items()},
+        "D_detail": _detail_decoder_state(gen),
+    }
+    return atomic_write(Path(path), lambda tmp: torch.save(checkpoint, tmp), overwrite=overwrite)
+
+
+# --------------------------------------------------------------------- the demo assets
+
+DEMO_ASSET_README = (
+    "Synthetic stand-ins written by `comfy-diffusionrig demo-assets` (comfy_diffusionrig.synthetic):\n"
+    "  flame/         a procedural FLAME-format head (NOT FLAME 2020: no FLAME data)\n"
+    "  deca/          deca_model.tar with random weights in DECA's layout (NOT DECA)\n"
+    "  diffusionrig/  a small random-weight DiffusionRig checkpoint in the official format\n"
+    "Every node, workflow and test runs on them; the pictures they make are not real edits.\n"
+    "Use them as a ComfyUI models folder (or copy the subfolders into ComfyUI/models/).\n"
+    "For real use put the licensed files there instead; see the pack's README.\n"
+)
+
+
+def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
+    """Write out_dir/flame/ (four FLAME files + SYNTHETIC_README.txt) and out_dir/deca/deca_model.tar.
+
+    Refuses (FileExistsError, before writing anything) when one of them exists, unless overwrite.
+    The DiffusionRig checkpoint is written by `demo.write_demo_model`.  Returns {relative name: path}.
+    """
+    out_dir = Path(out_dir)
+    targets = [out_dir / "flame" / n for n in (*FLAME_FILE_NAMES, "SYNTHETIC_README.txt")]
+    targets.append(out_dir / "deca" / "deca_model.tar")
+    if not overwrite:
+        existing = [str(p.relative_to(out_dir)) for p in targets if p.exists()]
+        if existing:
+            raise FileExistsError(f"{out_dir} already holds {existing}; pass --overwrite to replace them")
+    head = make_head(seed)
+    written = {f"flame/{k}": v for k, v in write_flame_files(out_dir / "flame", seed, overwrite=True).items()}
+    written["deca/deca_model.tar"] = write_deca_checkpoint(out_dir / "deca" / "deca_model.tar", seed, True, head)
+    written["SYNTHETIC_README.txt"] = atomic_write(out_dir / "SYNTHETIC_README.txt",
+                                                   lambda tmp: Path(tmp).write_text(DEMO_ASSET_README), overwrite=True)
+    return written

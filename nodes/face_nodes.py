@@ -383,6 +383,9 @@ class PasteFaceBack:
         return (pil_to_image(images), torch.from_numpy(np.stack(masks).astype(np.float32)))
 
 
+NO_FACE_SCORE = -1.0  # below every backend's same-person threshold
+
+
 class FaceIdentitySimilarity:
     DESCRIPTION = ("Scores whether two face images show the same person (dlib face descriptors, or ArcFace when "
                    "insightface and its models are installed): check that an edit kept the identity.")
@@ -390,7 +393,7 @@ class FaceIdentitySimilarity:
     FUNCTION = "compare"
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("similarity", "verdict")
-    OUTPUT_TOOLTIPS = ("Similarity of the least similar pair (higher = more alike).", "Readable verdict per pair.")
+    OUTPUT_TOOLTIPS = ("Similarity of the least similar pair (higher = more alike; -1 when a face was not found).", "Readable verdict per pair.")
     OUTPUT_NODE = True
 
     @classmethod
@@ -408,14 +411,22 @@ class FaceIdentitySimilarity:
         if len(a) not in (1, len(b)):
             raise ValueError(f"Face Identity Similarity: {len(a)} images against {len(b)}; give one image_a or as "
                              "many as image_b")
-        results = []
+        verdicts, scores = [], []
         for i, picture in enumerate(b):
             check_interrupt()
-            results.append(identity.face_similarity(a[i if len(a) > 1 else 0], picture, backend=backend,
-                                                    models_dir=str(models_root())))
-        text = "\n".join(f"pair {i + 1}: {r.verdict}" for i, r in enumerate(results))
-        score = min(r.score for r in results)
-        return {"ui": {"text": [text]}, "result": (score, text)}
+            try:
+                result = identity.face_similarity(a[i if len(a) > 1 else 0], picture, backend=backend,
+                                                  models_dir=str(models_root()))
+            except ValueError as exc:  # an edit that lost the face is an answer here, not a failure
+                if "no face" not in str(exc):
+                    raise
+                verdicts.append(f"no face found ({exc})".split(";")[0] + ")")
+                scores.append(NO_FACE_SCORE)
+                continue
+            verdicts.append(result.verdict)
+            scores.append(result.score)
+        text = "\n".join(f"pair {i + 1}: {v}" for i, v in enumerate(verdicts))
+        return {"ui": {"text": [text]}, "result": (min(scores), text)}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -41,3 +41,13 @@ def tiny_model(tiny_kwargs):
     from comfy_diffusionrig import load_diffusionrig
 
     return load_diffusionrig(reference_file("diffusionrig", "tiny_model.pt"), config=tiny_kwargs)
+
+
+@pytest.fixture(scope="session")
+def demo_models(tmp_path_factory):
+    """A ComfyUI-style models folder holding the offline demo assets (`comfy-diffusionrig demo-assets`)."""
+    from comfy_diffusionrig.cli import main
+
+    root = tmp_path_factory.mktemp("models")
+    assert main(["demo-assets", "--out", str(root)]) == 0
+    return root
