@@ -1,0 +1,330 @@
+"""The offline demo: proves, with no licensed file and no GPU, that the whole system works and learns.
+
+1. A synthetic world: FLAME-format heads (our synthetic head, or the real FLAME files when
+   the user has them), each subject with its own shape, FLAME texture and personal marks
+   that the 50-component texture model cannot express (as real moles, freckles or make-up),
+   on its own background; photographed under many lights, expressions and poses.
+2. Stage 1: a small DiffusionRig trained from scratch on many subjects (buffers rendered from
+   the codes, as DECA would give them: no personal marks in the albedo).
+3. Stage 2: personalized on an album of one new subject (full fine-tune, and LoRA).
+4. Held-out edits of that subject: invert a held-out photo, re-render it under another light
+   and pose, score against the ground-truth photo (PSNR, SSIM) for every model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .buffers import Renderer, project
+from .checkpoints import atomic_write
+from .deca import FLAME_FILES
+from .diffusion import ddim_invert, ddim_sample
+from .flame import ffhq_center, load_flame, load_flame_texture, read_obj
+from .lighting import sh_from_direction
+from .metrics import psnr, ssim
+from .plotting import contact_sheet, loss_curve
+from .synthetic import write_flame_files
+from .training import TrainConfig, TrainingData, train
+from .unet import DiffusionRig, UNetConfig
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    size: int = 32  # image size of the demo model (px)
+    subjects: int = 24  # stage-1 training subjects
+    views: int = 12  # photos per stage-1 subject
+    album: int = 20  # photos of the personal subject (the paper: about 20)
+    held_out: int = 8  # held-out edits scored per model
+    stage1_steps: int = 1500
+    stage1_lr: float = 3e-4
+    stage1_batch: int = 8
+    stage2_steps: int = 300
+    stage2_lr: float = 5e-5
+    lora_rank: int = 8
+    lora_lr: float = 1e-3
+    sample_steps: int = 20  # DDIM steps (official 20)
+    seed: int = 0
+
+    def unet(self) -> UNetConfig:
+        return UNetConfig(image_size=self.size, num_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
+                          attention_resolutions=(self.size // 4,), num_head_channels=16, dropout=0.0)
+
+
+class World:
+    """Renders photos and DiffusionRig buffers of synthetic subjects."""
+
+    def __init__(self, flame_dir: Path, size: int, seed: int):
+        self.flame = load_flame(flame_dir / "generic_model.pkl", flame_dir / "landmark_embedding.npy")
+        self.texture = load_flame_texture(flame_dir / "FLAME_texture.npz")
+        faces, uvcoords, uvfaces = read_obj(flame_dir / "head_template.obj")
+        self.renderer = Renderer(faces, uvcoords, uvfaces, backend="torch")
+        self.size = size
+        self.gen = torch.Generator().manual_seed(seed)
+        self.cam = self._ffhq_camera()
+        self.mark_sites = self._front_uv(uvcoords, uvfaces)
+
+    def _ffhq_camera(self) -> torch.Tensor:
+        """[s, tx, ty] framing the neutral head as FFHQ alignment frames a face (eyes/mouth rule)."""
+        zeros = lambda n: torch.zeros(1, n)  # noqa: E731
+        _, lmk2d, _ = self.flame(zeros(100), zeros(50), zeros(6))
+        p = lmk2d[0, :, :2].double()
+        eye_l, eye_r = p[36:42].mean(0), p[42:48].mean(0)
+        eye_avg, mouth_avg = (eye_l + eye_r) / 2, (p[48] + p[54]) / 2
+        half = max(float((eye_r - eye_l).norm()) * 2.0, float((mouth_avg - eye_avg).norm()) * 1.8)  # FFHQ quad
+        centre = ffhq_center(lmk2d)[0, :2].double()
+        return torch.tensor([1.0 / half, -float(centre[0]), -float(centre[1])])
+
+    def _front_uv(self, uvcoords: torch.Tensor, uvfaces: torch.Tensor) -> torch.Tensor:
+        """UV positions of the front of the neutral face (where personal marks are visible)."""
+        zeros = lambda n: torch.zeros(1, n)  # noqa: E731
+        verts, _, _ = self.flame(zeros(100), zeros(50), zeros(6))
+        v = verts[0]
+        faces = self.flame.faces
+        tri = v[faces]
+        normal = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+        normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        centre = tri.mean(1)
+        proj = project(centre[None], self.cam[None])[0]
+        front = (normal[:, 2] > 0.6) & (proj[:, :2].abs().max(-1).values < 0.6)
+        return uvcoords[uvfaces[front]].mean(1)
+
+    def subjects(self, n: int) -> list[dict]:
+        """Identity of n subjects: shape, texture code, personal albedo marks, background colours."""
+        g = self.gen
+        out = []
+        for _ in range(n):
+            marks = torch.zeros(3, 256, 256)
+            yy, xx = torch.meshgrid(torch.linspace(1, 0, 256), torch.linspace(0, 1, 256), indexing="ij")
+            for _ in range(int(torch.randint(2, 5, (1,), generator=g))):
+                site = self.mark_sites[int(torch.randint(len(self.mark_sites), (1,), generator=g))]
+                sigma = 0.015 + 0.03 * float(torch.rand(1, generator=g))
+                blob = torch.exp(-((xx - site[0]) ** 2 + (yy - site[1]) ** 2) / (2 * sigma ** 2))
+                colour = torch.rand(3, generator=g) * 1.2 - 0.7  # darker or coloured marks
+                marks += colour[:, None, None] * blob
+            out.append({"shape": 1.2 * torch.randn(100, generator=g) * torch.linspace(1, 0.2, 100),
+                        "tex": 1.2 * torch.randn(50, generator=g) * torch.linspace(1, 0.2, 50),
+                        "marks": marks, "background": torch.rand(2, 3, generator=g) * 0.8 + 0.1})
+        return out
+
+    def views(self, n: int) -> list[dict]:
+        """n random photo conditions: expression, head and jaw pose, light, small framing jitter."""
+        g = self.gen
+        out = []
+        for _ in range(n):
+            u = lambda lo, hi: lo + (hi - lo) * float(torch.rand(1, generator=g))  # noqa: E731
+            pose = torch.zeros(6)
+            pose[0], pose[1] = math.radians(u(-12, 12)), math.radians(u(-30, 30))
+            pose[3] = math.radians(u(0, 12))
+            tint = 1 + 0.15 * (torch.rand(3, generator=g) - 0.5)
+            light = sh_from_direction(u(-80, 80), u(-30, 60), intensity=u(0.6, 1.1), ambient=u(0.35, 0.7),
+                                      color=tint)
+            cam = self.cam * torch.tensor([u(0.95, 1.05), 1.0, 1.0]) + torch.tensor([0.0, u(-0.004, 0.004),
+                                                                                     u(-0.004, 0.004)])
+            out.append({"exp": 0.8 * torch.randn(50, generator=g) * torch.linspace(1, 0.1, 50), "pose": pose,
+                        "light": torch.as_tensor(light, dtype=torch.float32), "cam": cam})
+        return out
+
+    @torch.no_grad()
+    def photograph(self, subject: dict, views: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> photos [N,3,S,S] in [-1,1] (2x supersampled, with the marks) and buffers [N,9,S,S] (DECA-like)."""
+        n = len(views)
+        stack = lambda key: torch.stack([v[key] for v in views])  # noqa: E731
+        shape, tex = subject["shape"].expand(n, -1), subject["tex"].expand(n, -1)
+        verts, _, _ = self.flame(shape, stack("exp"), stack("pose"))
+        trans = project(verts, stack("cam"))
+        albedo = self.texture(tex)
+        marked = albedo + F.interpolate(subject["marks"][None], size=albedo.shape[-2:], mode="bilinear",
+                                        align_corners=False)
+        light = stack("light")
+        s = self.size
+        big = self.renderer(verts, trans, marked, light, image_size=(2 * s, 2 * s))
+        lo, hi = subject["background"]
+        ramp = torch.linspace(0, 1, 2 * s)[:, None].expand(2 * s, 2 * s)
+        background = lo[:, None, None] * (1 - ramp) + hi[:, None, None] * ramp
+        photo = big["alpha"] * big["rendered"].clamp(0, 1) + (1 - big["alpha"]) * background
+        photo = F.avg_pool2d(photo, 2) * 2 - 1
+        buffers = self.renderer.buffers(verts, trans, albedo, light, image_size=(s, s))
+        return photo.clamp(-1, 1), buffers
+
+
+def _flame_dir(models_dir: Path | None, work: Path, seed: int) -> tuple[Path, str]:
+    """The user's FLAME files when all four are there and not our synthetic stand-ins, else synthetic ones."""
+    if models_dir is not None:
+        user = Path(models_dir) / "flame"
+        if all((user / f).is_file() for f in FLAME_FILES) and not (user / "SYNTHETIC_README.txt").exists():
+            return user, f"FLAME files from {user}"
+    target = work / "synthetic_flame"
+    if not all((target / f).is_file() for f in FLAME_FILES):
+        write_flame_files(target, seed=seed)
+    return target, "the synthetic FLAME-format head of `comfy-diffusionrig demo-assets`"
+
+
+# a small, random-weight stand-in for the official stage-1 checkpoint: it runs every workflow at 256 px
+DEMO_MODEL_KWARGS = {
+    "image_size": 256, "num_channels": 32, "num_res_blocks": 1, "num_heads": 1, "num_heads_upsample": -1,
+    "num_head_channels": 16, "attention_resolutions": "16", "channel_mult": "1,1,2,2,4,4", "dropout": 0.0,
+    "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": True, "use_new_attention_order": False,
+    "latent_dim": 64, "in_channels": 12, "encoder_type": "resnet18", "learn_sigma": False, "diffusion_steps": 1000,
+    "noise_schedule": "linear", "timestep_respacing": "", "use_kl": False, "predict_xstart": False,
+    "rescale_timesteps": False, "rescale_learned_sigmas": False, "p2_weight": True, "p2_gamma": 1.0, "p2_k": 1.0,
+}
+DEMO_MODEL_NAME = "synthetic_random_diffusionrig.pt"
+
+
+def write_demo_model(folder: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
+    """A random-weight DiffusionRig in the official format (state-dict .pt + its kwargs .json) into folder."""
+    folder = Path(folder)
+    path = folder / DEMO_MODEL_NAME
+    torch.manual_seed(seed)
+    model = DiffusionRig(UNetConfig.from_official_kwargs(DEMO_MODEL_KWARGS))
+    with torch.no_grad():  # the official init zeroes output layers; give them small weights so outputs vary
+        for p in model.parameters():
+            if p.ndim > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=overwrite)
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(DEMO_MODEL_KWARGS, indent=1)),
+                 overwrite=overwrite)
+    return path
+
+
+def _edit(model: DiffusionRig, source: torch.Tensor, source_buffers: torch.Tensor, target_buffers: torch.Tensor,
+          steps: int) -> torch.Tensor:
+    """The artist's edit: invert the source photo under its buffers, denoise under the edited buffers."""
+    with torch.no_grad():
+        code = model.encode(source)
+        noise = ddim_invert(model, source, source_buffers, code, steps=steps)
+        return ddim_sample(model, target_buffers, code, noise, steps=steps)
+
+
+def _to_pil(x: torch.Tensor) -> Image.Image:
+    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+
+
+def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir: str | Path | None = None,
+             progress: Progress | None = None) -> dict:
+    """Run the whole demo, write images, a contact sheet and a report into out_dir; returns the report."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report_progress = progress or (lambda stage, done, total: None)
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+    torch.manual_seed(config.seed)
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 1)
+        return now
+
+    flame_dir, head_source = _flame_dir(None if models_dir is None else Path(models_dir), out, config.seed)
+    world = World(flame_dir, config.size, config.seed)
+    report_progress("photograph", 0, config.subjects + 1)
+    crowd = world.subjects(config.subjects)
+    images, buffers = [], []
+    for i, subject in enumerate(crowd):
+        photo, buf = world.photograph(subject, world.views(config.views))
+        images.append(photo)
+        buffers.append(buf)
+        report_progress("photograph", i + 1, config.subjects + 1)
+    person = world.subjects(1)[0]
+    album_photos, album_buffers = world.photograph(person, world.views(config.album))
+    held_views = world.views(2 * config.held_out)
+    held_photos, held_buffers = world.photograph(person, held_views)
+    source, target = held_photos[0::2], held_photos[1::2]
+    source_buffers, target_buffers = held_buffers[0::2], held_buffers[1::2]
+    report_progress("photograph", config.subjects + 1, config.subjects + 1)
+    t = lap("photograph", start)
+
+    torch.manual_seed(config.seed)
+    model = DiffusionRig(config.unet())
+    untrained = DiffusionRig(config.unet()).eval()
+    untrained.load_state_dict(model.state_dict())
+    stage1 = TrainConfig(steps=config.stage1_steps, lr=config.stage1_lr, batch_size=config.stage1_batch,
+                         seed=config.seed, precision="fp32", train_encoder=True, checkpoint_every=10 ** 9)
+    model, losses1 = train(model, TrainingData(torch.cat(images), torch.cat(buffers)), stage1,
+                           callback=lambda step, total, loss, m: report_progress("stage 1", step, total))
+    t = lap("stage 1", t)
+
+    album = TrainingData(album_photos, album_buffers)
+    personal = DiffusionRig(config.unet())
+    personal.load_state_dict(model.state_dict())
+    stage2 = TrainConfig(steps=config.stage2_steps, lr=config.stage2_lr, batch_size=4, seed=config.seed + 1,
+                         precision="fp32", checkpoint_every=10 ** 9)
+    personal, losses2 = train(personal, album, stage2,
+                              callback=lambda step, total, loss, m: report_progress("stage 2", step, total))
+    t = lap("stage 2", t)
+    lora = DiffusionRig(config.unet())
+    lora.load_state_dict(model.state_dict())
+    stage2_lora = TrainConfig(steps=config.stage2_steps, lr=config.lora_lr, batch_size=4, seed=config.seed + 1,
+                              precision="fp32", lora_rank=config.lora_rank, checkpoint_every=10 ** 9)
+    lora, _ = train(lora, album, stage2_lora,
+                    callback=lambda step, total, loss, m: report_progress("stage 2 (LoRA)", step, total))
+    t = lap("stage 2 LoRA", t)
+
+    candidates = {"untrained": untrained, "stage 1 (generic)": model.eval(), "personalized": personal,
+                  f"personalized LoRA r{config.lora_rank}": lora}
+    results, edits = {}, {}
+    for k, (name, net) in enumerate(candidates.items()):
+        report_progress("edit held-out views", k, len(candidates))
+        edited = _edit(net, source, source_buffers, target_buffers, config.sample_steps)
+        edits[name] = edited
+        gt, got = (target + 1) / 2, (edited.clamp(-1, 1) + 1) / 2
+        results[name] = {"psnr": float(psnr(got, gt).mean()), "ssim": float(ssim(got, gt).mean())}
+    report_progress("edit held-out views", len(candidates), len(candidates))
+    no_edit = {"psnr": float(psnr((source + 1) / 2, (target + 1) / 2).mean()),
+               "ssim": float(ssim((source + 1) / 2, (target + 1) / 2).mean())}
+    lap("edits", t)
+
+    images_dir = out / "images"
+    images_dir.mkdir(exist_ok=True)
+    rows = []
+    for i in range(config.held_out):
+        row = [_to_pil(source[i]), _to_pil(target[i])] + [_to_pil(edits[name][i]) for name in candidates]
+        for label, picture in zip(["source", "target", "untrained", "stage1", "personalized", "lora"], row):
+            picture.save(images_dir / f"edit{i:02d}_{label}.png")
+        rows.append(row)
+    sheet = contact_sheet(rows, column_labels=["source photo", "ground truth"] + list(candidates), cell=96)
+    sheet.save(out / "contact_sheet.png")
+    loss_curve(losses1, title="stage 1 loss").save(out / "loss_stage1.png")
+    loss_curve(losses2, title="stage 2 loss").save(out / "loss_stage2.png")
+    album_row = [_to_pil(p) for p in album_photos[:8]]
+    buffer_rows = [[_to_pil(b[i:i + 3] * (1 if i == 3 else 2) - (0 if i == 3 else 1)) for b in album_buffers[:8]]
+                   for i in (0, 3, 6)]
+    contact_sheet([album_row] + buffer_rows, row_labels=["album photos", "rendered", "normal", "albedo"],
+                  cell=96).save(out / "album.png")
+
+    report = {"config": asdict(config), "head": head_source, "seconds": timings,
+              "total_seconds": round(time.perf_counter() - start, 1),
+              "scores (mean over held-out edits, images in [0,1])": results,
+              "source photo as the answer (no edit)": no_edit,
+              "stage 1 final loss (mean of last 10%)": float(np.mean(losses1[-max(1, len(losses1) // 10):])),
+              "stage 2 final loss (mean of last 10%)": float(np.mean(losses2[-max(1, len(losses2) // 10):])),
+              "stage 1 losses": [round(float(v), 5) for v in losses1]}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    lines = ["# comfy-diffusionrig offline demo", "",
+             f"Head: {head_source}. Stage 1: {config.subjects} subjects x {config.views} photos at "
+             f"{config.size}px, {config.stage1_steps} steps. Stage 2: an album of {config.album} photos of a new "
+             f"subject, {config.stage2_steps} steps (full fine-tune, and LoRA rank {config.lora_rank}).",
+             f"Held-out edits: {config.held_out} (invert a photo, re-render under another light, expression and "
+             "pose, compare with the true photo).", "",
+             "| model | PSNR (dB) | SSIM |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {r['psnr']:.2f} | {r['ssim']:.3f} |" for name, r in results.items()]
+    lines += [f"| (the source photo itself) | {no_edit['psnr']:.2f} | {no_edit['ssim']:.3f} |", "",
+              "Time (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())
+              + f"; total {report['total_seconds']}", "",
+              "Files: contact_sheet.png (rows: held-out edits), images/, loss_stage1.png, loss_stage2.png, "
+              "report.json."]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    return report
