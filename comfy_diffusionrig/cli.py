@@ -79,6 +79,7 @@ def _cmd_demo(args) -> int:
     from dataclasses import replace
 
     from .demo import DemoConfig, run_demo
+    from .pipeline import default_models_dir
 
     config = DemoConfig(seed=args.seed)
     if args.quick:
@@ -86,7 +87,7 @@ def _cmd_demo(args) -> int:
                          sample_steps=5)
     bar = _Bar()
     try:
-        report = run_demo(args.out, config, models_dir=args.models, progress=bar)
+        report = run_demo(args.out, config, models_dir=args.models or default_models_dir(), progress=bar)
     finally:
         bar.close()
     print(Path(args.out, "report.md").read_text())
@@ -281,7 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "synthetic faces (about 5 minutes on 2 CPU cores)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--models", default=None,
-                      help="a ComfyUI-style models folder; its flame/ files are used when they are the real ones")
+                      help="a ComfyUI-style models folder (default: $COMFY_DIFFUSIONRIG_MODELS or ./models); when it "
+                           "holds the licensed FLAME, DECA and DiffusionRig files, the demo uses its FLAME head and "
+                           "also relights the example photos with your checkpoint")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--quick", action="store_true", help="a tiny run (seconds) that only checks the plumbing")
     demo.set_defaults(func=_cmd_demo)

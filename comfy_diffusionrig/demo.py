@@ -32,11 +32,13 @@ from .diffusion import ddim_invert, ddim_sample
 from .flame import ffhq_center, load_flame, load_flame_texture, read_obj
 from .lighting import sh_from_direction
 from .metrics import psnr, ssim
+from .pipeline import find_checkpoint
 from .plotting import contact_sheet, loss_curve
 from .synthetic import write_flame_files
 from .training import TrainConfig, TrainingData, train
 from .unet import DiffusionRig, UNetConfig
 
+EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -200,6 +202,63 @@ def write_demo_model(folder: str | Path, seed: int = 0, overwrite: bool = False)
     return path
 
 
+def real_models(models_dir: str | Path | None) -> Path | None:
+    """The DiffusionRig checkpoint of models_dir when the licensed files are all there (not our
+    synthetic stand-ins): FLAME files, deca_model.tar and a non-synthetic checkpoint."""
+    if models_dir is None:
+        return None
+    root = Path(models_dir)
+    flame, deca = root / "flame", root / "deca"
+    if not all((flame / f).is_file() for f in FLAME_FILES) or (flame / "SYNTHETIC_README.txt").exists():
+        return None
+    if not (deca / "deca_model.tar").is_file() or (deca / "SYNTHETIC_README.txt").exists():
+        return None
+    try:
+        checkpoint = find_checkpoint(root)
+    except FileNotFoundError:
+        return None
+    return None if "synthetic" in checkpoint.name else checkpoint
+
+
+EXAMPLE_LIGHTS = {"light from the left": dict(azimuth_deg=-60.0, elevation_deg=15.0),
+                  "light from the right": dict(azimuth_deg=60.0, elevation_deg=15.0),
+                  "light from above": dict(azimuth_deg=0.0, elevation_deg=70.0)}
+
+
+def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[Path] | None = None,
+                     checkpoint: str | None = None, steps: int = 20, device="cpu",
+                     progress: Progress | None = None) -> list[Path]:
+    """Relight the example portraits under EXAMPLE_LIGHTS with the models of models_dir.
+
+    Writes out_dir/examples/<photo>_<light>.png (the whole photo with the face pasted back)
+    and out_dir/examples.png (rows: photos; columns: aligned original, then each light).
+    """
+    from .alignment import align_faces, load_image
+    from .pipeline import edit_photo, load_models
+
+    photos = photos if photos is not None else [EXAMPLE_IMAGES / "astronaut.png", EXAMPLE_IMAGES / "grace_hopper.jpg"]
+    models = load_models(models_dir, checkpoint, device=device)
+    folder = Path(out_dir) / "examples"
+    folder.mkdir(parents=True, exist_ok=True)
+    lights = torch.stack([sh_from_direction(**v, intensity=0.9, ambient=0.45) for v in EXAMPLE_LIGHTS.values()])
+    written, rows = [], []
+    report = progress or (lambda stage, done, total: None)
+    for i, path in enumerate(photos):
+        report("relight example photos", i, len(photos))
+        photo = load_image(path)
+        result = edit_photo(models, photo, lambda rig: rig.expand(len(lights)).with_codes(light=lights), steps=steps)
+        aligned = align_faces(photo, size=models.diffusionrig.config.image_size)[0].image
+        rows.append([aligned, *result.faces])
+        for name, picture in zip(EXAMPLE_LIGHTS, result.photos):
+            target = folder / f"{Path(path).stem}_{name.replace(' ', '_')}.png"
+            picture.save(target)
+            written.append(target)
+    report("relight example photos", len(photos), len(photos))
+    sheet = Path(out_dir) / "examples.png"
+    contact_sheet(rows, column_labels=["aligned photo", *EXAMPLE_LIGHTS], cell=160).save(sheet)
+    return [sheet, *written]
+
+
 def _edit(model: DiffusionRig, source: torch.Tensor, source_buffers: torch.Tensor, target_buffers: torch.Tensor,
           steps: int) -> torch.Tensor:
     """The artist's edit: invert the source photo under its buffers, denoise under the edited buffers."""
@@ -312,6 +371,13 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
               "stage 1 final loss (mean of last 10%)": float(np.mean(losses1[-max(1, len(losses1) // 10):])),
               "stage 2 final loss (mean of last 10%)": float(np.mean(losses2[-max(1, len(losses2) // 10):])),
               "stage 1 losses": [round(float(v), 5) for v in losses1]}
+    checkpoint = real_models(models_dir)
+    if checkpoint is not None:  # the licensed files are there: show them on the example photos too
+        t = time.perf_counter()
+        relight_examples(models_dir, out, checkpoint=checkpoint.name, steps=config.sample_steps, progress=progress)
+        lap("relight example photos", t)
+        report["examples"] = f"the example photos relit with {checkpoint.name}: examples.png, examples/"
+        report["total_seconds"] = round(time.perf_counter() - start, 1)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     lines = ["# comfy-diffusionrig offline demo", "",
              f"Head: {head_source}. Stage 1: {config.subjects} subjects x {config.views} photos at "
@@ -324,7 +390,10 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
     lines += [f"| (the source photo itself) | {no_edit['psnr']:.2f} | {no_edit['ssim']:.3f} |", "",
               "Time (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())
               + f"; total {report['total_seconds']}", "",
-              "Files: contact_sheet.png (rows: held-out edits), images/, loss_stage1.png, loss_stage2.png, "
-              "report.json."]
+              "Files: contact_sheet.png (rows: held-out edits), album.png, images/, loss_stage1.png, "
+              "loss_stage2.png, report.json."]
+    if checkpoint is not None:
+        lines += ["", f"Example photos relit with your {checkpoint.name}: examples.png (rows: photos; columns: "
+                  + ", ".join(EXAMPLE_LIGHTS) + ") and examples/ (whole photos)."]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return report

@@ -928,14 +928,15 @@ DEMO_ASSET_README = (
 
 
 def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
-    """Write out_dir/flame/ (four FLAME files + SYNTHETIC_README.txt) and out_dir/deca/deca_model.tar.
+    """Write out_dir/flame/ (four FLAME files) and out_dir/deca/deca_model.tar, each folder with a
+    SYNTHETIC_README.txt (which also tells our code that they are not the licensed files).
 
     Refuses (FileExistsError, before writing anything) when one of them exists, unless overwrite.
     The DiffusionRig checkpoint is written by `demo.write_demo_model`.  Returns {relative name: path}.
     """
     out_dir = Path(out_dir)
     targets = [out_dir / "flame" / n for n in (*FLAME_FILE_NAMES, "SYNTHETIC_README.txt")]
-    targets.append(out_dir / "deca" / "deca_model.tar")
+    targets += [out_dir / "deca" / "deca_model.tar", out_dir / "deca" / "SYNTHETIC_README.txt"]
     if not overwrite:
         existing = [str(p.relative_to(out_dir)) for p in targets if p.exists()]
         if existing:
@@ -943,6 +944,8 @@ def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[s
     head = make_head(seed)
     written = {f"flame/{k}": v for k, v in write_flame_files(out_dir / "flame", seed, overwrite=True).items()}
     written["deca/deca_model.tar"] = write_deca_checkpoint(out_dir / "deca" / "deca_model.tar", seed, True, head)
+    written["deca/SYNTHETIC_README.txt"] = atomic_write(out_dir / "deca" / "SYNTHETIC_README.txt",
+                                                        lambda tmp: Path(tmp).write_text(SYNTHETIC_NOTE), overwrite=True)
     written["SYNTHETIC_README.txt"] = atomic_write(out_dir / "SYNTHETIC_README.txt",
                                                    lambda tmp: Path(tmp).write_text(DEMO_ASSET_README), overwrite=True)
     return written

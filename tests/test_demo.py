@@ -52,3 +52,31 @@ def test_demo_command_prints_the_report(tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
     out = capsys.readouterr().out
     assert "| stage 1 (generic) |" in out and (tmp_path / "contact_sheet.png").exists()
+
+
+def test_licensed_files_are_told_from_the_synthetic_ones(demo_models, tmp_path):
+    from comfy_diffusionrig.demo import real_models
+
+    assert real_models(demo_models) is None  # our stand-ins carry SYNTHETIC_README.txt
+    assert real_models(None) is None and real_models(tmp_path) is None
+    for folder in ("flame", "deca"):  # the same files without the markers and under a real-looking name
+        (tmp_path / folder).mkdir()
+        for f in (demo_models / folder).iterdir():
+            if f.name != "SYNTHETIC_README.txt":
+                (tmp_path / folder / f.name).symlink_to(f)
+    (tmp_path / "diffusionrig").mkdir()
+    (tmp_path / "diffusionrig" / "model.pt").symlink_to(demo_models / "diffusionrig" / "synthetic_random_diffusionrig.pt")
+    assert real_models(tmp_path) == tmp_path / "diffusionrig" / "model.pt"
+
+
+def test_example_photos_are_relit_with_the_models_given(demo_models, tmp_path):
+    from PIL import Image
+
+    from comfy_diffusionrig.demo import EXAMPLE_IMAGES, EXAMPLE_LIGHTS, relight_examples
+
+    written = relight_examples(demo_models, tmp_path, photos=[EXAMPLE_IMAGES / "astronaut.png"], steps=2)
+    assert written[0] == tmp_path / "examples.png" and len(written) == 1 + len(EXAMPLE_LIGHTS)
+    for path in written[1:]:
+        assert Image.open(path).size == Image.open(EXAMPLE_IMAGES / "astronaut.png").size
+    sheet = Image.open(written[0])
+    assert sheet.width > sheet.height  # one row, a column per light plus the original
