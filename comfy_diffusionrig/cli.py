@@ -141,14 +141,23 @@ def _run_edits(args, make_edit, suffix: str) -> int:
     from .pipeline import edit_photo, load_models
 
     photos = _photos(args.photo)
+    out = Path(args.out)
+    frames = getattr(args, "frames", 1)
+    many = len(photos) > 1 or frames > 1
+    if not many and out.suffix.lower() not in PHOTO_SUFFIXES:
+        raise ValueError(f"--out {out} should be an image file name (e.g. out.png) for one photo")
+    for photo_path in photos if many else []:  # existing outputs: say so before minutes of sampling, not after
+        stem = f"{photo_path.stem}_{suffix}"
+        planned = [out / f"{stem}_{k:04d}.png" for k in range(frames)] + [out / f"{stem}.gif"] if frames > 1 \
+            else [out / f"{stem}.png"]
+        for path in planned:
+            _check_new(path, args.overwrite)
+    if not many:
+        _check_new(out, args.overwrite)
     models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision)
     edit = make_edit(models)
-    out = Path(args.out)
-    many = len(photos) > 1 or getattr(args, "frames", 1) > 1
     if many:
         out.mkdir(parents=True, exist_ok=True)
-    elif out.suffix.lower() not in PHOTO_SUFFIXES:
-        raise ValueError(f"--out {out} should be an image file name (e.g. out.png) for one photo")
     bar = _Bar()
     try:
         for photo_path in photos:
@@ -167,8 +176,7 @@ def _run_edits(args, make_edit, suffix: str) -> int:
             for k, frame in enumerate(result.photos):
                 _save_new(frame, out / f"{photo_path.stem}_{suffix}_{k:04d}.png", args.overwrite)
             gif = out / f"{photo_path.stem}_{suffix}.gif"
-            if gif.exists() and not args.overwrite:
-                raise FileExistsError(f"{gif} already exists; pass --overwrite")
+            _check_new(gif, args.overwrite)
             result.photos[0].save(gif, save_all=True, append_images=result.photos[1:], duration=1000 // args.fps,
                                   loop=0)
     finally:
@@ -177,9 +185,15 @@ def _run_edits(args, make_edit, suffix: str) -> int:
     return 0
 
 
+def _check_new(path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
+
+
 def _save_new(image, path: Path, overwrite: bool) -> None:
     from .checkpoints import atomic_write
 
+    _check_new(path, overwrite)
     atomic_write(path, lambda tmp: image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG")),
                  overwrite=overwrite)
 

@@ -29,3 +29,143 @@ def test_convert_official_checkpoint_to_safetensors(tmp_path, tiny_kwargs, capsy
 def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
     assert main(["info", str(tmp_path / "nope.pt")]) == 2
     assert "models/diffusionrig" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ relight / edit / sweep on the demo assets
+
+import shutil  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from comfy_diffusionrig import pipeline  # noqa: E402
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"
+ASTRONAUT, GRACE = EXAMPLES / "astronaut.png", EXAMPLES / "grace_hopper.jpg"
+
+
+@pytest.fixture(scope="module")
+def cached_models():
+    """The CLI's model loading, done once per models folder for this module (each command would reload them)."""
+    cache, real = {}, pipeline.load_models
+
+    def load(models_dir=None, checkpoint=None, **kwargs):
+        key = (str(models_dir), checkpoint, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = real(models_dir, checkpoint, **kwargs)
+        return cache[key]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "load_models", load)
+        yield cache
+
+
+@pytest.fixture()
+def run_cli(demo_models, cached_models):
+    def run(*argv: str) -> int:
+        return main([*argv, "--models", str(demo_models), "--steps", "2"])
+
+    return run
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB")).astype(np.int16)
+
+
+def _changed(out: np.ndarray, original: np.ndarray) -> np.ndarray:
+    assert out.shape == original.shape  # the photo's own size
+    return np.abs(out - original).max(-1) > 0
+
+
+def _face_only(changed: np.ndarray, face_box) -> None:
+    """Pixels changed inside the face box, and none far from it (paste back touches only the face)."""
+    x0, y0, x1, y1 = face_box
+    assert changed[y0:y1, x0:x1].mean() > 0.3
+    far, margin = np.ones_like(changed), x1 - x0  # the pasted region reaches up to the forehead
+    far[max(0, y0 - margin):y1 + margin // 2, max(0, x0 - margin // 2):x1 + margin // 2] = False
+    assert far.mean() > 0.3
+    assert not changed[far].any()
+
+
+ASTRONAUT_FACE, GRACE_FACE = (175, 76, 266, 167), (180, 139, 367, 326)  # dlib HOG boxes of the example photos
+
+
+def test_relight_with_a_light_needs_overwrite_to_replace_a_file(tmp_path, run_cli, capsys):
+    out = tmp_path / "relit.png"
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(out)
+    before = out.read_bytes()
+    light = "azimuth=60,elevation=20,intensity=0.9,ambient=0.4,color=#FFE0C0"
+    assert run_cli("relight", str(ASTRONAUT), "--out", str(out), "--light", light, "--start", "noise") == 2
+    err = capsys.readouterr().err
+    assert f"comfy-diffusionrig relight: error: {out} already exists; pass --overwrite" in err
+    assert "[" not in err  # refused before any work (no progress bar)
+    assert out.read_bytes() == before  # the old file is kept
+    assert run_cli("relight", str(ASTRONAUT), "--out", str(out), "--light", light, "--overwrite") == 0
+    assert "wrote" in capsys.readouterr().out
+    with Image.open(out) as image:
+        assert image.size == (512, 512) and image.mode == "RGB"
+    _face_only(_changed(_pixels(out), _pixels(ASTRONAUT)), ASTRONAUT_FACE)
+    assert not list(tmp_path.glob("*.tmp*"))  # no temporary file left behind
+    # an unreadable light is a clear error, not a traceback
+    assert run_cli("relight", str(ASTRONAUT), "--out", str(tmp_path / "x.png"), "--light", "azimut=3") == 2
+    assert "--light: cannot read 'azimut=3'" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_relight_a_folder_with_the_light_of_a_reference_photo(tmp_path, run_cli):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    shutil.copy(ASTRONAUT, photos)
+    shutil.copy(GRACE, photos)
+    (photos / "notes.txt").write_text("not a photo")
+    out = tmp_path / "out"
+    assert run_cli("relight", str(photos), "--out", str(out), "--light-from", str(GRACE), "--start", "noise") == 0
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut_relit.png", "grace_hopper_relit.png"]
+    with Image.open(out / "grace_hopper_relit.png") as image:
+        assert image.size == (512, 600)  # width x height of the input
+    _face_only(_changed(_pixels(out / "astronaut_relit.png"), _pixels(ASTRONAUT)), ASTRONAUT_FACE)
+    _face_only(_changed(_pixels(out / "grace_hopper_relit.png"), _pixels(GRACE)), GRACE_FACE)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("relight", str(empty), "--out", str(out), "--light", "azimuth=0") == 2
+
+
+def test_edit_pose_sliders_and_expression_from_a_photo(tmp_path, run_cli, capsys):
+    out = tmp_path / "edited.jpg"
+    assert run_cli("edit", str(ASTRONAUT), "--out", str(out), "--jaw-open", "15", "--yaw", "10",
+                   "--expression-from", str(GRACE), "--start", "noise") == 0
+    with Image.open(out) as image:
+        assert image.format == "JPEG" and image.size == (512, 512)
+    changed = _changed(_pixels(out), _pixels(ASTRONAUT))
+    x0, y0, x1, y1 = ASTRONAUT_FACE
+    assert changed[y0:y1, x0:x1].mean() > 0.3  # (JPEG re-encoding may touch pixels anywhere)
+    assert "astronaut.png" in capsys.readouterr().err  # the progress bar names the photo
+    assert run_cli("edit", str(ASTRONAUT), "--out", str(tmp_path / "edited"), "--yaw", "10") == 2
+    assert "should be an image file name" in capsys.readouterr().err
+
+
+def test_sweep_writes_frames_and_a_gif(tmp_path, run_cli, capsys):
+    out = tmp_path / "sweep"
+    assert run_cli("sweep", str(ASTRONAUT), "--out", str(out), "--light-azimuth", "-60:60", "--frames", "3",
+                   "--start", "noise", "--fps", "5") == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["astronaut_light_azimuth.gif"] + [f"astronaut_light_azimuth_{k:04d}.png" for k in range(3)]
+    frames = [_pixels(out / f"astronaut_light_azimuth_{k:04d}.png") for k in range(3)]
+    original = _pixels(ASTRONAUT)
+    for frame in frames:
+        _face_only(_changed(frame, original), ASTRONAUT_FACE)
+    assert not np.array_equal(frames[0], frames[2])  # the light moved
+    with Image.open(out / "astronaut_light_azimuth.gif") as gif:
+        assert gif.size == (512, 512) and gif.n_frames == 3 and gif.info["duration"] == 200
+    # frames are never silently replaced
+    (out / "astronaut_light_azimuth_0000.png").unlink()  # even with a frame gone, no frame is written
+    assert run_cli("sweep", str(ASTRONAUT), "--out", str(out), "--light-azimuth", "-60:60", "--frames", "3",
+                   "--start", "noise") == 2
+    assert "astronaut_light_azimuth_0001.png already exists; pass --overwrite" in capsys.readouterr().err
+    assert not (out / "astronaut_light_azimuth_0000.png").exists()
+    assert np.array_equal(_pixels(out / "astronaut_light_azimuth_0002.png"), frames[2])
+    assert run_cli("sweep", str(ASTRONAUT), "--out", str(out), "--head-yaw", "-30:30", "--jaw-open", "0:10") == 2
+    assert "give exactly one sweep" in capsys.readouterr().err
