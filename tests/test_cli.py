@@ -1,9 +1,15 @@
 """The command line, run in-process."""
 
 import json
+import shutil
+from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
+from PIL import Image
 
+from comfy_diffusionrig import pipeline
 from comfy_diffusionrig.cli import main
 from comfy_diffusionrig.checkpoints import read_state_dict
 
@@ -32,15 +38,6 @@ def test_missing_checkpoint_is_a_clean_error(tmp_path, capsys):
 
 
 # ------------------------------------------------------------------ relight / edit / sweep on the demo assets
-
-import shutil  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from comfy_diffusionrig import pipeline  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"
 ASTRONAUT, GRACE = EXAMPLES / "astronaut.png", EXAMPLES / "grace_hopper.jpg"
