@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_cmd_convert)
 
     demo = sub.add_parser("demo", help="offline demo: train, personalize and score a small DiffusionRig on "
-                                       "synthetic faces (about 5 minutes on 2 CPU cores)")
+                                       "synthetic faces (about 7 minutes on 2 CPU cores)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--models", default=None,
                       help="a ComfyUI-style models folder (default: $COMFY_DIFFUSIONRIG_MODELS or ./models); when it "
