@@ -148,7 +148,8 @@ def _run_edits(args, make_edit, suffix: str) -> int:
         raise ValueError(f"--out {out} should be an image file name (e.g. out.png) for one photo")
     for photo_path in photos if many else []:  # existing outputs: say so before minutes of sampling, not after
         stem = f"{photo_path.stem}_{suffix}"
-        planned = [out / f"{stem}_{k:04d}.png" for k in range(frames)] + [out / f"{stem}.gif"] if frames > 1 \
+        videos = [out / f"{stem}.gif"] + ([out / f"{stem}.mp4"] if video_writer() else [])
+        planned = [out / f"{stem}_{k:04d}.png" for k in range(frames)] + videos if frames > 1 \
             else [out / f"{stem}.png"]
         for path in planned:
             _check_new(path, args.overwrite)
@@ -175,14 +176,46 @@ def _run_edits(args, make_edit, suffix: str) -> int:
                 continue
             for k, frame in enumerate(result.photos):
                 _save_new(frame, out / f"{photo_path.stem}_{suffix}_{k:04d}.png", args.overwrite)
+            from .checkpoints import atomic_write
+
             gif = out / f"{photo_path.stem}_{suffix}.gif"
             _check_new(gif, args.overwrite)
-            result.photos[0].save(gif, save_all=True, append_images=result.photos[1:], duration=1000 // args.fps,
-                                  loop=0)
+            atomic_write(gif, lambda tmp: result.photos[0].save(tmp, format="GIF", save_all=True, loop=0,
+                                                                append_images=result.photos[1:],
+                                                                duration=1000 // args.fps), overwrite=args.overwrite)
+            if video_writer():
+                pattern = out / f"{photo_path.stem}_{suffix}_%04d.png"
+                _write_mp4(pattern, out / f"{photo_path.stem}_{suffix}.mp4", args.fps, args.overwrite)
     finally:
         bar.close()
     print(f"wrote {out}")
     return 0
+
+
+def video_writer() -> str | None:
+    """ffmpeg on the PATH, used for an MP4 of a sweep next to the GIF (None: GIF only)."""
+    import shutil
+
+    return shutil.which("ffmpeg")
+
+
+def _write_mp4(frames_pattern: Path, path: Path, fps: int, overwrite: bool) -> None:
+    import subprocess
+
+    from .checkpoints import atomic_write
+
+    _check_new(path, overwrite)
+
+    def encode(tmp):
+        command = [video_writer(), "-y", "-loglevel", "error", "-framerate", str(fps), "-i", str(frames_pattern),
+                   "-c:v", "libx264", "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-f", "mp4",
+                   str(tmp)]
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise ValueError(f"ffmpeg could not write {path} ({done.stderr.strip()[-300:]}); the PNG frames and the "
+                             "GIF are written")
+
+    atomic_write(path, encode, overwrite=overwrite)
 
 
 def _check_new(path: Path, overwrite: bool) -> None:
@@ -330,13 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
     edit.add_argument("--expression-strength", type=float, default=1.0, help="0 neutral, 1 as is, >1 stronger")
     edit.set_defaults(func=_cmd_edit)
 
-    sweep = sub.add_parser("sweep", help="frames of one changing parameter (PNG frames + an animated GIF)")
+    sweep = sub.add_parser("sweep", help="frames of one changing parameter (PNG frames + an animated GIF, and an "
+                                         "MP4 when ffmpeg is on the PATH)")
     _edit_arguments(sweep, "output folder for the frames")
     for name in ("light_azimuth", "light_elevation", "light_intensity", "jaw_open", "head_yaw", "head_pitch",
                  "head_roll", "expression_strength"):
         sweep.add_argument("--" + name.replace("_", "-"), dest=name, metavar="START:END", help=f"sweep {name}")
     sweep.add_argument("--frames", type=int, default=24)
-    sweep.add_argument("--fps", type=int, default=12, help="GIF frame rate")
+    sweep.add_argument("--fps", type=int, default=12, help="GIF / MP4 frame rate")
     sweep.add_argument("--linear", action="store_true", help="constant speed (default: ease in and out)")
     sweep.set_defaults(func=_cmd_sweep)
     return parser

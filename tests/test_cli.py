@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from comfy_diffusionrig import pipeline
+from comfy_diffusionrig import cli
 from comfy_diffusionrig.cli import main
 from comfy_diffusionrig.checkpoints import read_state_dict
 
@@ -144,7 +145,8 @@ def test_edit_pose_sliders_and_expression_from_a_photo(tmp_path, run_cli, capsys
     assert "should be an image file name" in capsys.readouterr().err
 
 
-def test_sweep_writes_frames_and_a_gif(tmp_path, run_cli, capsys):
+def test_sweep_writes_frames_and_a_gif(tmp_path, run_cli, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "video_writer", lambda: None)  # no ffmpeg: GIF only
     out = tmp_path / "sweep"
     assert run_cli("sweep", str(ASTRONAUT), "--out", str(out), "--light-azimuth", "-60:60", "--frames", "3",
                    "--start", "noise", "--fps", "5") == 0
@@ -166,3 +168,26 @@ def test_sweep_writes_frames_and_a_gif(tmp_path, run_cli, capsys):
     assert np.array_equal(_pixels(out / "astronaut_light_azimuth_0002.png"), frames[2])
     assert run_cli("sweep", str(ASTRONAUT), "--out", str(out), "--head-yaw", "-30:30", "--jaw-open", "0:10") == 2
     assert "give exactly one sweep" in capsys.readouterr().err
+
+
+def test_sweep_also_writes_an_mp4_when_ffmpeg_is_there(tmp_path, run_cli, monkeypatch):
+    fake = tmp_path / "bin" / "ffmpeg"  # records its arguments and writes the output file it is given
+    fake.parent.mkdir()
+    fake.write_text('#!/bin/sh\necho "$@" > "$(dirname "$0")/args.txt"\nfor last; do :; done\necho video > "$last"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{__import__('os').environ['PATH']}")
+    out = tmp_path / "sweep"
+    assert run_cli("sweep", str(ASTRONAUT), "--out", str(out), "--jaw-open", "0:10", "--frames", "2",
+                   "--start", "noise", "--fps", "8") == 0
+    assert (out / "astronaut_jaw_open.mp4").read_text() == "video\n"
+    args = (fake.parent / "args.txt").read_text().split()
+    assert args[args.index("-framerate") + 1] == "8"
+    assert args[args.index("-i") + 1] == str(out / "astronaut_jaw_open_%04d.png")
+    assert not list(out.glob("*.tmp"))
+    assert run_cli("sweep", str(ASTRONAUT), "--out", str(out / "again"), "--jaw-open", "0:10", "--frames", "2",
+                   "--start", "noise") == 0
+    fake.write_text("#!/bin/sh\necho broken >&2\nexit 1\n")  # a failing ffmpeg: a clear error, nothing half-written
+    assert run_cli("sweep", str(ASTRONAUT), "--out", str(out / "third"), "--jaw-open", "0:10", "--frames", "2",
+                   "--start", "noise") == 2
+    assert not (out / "third" / "astronaut_jaw_open.mp4").exists() and not list((out / "third").glob("*.tmp"))
+    assert (out / "third" / "astronaut_jaw_open.gif").exists()
