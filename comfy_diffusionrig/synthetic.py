@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .checkpoints import atomic_write
-from .lighting import DECA_SH_CONSTANTS, sh_from_direction
+from .lighting import sh_from_direction
 
 # FLAME 2020 layout: 300 shape then 100 expression components; 5 joints
 N_SHAPE_DIRS, N_EXP_DIRS, N_JOINTS = 300, 100, 5
@@ -858,7 +858,8 @@ def _detail_decoder_state(gen: torch.Generator) -> dict[str, torch.Tensor]:
     for index in sorted({**_D_DETAIL_BATCHNORMS, **_D_DETAIL_CONVS}):
         if index in _D_DETAIL_BATCHNORMS:
             width = _D_DETAIL_BATCHNORMS[index]
-            state.update({f"conv_blocks.{index}.weight": torch.ones(width), f"conv_blocks.{index}.bias": torch.zeros(width),
+            state.update({f"conv_blocks.{index}.weight": torch.ones(width),
+                          f"conv_blocks.{index}.bias": torch.zeros(width),
                           f"conv_blocks.{index}.running_mean": torch.zeros(width),
                           f"conv_blocks.{index}.running_var": torch.ones(width),
                           f"conv_blocks.{index}.num_batches_tracked": torch.tensor(0)})
@@ -882,7 +883,8 @@ def deca_camera(head: dict[str, np.ndarray] | None = None) -> np.ndarray:
     return np.array([scale, -centre[0], -centre[1]])
 
 
-def write_deca_checkpoint(path, seed: int = 0, overwrite: bool = False, head: dict[str, np.ndarray] | None = None) -> Path:
+def write_deca_checkpoint(path, seed: int = 0, overwrite: bool = False,
+                          head: dict[str, np.ndarray] | None = None) -> Path:
     """A random-weight `deca_model.tar` in DECA's layout: {"E_flame", "E_detail", "D_detail"} state dicts.
 
     E_flame is DECA's ResNet-50 + MLP with random weights whose last layer is scaled down and
@@ -944,8 +946,8 @@ def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[s
     head = make_head(seed)
     written = {f"flame/{k}": v for k, v in write_flame_files(out_dir / "flame", seed, overwrite=True).items()}
     written["deca/deca_model.tar"] = write_deca_checkpoint(out_dir / "deca" / "deca_model.tar", seed, True, head)
-    written["deca/SYNTHETIC_README.txt"] = atomic_write(out_dir / "deca" / "SYNTHETIC_README.txt",
-                                                        lambda tmp: Path(tmp).write_text(SYNTHETIC_NOTE), overwrite=True)
+    written["deca/SYNTHETIC_README.txt"] = atomic_write(
+        out_dir / "deca" / "SYNTHETIC_README.txt", lambda tmp: Path(tmp).write_text(SYNTHETIC_NOTE), overwrite=True)
     written["SYNTHETIC_README.txt"] = atomic_write(out_dir / "SYNTHETIC_README.txt",
                                                    lambda tmp: Path(tmp).write_text(DEMO_ASSET_README), overwrite=True)
     return written

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -393,7 +392,8 @@ class FaceIdentitySimilarity:
     FUNCTION = "compare"
     RETURN_TYPES = ("FLOAT", "STRING")
     RETURN_NAMES = ("similarity", "verdict")
-    OUTPUT_TOOLTIPS = ("Similarity of the least similar pair (higher = more alike; -1 when a face was not found).", "Readable verdict per pair.")
+    OUTPUT_TOOLTIPS = ("Similarity of the least similar pair (higher = more alike; -1 when a face was not found).",
+                       "Readable verdict per pair.")
     OUTPUT_NODE = True
 
     @classmethod

@@ -65,7 +65,8 @@ def test_licensed_files_are_told_from_the_synthetic_ones(demo_models, tmp_path):
             if f.name != "SYNTHETIC_README.txt":
                 (tmp_path / folder / f.name).symlink_to(f)
     (tmp_path / "diffusionrig").mkdir()
-    (tmp_path / "diffusionrig" / "model.pt").symlink_to(demo_models / "diffusionrig" / "synthetic_random_diffusionrig.pt")
+    synthetic = demo_models / "diffusionrig" / "synthetic_random_diffusionrig.pt"
+    (tmp_path / "diffusionrig" / "model.pt").symlink_to(synthetic)
     assert real_models(tmp_path) == tmp_path / "diffusionrig" / "model.pt"
 
 

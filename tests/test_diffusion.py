@@ -71,7 +71,6 @@ def test_ddim10_without_clipping(tiny_model, dr_ref):
 @pytest.mark.parametrize("clip", [True, False])
 def test_inversion_and_reconstruction(tiny_model, dr_ref, clip):
     ref = dr_ref("tiny_ddim.pt")
-    suffix = "" if clip else "_noclip"
     steps = []
     x_t = ddim_invert(tiny_model, ref["inv_x_start"], ref["physic_cond"], ref["detail_cond"], steps=10, clip=clip,
                       callback=lambda step, total, x, x0: steps.append(x.clone()))

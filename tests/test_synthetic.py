@@ -63,7 +63,8 @@ def test_synthetic_head_behaves_like_a_face(flame_dir):
     assert 0.12 < float(size[0]) < 0.25 and 0.2 < float(size[1]) < 0.4  # a head in metres
     p = lmk2d[0]
     assert float(p[36:42, 0].mean()) < float(p[42:48, 0].mean())  # eyes in FLAME's left/right order
-    assert float(p[36:48, 1].mean()) > float(p[30, 1]) > float(p[48:68, 1].mean()) > float(p[8, 1])  # eyes, nose, mouth, chin
+    # top to bottom: eyes, nose tip, mouth, chin
+    assert float(p[36:48, 1].mean()) > float(p[30, 1]) > float(p[48:68, 1].mean()) > float(p[8, 1])
     # mouth open (expression 1) moves the lower lip down, and the jaw joint does too
     exp = zeros(50)
     exp[1, 1] = 2.0
