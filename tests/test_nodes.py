@@ -1,5 +1,7 @@
 """Node contracts and node functions run directly, without ComfyUI."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -124,3 +126,20 @@ def test_image_conversions_round_trip():
     assert host.image_to_model(rgba, "test").shape == (1, 3, 8, 8)
     with pytest.raises(ValueError, match="test: expected an IMAGE batch"):
         host.image_to_model(torch.rand(8, 8, 3), "test")
+
+
+def test_importing_the_pack_does_no_work():
+    """ComfyUI imports every pack at start-up: ours must not load dlib, scipy or any model file then."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys, builtins; sys.path.insert(0, {root!r}); opened = []\n"
+            "real = builtins.open\n"
+            "builtins.open = lambda f, *a, **k: (opened.append(str(f)), real(f, *a, **k))[1]\n"
+            "import nodes\n"
+            "print([m for m in ('dlib', 'scipy', 'safetensors', 'insightface') if m in sys.modules])\n"
+            "print([f for f in opened if f.endswith(('.pt', '.tar', '.pkl', '.npy', '.npz', '.dat', '.safetensors'))])\n"
+            ).format(root=str(root))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "[]" and out[1] == "[]", out
