@@ -5,7 +5,7 @@ Stages: align (detect + 68 landmarks + FFHQ alignment), fit (DECA crop + encode)
 sample (20 DDIM steps), paste (paste back into the photo). Models: the official default
 DiffusionRig config with deterministic random weights (benchmarks/bench_sample.py), and
 DECA + FLAME from the offline demo assets (`comfy-diffusionrig demo-assets`; a synthetic
-head, so the renderer sees ~2k faces instead of FLAME's 10k).
+head of 7168 faces, where FLAME has 9976).
 
 Goal: the whole edit is dominated by the sampler; everything else together under 1 s per face.
 
