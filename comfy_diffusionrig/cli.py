@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from .presets import LIGHT_PRESETS
+
 
 def _cmd_info(args) -> int:
     from .checkpoints import load_diffusionrig
@@ -246,6 +248,11 @@ def _cmd_relight(args) -> int:
         if args.light_from:
             reference = _reference_rig(models, args.light_from)
             return lambda rig: copy_from(rig, reference, light=True)
+        if args.light_preset:
+            from .lighting import preset_light
+
+            preset = preset_light(args.light_preset, mirror=args.mirror)
+            return lambda rig: rig.with_codes(light=preset.expand(len(rig), 9, 3).clone())
         light = _parse_light(args.light)
         color = _hex_color(light.pop("color", "#FFFFFF"))
         sh = sh_from_direction(light.get("azimuth", 45.0), light.get("elevation", 20.0),
@@ -349,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     light.add_argument("--light-from", help="a photo whose light to copy")
     light.add_argument("--light", help="azimuth=..,elevation=..,intensity=..,ambient=..,color=#RRGGBB (degrees; "
                                        "azimuth + = from image right, elevation + = from above)")
+    light.add_argument("--light-preset", choices=list(LIGHT_PRESETS), metavar="NAME",
+                       help="a named lighting setup: " + ", ".join(LIGHT_PRESETS) + " (key light on image right)")
+    relight.add_argument("--mirror", action="store_true", help="with --light-preset: key light on image left")
     relight.set_defaults(func=_cmd_relight)
 
     edit = sub.add_parser("edit", help="change expression, jaw and head pose of the face(s) of a photo")

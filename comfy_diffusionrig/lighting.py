@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from .presets import LIGHT_PRESETS
+
 
 def _deca_constants() -> torch.Tensor:
     # DECA SH constants (decalib renderer): the clamped-cosine convolution weights (pi, 2pi/3,
@@ -118,6 +120,16 @@ def sh_from_direction(azimuth_deg, elevation_deg, intensity=1.0, ambient=0.4, co
     # uniform irradiance lives in the constant band only
     light[..., 0] += ambient / DECA_SH_CONSTANTS[0].double()
     return (light[..., :, None] * color[..., None, :]).float()
+
+
+def preset_light(name: str, mirror: bool = False) -> torch.Tensor:
+    """The SH light [9, 3] of a named setup (LIGHT_PRESETS); mirror puts the key light on the other side."""
+    try:
+        preset = LIGHT_PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown light preset {name!r}; choose one of {', '.join(LIGHT_PRESETS)}") from None
+    azimuth = -preset["azimuth"] if mirror else preset["azimuth"]
+    return sh_from_direction(azimuth, preset["elevation"], preset["intensity"], preset["ambient"], preset["color"])
 
 
 def light_parameters(light: torch.Tensor):

@@ -12,7 +12,7 @@ from PIL import Image
 from comfy_diffusionrig import alignment as align_lib
 from comfy_diffusionrig import identity
 from comfy_diffusionrig.deca import load_deca
-from comfy_diffusionrig.lighting import lit_sphere, rotate_sh, sh_from_direction
+from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.rig import SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_rig, sweep, sweep_values
 
 from .host import (check_interrupt, input_files, input_path, model_dir, model_files, model_path, models_root,
@@ -190,8 +190,9 @@ def _sphere_image(light: torch.Tensor) -> torch.Tensor:
 
 
 class Relight:
-    DESCRIPTION = ("Changes the light of a face rig: set a light with sliders, rotate the fitted light, or copy "
-                   "the light of a reference face. The lit sphere shows the light before sampling.")
+    DESCRIPTION = ("Changes the light of a face rig: set a light with sliders, pick a named lighting setup "
+                   "(Rembrandt, split, rim, golden hour...), rotate the fitted light, or copy the light of a "
+                   "reference face. The lit sphere shows the light before sampling.")
     CATEGORY = CATEGORY
     FUNCTION = "relight"
     RETURN_TYPES = ("FACE_RIG", "IMAGE")
@@ -202,10 +203,10 @@ class Relight:
     def INPUT_TYPES(cls):
         return {"required": {
             "rig": ("FACE_RIG", {"tooltip": "From DECA Fit."}),
-            "mode": (["sliders", "rotate fitted light", "copy reference"],
-                     {"default": "sliders", "tooltip": "sliders: a new directional + ambient light. rotate: turn "
-                                                       "the photo's own light by azimuth/elevation. copy: the "
-                                                       "reference rig's light."}),
+            "mode": (["sliders", "preset", "rotate fitted light", "copy reference"],
+                     {"default": "sliders", "tooltip": "sliders: a new directional + ambient light. preset: a named "
+                                                       "lighting setup (see 'preset'). rotate: turn the photo's own "
+                                                       "light by azimuth/elevation. copy: the reference rig's light."}),
             "azimuth": ("FLOAT", {"default": 45.0, "min": -180.0, "max": 180.0, "step": 1.0,
                                   "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
             "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
@@ -215,13 +216,22 @@ class Relight:
             "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
                                   "tooltip": "Light from everywhere (sliders mode): higher = softer shadows."}),
             "color": ("STRING", {"default": "#FFFFFF", "tooltip": "Light colour as hex, e.g. #FFD8A8 for warm."}),
+            "preset": (list(LIGHT_PRESETS), {"default": "rembrandt",
+                                             "tooltip": "Lighting setup of preset mode: rembrandt, loop, split, "
+                                                        "butterfly, flat, rim (from behind), under, golden hour, "
+                                                        "blue hour, candlelight, overcast. Key light on image right."}),
+            "mirror_preset": ("BOOLEAN", {"default": False, "tooltip": "Preset mode: key light on image left."}),
         }, "optional": {
             "reference": ("FACE_RIG", {"tooltip": "Rig of another photo whose light to copy (copy mode)."}),
         }}
 
-    def relight(self, rig, mode, azimuth, elevation, intensity, ambient, color, reference=None):
+    def relight(self, rig, mode, azimuth, elevation, intensity, ambient, color, preset="rembrandt",
+                mirror_preset=False, reference=None):
         node = "Relight"
-        if mode == "copy reference":
+        if mode == "preset":
+            light = preset_light(preset, mirror=mirror_preset)
+            out = rig.with_codes(light=light.expand(len(rig), 9, 3).clone())
+        elif mode == "copy reference":
             if reference is None:
                 raise ValueError(f"{node}: mode 'copy reference' needs a reference rig (DECA Fit of another photo)")
             out = copy_from(rig, reference, light=True)

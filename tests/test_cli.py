@@ -191,3 +191,17 @@ def test_sweep_also_writes_an_mp4_when_ffmpeg_is_there(tmp_path, run_cli, monkey
                    "--start", "noise") == 2
     assert not (out / "third" / "astronaut_jaw_open.mp4").exists() and not list((out / "third").glob("*.tmp"))
     assert (out / "third" / "astronaut_jaw_open.gif").exists()
+
+
+def test_relight_with_a_named_preset_and_its_mirror(tmp_path, run_cli, capsys):
+    right, left = tmp_path / "right.png", tmp_path / "left.png"
+    assert run_cli("relight", str(ASTRONAUT), "--out", str(right), "--light-preset", "golden hour", "--start",
+                   "noise") == 0
+    assert run_cli("relight", str(ASTRONAUT), "--out", str(left), "--light-preset", "golden hour", "--mirror",
+                   "--start", "noise") == 0
+    for out in (right, left):
+        _face_only(_changed(_pixels(out), _pixels(ASTRONAUT)), ASTRONAUT_FACE)
+    assert not np.array_equal(_pixels(right), _pixels(left))
+    with pytest.raises(SystemExit):
+        run_cli("relight", str(ASTRONAUT), "--out", str(tmp_path / "x.png"), "--light-preset", "disco")
+    assert "invalid choice" in capsys.readouterr().err

@@ -172,6 +172,24 @@ def test_relight_changes_the_shaded_render_but_not_normals_or_albedo(pipe):
     torch.testing.assert_close(sphere, fn._sphere_image(pipe.grace_rig.codes["light"]))
 
 
+def test_relight_presets_set_the_named_light_whatever_the_sliders(pipe):
+    from comfy_diffusionrig.lighting import preset_light
+
+    relight, render = fn.Relight(), fn.RenderBuffers()
+    split, sphere = relight.relight(pipe.rig, "preset", -90.0, -40.0, 0.1, 2.0, "#00FF00", preset="split")
+    torch.testing.assert_close(split.codes["light"], preset_light("split")[None])
+    assert sphere[0, 128, 215].mean() > sphere[0, 128, 40].mean() + 0.2  # key light on image right
+    mirrored, _ = relight.relight(pipe.rig, "preset", 0.0, 0.0, 0.8, 0.5, WHITE, preset="split", mirror_preset=True)
+    base, _ = render.render(pipe.deca, pipe.rig)
+    covered = (base != 0).any(1)[0]
+    lit_left, lit_right = _halves(render.render(pipe.deca, split)[0][0, 0:3], covered)
+    assert lit_right > lit_left + 0.05
+    lit_left, lit_right = _halves(render.render(pipe.deca, mirrored)[0][0, 0:3], covered)
+    assert lit_left > lit_right + 0.05
+    with pytest.raises(ValueError, match="unknown light preset"):
+        relight.relight(pipe.rig, "preset", 0.0, 0.0, 0.8, 0.5, WHITE, preset="disco")
+
+
 def test_relight_bad_inputs_name_the_node(pipe):
     relight = fn.Relight()
     with pytest.raises(ValueError, match="Relight: mode 'copy reference' needs a reference rig"):

@@ -9,10 +9,12 @@ import torch
 
 from comfy_diffusionrig.lighting import (
     DECA_SH_CONSTANTS,
+    LIGHT_PRESETS,
     copy_codes,
     light_direction,
     light_parameters,
     lit_sphere,
+    preset_light,
     rotate_sh,
     rotation_matrix,
     sh_basis,
@@ -168,3 +170,29 @@ def test_lit_sphere_preview():
     inside = flat[0, 0] > 0
     assert flat.shape == (2, 3, 16, 16)
     torch.testing.assert_close(flat[:, :, inside], torch.full_like(flat[:, :, inside], 0.5))
+
+
+@pytest.mark.parametrize("name", list(LIGHT_PRESETS))
+def test_light_presets_are_the_setups_they_name(name):
+    preset = LIGHT_PRESETS[name]
+    azimuth, elevation, intensity, ambient, color = light_parameters(preset_light(name))
+    assert float(azimuth) == pytest.approx(preset["azimuth"], abs=1e-3)
+    assert float(elevation) == pytest.approx(preset["elevation"], abs=1e-3)
+    assert float(intensity) == pytest.approx(preset["intensity"], abs=1e-4)
+    assert float(ambient) == pytest.approx(preset["ambient"], abs=1e-4)
+    torch.testing.assert_close(color, torch.tensor(preset["color"]), atol=1e-4, rtol=0)
+    mirrored = light_parameters(preset_light(name, mirror=True))
+    assert float(mirrored[0]) == pytest.approx(-preset["azimuth"], abs=1e-3)
+    assert float(mirrored[1]) == pytest.approx(preset["elevation"], abs=1e-3)
+
+
+def test_light_presets_light_the_side_they_say():
+    sphere = lit_sphere(torch.stack([preset_light("split"), preset_light("split", mirror=True),
+                                     preset_light("under"), preset_light("butterfly")]), size=64)
+    brightness = sphere.mean(1)  # [4, H, W]
+    left, right = brightness[..., :32].mean((-1, -2)), brightness[..., 32:].mean((-1, -2))
+    top, bottom = brightness[..., :32, :].mean((-1, -2)), brightness[..., 32:, :].mean((-1, -2))
+    assert right[0] > 1.5 * left[0] and left[1] > 1.5 * right[1]  # split: image right, mirrored: left
+    assert bottom[2] > top[2] and top[3] > bottom[3]  # under-light vs butterfly (from above)
+    with pytest.raises(ValueError, match="unknown light preset 'disco'.*rembrandt"):
+        preset_light("disco")
