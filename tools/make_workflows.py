@@ -110,6 +110,21 @@ def relight_sliders(mappings) -> dict:
     return g.to_json()
 
 
+def relight_preset(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load, align = _front(g, PHOTO, 0, 320, "Photo to relight")
+    fit = _fit(g, deca, align, 700, 320)
+    relight = g.add("DiffusionRigRelight", (1040, 320), title="Relight (pick a preset; mirror flips the key light)",
+                    mode="preset", preset="golden hour", mirror_preset=False)
+    g.connect(fit, "rig", relight, "rig")
+    sphere = g.add("PreviewImage", (1040, 700), title="Lit sphere: the preset's light")
+    g.connect(relight, "lit_sphere", sphere, "images")
+    sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
+    _paste(g, load, align, sample, 2060, 320, "diffusionrig_relit_preset")
+    return g.to_json()
+
+
 def expression_pose_transfer(mappings) -> dict:
     g = Graph(mappings)
     deca, model = _models(g, 0, 0)
@@ -186,6 +201,7 @@ WORKFLOWS = {
     "expression_pose_transfer": expression_pose_transfer,
     "light_sweep_video": light_sweep_video,
     "paste_back_upscale": paste_back_upscale,
+    "relight_preset": relight_preset,
     "personalize_and_relight": personalize_and_relight,
 }
 
