@@ -354,7 +354,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
         for label, picture in zip(["source", "target", "untrained", "stage1", "personalized", "lora"], row):
             picture.save(images_dir / f"edit{i:02d}_{label}.png")
         rows.append(row)
-    sheet = contact_sheet(rows, column_labels=["source photo", "ground truth"] + list(candidates), cell=96)
+    labels = ["source photo", "ground truth", "untrained", "stage 1", "personalized", f"LoRA r{config.lora_rank}"]
+    sheet = contact_sheet(rows, column_labels=labels, cell=96)
     sheet.save(out / "contact_sheet.png")
     loss_curve(losses1, title="stage 1 loss").save(out / "loss_stage1.png")
     loss_curve(losses2, title="stage 2 loss").save(out / "loss_stage2.png")
