@@ -95,34 +95,30 @@ def relight_from_reference(mappings) -> dict:
     return g.to_json()
 
 
-def relight_sliders(mappings) -> dict:
+def _relight_photo(mappings, relight: dict, sphere_title: str, prefix: str) -> dict:
+    """Photo -> align -> fit -> Relight(**relight) with its lit sphere -> sample -> paste back -> save."""
     g = Graph(mappings)
     deca, model = _models(g, 0, 0)
     load, align = _front(g, PHOTO, 0, 320, "Photo to relight")
     fit = _fit(g, deca, align, 700, 320)
-    relight = g.add("DiffusionRigRelight", (1040, 320), mode="sliders", azimuth=60.0, elevation=25.0, intensity=0.9,
-                    ambient=0.45, color="#FFE2C4")
-    g.connect(fit, "rig", relight, "rig")
-    sphere = g.add("PreviewImage", (1040, 700), title="Lit sphere: the new light")
-    g.connect(relight, "lit_sphere", sphere, "images")
-    sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
-    _paste(g, load, align, sample, 2060, 320, "diffusionrig_relit")
+    node = g.add("DiffusionRigRelight", (1040, 320), **relight)
+    g.connect(fit, "rig", node, "rig")
+    sphere = g.add("PreviewImage", (1040, 700), title=sphere_title)
+    g.connect(node, "lit_sphere", sphere, "images")
+    sample = _sample(g, deca, model, align, fit, node, 1380, 0)
+    _paste(g, load, align, sample, 2060, 320, prefix)
     return g.to_json()
+
+
+def relight_sliders(mappings) -> dict:
+    return _relight_photo(mappings, dict(mode="sliders", azimuth=60.0, elevation=25.0, intensity=0.9, ambient=0.45,
+                                         color="#FFE2C4"), "Lit sphere: the new light", "diffusionrig_relit")
 
 
 def relight_preset(mappings) -> dict:
-    g = Graph(mappings)
-    deca, model = _models(g, 0, 0)
-    load, align = _front(g, PHOTO, 0, 320, "Photo to relight")
-    fit = _fit(g, deca, align, 700, 320)
-    relight = g.add("DiffusionRigRelight", (1040, 320), title="Relight (pick a preset; mirror flips the key light)",
-                    mode="preset", preset="golden hour", mirror_preset=False)
-    g.connect(fit, "rig", relight, "rig")
-    sphere = g.add("PreviewImage", (1040, 700), title="Lit sphere: the preset's light")
-    g.connect(relight, "lit_sphere", sphere, "images")
-    sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
-    _paste(g, load, align, sample, 2060, 320, "diffusionrig_relit_preset")
-    return g.to_json()
+    return _relight_photo(mappings, dict(title="Relight (pick a preset; mirror flips the key light)", mode="preset",
+                                         preset="golden hour", mirror_preset=False),
+                          "Lit sphere: the preset's light", "diffusionrig_relit_preset")
 
 
 def expression_pose_transfer(mappings) -> dict:
