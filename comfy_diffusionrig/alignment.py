@@ -351,9 +351,13 @@ def _insightface_faces(rgb: Image.Image, models_dir) -> list[Face]:
     return faces
 
 
-def no_face_error(image_size: tuple[int, int], detector: str) -> ValueError:
+class NoFaceError(ValueError):
+    """No face was found in an image (a ValueError whose message contains "no face" and what to try)."""
+
+
+def no_face_error(image_size: tuple[int, int], detector: str) -> NoFaceError:
     width, height = image_size
-    return ValueError(f"no face found in the {width}x{height} image (detector {detector!r}); try "
+    return NoFaceError(f"no face found in the {width}x{height} image (detector {detector!r}); try "
                       "detector='cnn' (profiles, small or dark faces), upsample=2 for faces under 40 px, a "
                       "larger detect_pixels for small faces in big photos, or a photo with a clearly visible, "
                       "roughly frontal face")
@@ -365,7 +369,7 @@ def select_faces(faces: Sequence[Face], mode: str = "largest", index: int = 0) -
     if mode not in ("largest", "index", "all"):
         raise ValueError(f"unknown face selection {mode!r}; choose 'largest', 'index' or 'all'")
     if not faces:
-        raise ValueError("no face found to select from; try detector='cnn', upsample=2 or a clearer photo")
+        raise NoFaceError("no face found to select from; try detector='cnn', upsample=2 or a clearer photo")
     if mode == "all":
         return list(faces)
     if mode == "largest":

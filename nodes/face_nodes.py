@@ -427,10 +427,8 @@ class FaceIdentitySimilarity:
             try:
                 result = identity.face_similarity(a[i if len(a) > 1 else 0], picture, backend=backend,
                                                   models_dir=str(models_root()))
-            except ValueError as exc:  # an edit that lost the face is an answer here, not a failure
-                if "no face" not in str(exc):
-                    raise
-                verdicts.append(f"no face found ({exc})".split(";")[0] + ")")
+            except align_lib.NoFaceError as exc:  # an edit that lost the face is an answer here, not a failure
+                verdicts.append(str(exc).split(";")[0])  # what was not found, without the advice
                 scores.append(NO_FACE_SCORE)
                 continue
             verdicts.append(result.verdict)

@@ -477,3 +477,11 @@ def test_runs_with_network_blocked():
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr[-3000:]
     assert "offline ok 1 1 (512, 600)" in done.stdout
+
+
+def test_no_face_is_a_value_error_of_its_own_type():
+    from comfy_diffusionrig.alignment import NoFaceError
+
+    with pytest.raises(NoFaceError, match="no face") as caught:
+        align_face(Image.new("RGB", (200, 200), (128, 128, 128)))
+    assert isinstance(caught.value, ValueError)  # the public API promises a ValueError
