@@ -252,12 +252,12 @@ def _cmd_relight(args) -> int:
             from .lighting import preset_light
 
             preset = preset_light(args.light_preset, mirror=args.mirror)
-            return lambda rig: rig.with_codes(light=preset.expand(len(rig), 9, 3).clone())
+            return lambda rig: rig.with_light(preset)
         light = _parse_light(args.light)
         color = _hex_color(light.pop("color", "#FFFFFF"))
         sh = sh_from_direction(light.get("azimuth", 45.0), light.get("elevation", 20.0),
                                light.get("intensity", 0.8), light.get("ambient", 0.5), color)
-        return lambda rig: rig.with_codes(light=sh.expand(len(rig), 9, 3).clone())
+        return lambda rig: rig.with_light(sh)
 
     return _run_edits(args, make_edit, "relit")
 

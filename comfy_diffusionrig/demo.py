@@ -246,7 +246,7 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
     for i, path in enumerate(photos):
         report("relight example photos", i, len(photos))
         photo = load_image(path)
-        result = edit_photo(models, photo, lambda rig: rig.expand(len(lights)).with_codes(light=lights), steps=steps)
+        result = edit_photo(models, photo, lambda rig: rig.expand(len(lights)).with_light(lights), steps=steps)
         aligned = align_faces(photo, size=models.diffusionrig.config.image_size)[0].image
         rows.append([aligned, *result.faces])
         for name, picture in zip(EXAMPLE_LIGHTS, result.photos):

@@ -40,6 +40,11 @@ class FaceRig:
             raise KeyError(f"unknown code(s) {sorted(unknown)}; a rig has {CODE_KEYS}")
         return replace(self, codes={**self.codes, **changes})
 
+    def with_light(self, light: torch.Tensor) -> "FaceRig":
+        """Every face lit by one SH light [9, 3] (or one light per face, [B, 9, 3])."""
+        light = light.reshape(-1, 9, 3) if light.ndim == 2 else light
+        return self.with_codes(light=_broadcast(light, len(self), "light").clone())
+
     def select(self, index) -> "FaceRig":
         """Rows of the batch (an int, a slice or a list of ints); keeps the batch dimension."""
         if isinstance(index, int):

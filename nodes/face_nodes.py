@@ -230,7 +230,7 @@ class Relight:
         node = "Relight"
         if mode == "preset":
             light = preset_light(preset, mirror=mirror_preset)
-            out = rig.with_codes(light=light.expand(len(rig), 9, 3).clone())
+            out = rig.with_light(light)
         elif mode == "copy reference":
             if reference is None:
                 raise ValueError(f"{node}: mode 'copy reference' needs a reference rig (DECA Fit of another photo)")
@@ -239,7 +239,7 @@ class Relight:
             out = rig.with_codes(light=rotate_sh(rig.codes["light"], yaw_deg=azimuth, pitch_deg=elevation))
         else:
             light = sh_from_direction(azimuth, elevation, intensity, ambient, parse_color(color, node))
-            out = rig.with_codes(light=light.expand(len(rig), 9, 3).clone())
+            out = rig.with_light(light)
         return (out, _sphere_image(out.codes["light"]))
 
 

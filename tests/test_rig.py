@@ -71,6 +71,15 @@ def test_batching_helpers():
     assert len(both) == 3 and len(both.select(slice(1, 3))) == 2 and len(both.select(0)) == 1
     with pytest.raises(KeyError):
         rig.with_codes(colour=torch.zeros(1))
+    one_light = torch.arange(27.0).reshape(9, 3)
+    lit = both.with_light(one_light)
+    assert lit.codes["light"].shape == (3, 9, 3) and all(torch.equal(lit.codes["light"][i], one_light) for i in range(3))
+    lit.codes["light"][0, 0, 0] = -1.0  # each face owns its copy
+    assert float(lit.codes["light"][1, 0, 0]) == 0.0
+    per_face = torch.randn(3, 9, 3)
+    assert torch.equal(both.with_light(per_face).codes["light"], per_face)
+    with pytest.raises(ValueError, match="2 faces for 3"):
+        both.with_light(torch.zeros(2, 9, 3))
     assert sweep_values(-60, 60, 5).tolist() == [-60, -30, 0, 30, 60]
     eased = sweep_values(0, 1, 5, ease=True)
     assert eased[0] == 0 and eased[-1] == 1 and eased[1] < 0.25
