@@ -139,6 +139,17 @@ def _range(text: str) -> tuple[float, float]:
     return float(start), float(end)
 
 
+def _outputs(out: Path, photo: Path, suffix: str, frames: int, many: bool, video: str | None) -> dict:
+    """Where the edit of one photo goes: "images" (one per frame), "gif" and "mp4" (sweeps), "pattern"."""
+    if not many:
+        return {"images": [out], "gif": None, "mp4": None}
+    stem = f"{photo.stem}_{suffix}"
+    if frames == 1:
+        return {"images": [out / f"{stem}.png"], "gif": None, "mp4": None}
+    return {"images": [out / f"{stem}_{k:04d}.png" for k in range(frames)], "gif": out / f"{stem}.gif",
+            "mp4": out / f"{stem}.mp4" if video else None, "pattern": out / f"{stem}_%04d.png"}
+
+
 def _run_edits(args, make_edit, suffix: str) -> int:
     from .pipeline import edit_photo, load_models
 
@@ -148,46 +159,34 @@ def _run_edits(args, make_edit, suffix: str) -> int:
     many = len(photos) > 1 or frames > 1
     if not many and out.suffix.lower() not in PHOTO_SUFFIXES:
         raise ValueError(f"--out {out} should be an image file name (e.g. out.png) for one photo")
-    for photo_path in photos if many else []:  # existing outputs: say so before minutes of sampling, not after
-        stem = f"{photo_path.stem}_{suffix}"
-        videos = [out / f"{stem}.gif"] + ([out / f"{stem}.mp4"] if video_writer() else [])
-        planned = [out / f"{stem}_{k:04d}.png" for k in range(frames)] + videos if frames > 1 \
-            else [out / f"{stem}.png"]
-        for path in planned:
-            _check_new(path, args.overwrite)
-    if not many:
-        _check_new(out, args.overwrite)
+    video = video_writer() if frames > 1 else None
+    plans = [_outputs(out, photo_path, suffix, frames, many, video) for photo_path in photos]
+    for plan in plans:  # existing outputs: say so before minutes of sampling, not after
+        for path in [*plan["images"], plan["gif"], plan["mp4"]]:
+            if path is not None:
+                _check_new(path, args.overwrite)
     models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision)
     edit = make_edit(models)
     if many:
         out.mkdir(parents=True, exist_ok=True)
     bar = _Bar()
     try:
-        for photo_path in photos:
+        for photo_path, plan in zip(photos, plans):
             from .alignment import load_image
 
             photo = load_image(photo_path)
             result = edit_photo(models, photo, edit, steps=args.steps, seed=args.seed, start=args.start,
                                 faces=args.faces, color_match=args.color_match,
                                 callback=lambda done, total, name=photo_path.name: bar(name, done, total))
-            if not many:
-                _save_new(result.photos[0], out, args.overwrite)
-                continue
-            if len(result.photos) == 1:
-                _save_new(result.photos[0], out / f"{photo_path.stem}_{suffix}.png", args.overwrite)
-                continue
-            for k, frame in enumerate(result.photos):
-                _save_new(frame, out / f"{photo_path.stem}_{suffix}_{k:04d}.png", args.overwrite)
-            from .checkpoints import atomic_write
-
-            gif = out / f"{photo_path.stem}_{suffix}.gif"
-            _check_new(gif, args.overwrite)
-            atomic_write(gif, lambda tmp: result.photos[0].save(tmp, format="GIF", save_all=True, loop=0,
-                                                                append_images=result.photos[1:],
-                                                                duration=1000 // args.fps), overwrite=args.overwrite)
-            if video_writer():
-                pattern = out / f"{photo_path.stem}_{suffix}_%04d.png"
-                _write_mp4(pattern, out / f"{photo_path.stem}_{suffix}.mp4", args.fps, args.overwrite)
+            for path, image in zip(plan["images"], result.photos):
+                _save_new(image, path, args.overwrite)
+            if plan["gif"] is not None:
+                first, rest = result.photos[0], result.photos[1:]
+                _write_new(plan["gif"], lambda tmp: first.save(tmp, format="GIF", save_all=True, loop=0,
+                                                                append_images=rest, duration=1000 // args.fps),
+                           args.overwrite)
+            if plan["mp4"] is not None:
+                _write_mp4(video, plan["pattern"], plan["mp4"], args.fps, args.overwrite)
     finally:
         bar.close()
     print(f"wrote {out}")
@@ -201,15 +200,11 @@ def video_writer() -> str | None:
     return shutil.which("ffmpeg")
 
 
-def _write_mp4(frames_pattern: Path, path: Path, fps: int, overwrite: bool) -> None:
+def _write_mp4(ffmpeg: str, frames_pattern: Path, path: Path, fps: int, overwrite: bool) -> None:
     import subprocess
 
-    from .checkpoints import atomic_write
-
-    _check_new(path, overwrite)
-
     def encode(tmp):
-        command = [video_writer(), "-y", "-loglevel", "error", "-framerate", str(fps), "-i", str(frames_pattern),
+        command = [ffmpeg, "-y", "-loglevel", "error", "-framerate", str(fps), "-i", str(frames_pattern),
                    "-c:v", "libx264", "-pix_fmt", "yuv420p", "-vf", "pad=ceil(iw/2)*2:ceil(ih/2)*2", "-f", "mp4",
                    str(tmp)]
         done = subprocess.run(command, capture_output=True, text=True)
@@ -217,7 +212,7 @@ def _write_mp4(frames_pattern: Path, path: Path, fps: int, overwrite: bool) -> N
             raise ValueError(f"ffmpeg could not write {path} ({done.stderr.strip()[-300:]}); the PNG frames and the "
                              "GIF are written")
 
-    atomic_write(path, encode, overwrite=overwrite)
+    _write_new(path, encode, overwrite)
 
 
 def _check_new(path: Path, overwrite: bool) -> None:
@@ -225,12 +220,17 @@ def _check_new(path: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it")
 
 
-def _save_new(image, path: Path, overwrite: bool) -> None:
+def _write_new(path: Path, write, overwrite: bool) -> None:
+    """`write(tmp)` then rename onto path (atomic); an existing path needs --overwrite."""
     from .checkpoints import atomic_write
 
     _check_new(path, overwrite)
-    atomic_write(path, lambda tmp: image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG")),
-                 overwrite=overwrite)
+    atomic_write(path, write, overwrite=overwrite)
+
+
+def _save_new(image, path: Path, overwrite: bool) -> None:
+    _write_new(path, lambda tmp: image.save(tmp, format=path.suffix.lstrip(".").upper().replace("JPG", "JPEG")),
+               overwrite)
 
 
 def _reference_rig(models, path: str):
