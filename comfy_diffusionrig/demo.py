@@ -161,11 +161,16 @@ class World:
         return photo.clamp(-1, 1), buffers
 
 
+def _licensed(folder: Path, files) -> bool:
+    """All of `files` are in folder and it is not one of our synthetic stand-ins (SYNTHETIC_README.txt)."""
+    return all((folder / f).is_file() for f in files) and not (folder / "SYNTHETIC_README.txt").exists()
+
+
 def _flame_dir(models_dir: Path | None, work: Path, seed: int) -> tuple[Path, str]:
     """The user's FLAME files when all four are there and not our synthetic stand-ins, else synthetic ones."""
     if models_dir is not None:
         user = Path(models_dir) / "flame"
-        if all((user / f).is_file() for f in FLAME_FILES) and not (user / "SYNTHETIC_README.txt").exists():
+        if _licensed(user, FLAME_FILES):
             return user, f"FLAME files from {user}"
     target = work / "synthetic_flame"
     if not all((target / f).is_file() for f in FLAME_FILES):
@@ -208,10 +213,7 @@ def real_models(models_dir: str | Path | None) -> Path | None:
     if models_dir is None:
         return None
     root = Path(models_dir)
-    flame, deca = root / "flame", root / "deca"
-    if not all((flame / f).is_file() for f in FLAME_FILES) or (flame / "SYNTHETIC_README.txt").exists():
-        return None
-    if not (deca / "deca_model.tar").is_file() or (deca / "SYNTHETIC_README.txt").exists():
+    if not _licensed(root / "flame", FLAME_FILES) or not _licensed(root / "deca", ["deca_model.tar"]):
         return None
     try:
         checkpoint = find_checkpoint(root)
@@ -233,7 +235,7 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
     Writes out_dir/examples/<photo>_<light>.png (the whole photo with the face pasted back)
     and out_dir/examples.png (rows: photos; columns: aligned original, then each light).
     """
-    from .alignment import align_faces, load_image
+    from .alignment import load_image
     from .pipeline import edit_photo, load_models
 
     photos = photos if photos is not None else [EXAMPLE_IMAGES / "astronaut.png", EXAMPLE_IMAGES / "grace_hopper.jpg"]
@@ -247,8 +249,7 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
         report("relight example photos", i, len(photos))
         photo = load_image(path)
         result = edit_photo(models, photo, lambda rig: rig.expand(len(lights)).with_light(lights), steps=steps)
-        aligned = align_faces(photo, size=models.diffusionrig.config.image_size)[0].image
-        rows.append([aligned, *result.faces])
+        rows.append([result.aligned[0], *result.faces])
         for name, picture in zip(EXAMPLE_LIGHTS, result.photos):
             target = folder / f"{Path(path).stem}_{name.replace(' ', '_')}.png"
             picture.save(target)
@@ -317,19 +318,19 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
     t = lap("stage 1", t)
 
     album = TrainingData(album_photos, album_buffers)
-    personal = DiffusionRig(config.unet())
-    personal.load_state_dict(model.state_dict())
-    stage2 = TrainConfig(steps=config.stage2_steps, lr=config.stage2_lr, batch_size=4, seed=config.seed + 1,
-                         precision="fp32", checkpoint_every=10 ** 9)
-    personal, losses2 = train(personal, album, stage2,
-                              callback=lambda step, total, loss, m: report_progress("stage 2", step, total))
+
+    def personalize(stage: str, lr: float, lora_rank: int = 0):
+        """Stage 2 on a copy of the stage-1 model (encoder frozen)."""
+        copy = DiffusionRig(config.unet())
+        copy.load_state_dict(model.state_dict())
+        settings = TrainConfig(steps=config.stage2_steps, lr=lr, batch_size=4, seed=config.seed + 1, precision="fp32",
+                               lora_rank=lora_rank, checkpoint_every=10 ** 9)
+        return train(copy, album, settings,
+                     callback=lambda step, total, loss, m: report_progress(stage, step, total))
+
+    personal, losses2 = personalize("stage 2", config.stage2_lr)
     t = lap("stage 2", t)
-    lora = DiffusionRig(config.unet())
-    lora.load_state_dict(model.state_dict())
-    stage2_lora = TrainConfig(steps=config.stage2_steps, lr=config.lora_lr, batch_size=4, seed=config.seed + 1,
-                              precision="fp32", lora_rank=config.lora_rank, checkpoint_every=10 ** 9)
-    lora, _ = train(lora, album, stage2_lora,
-                    callback=lambda step, total, loss, m: report_progress("stage 2 (LoRA)", step, total))
+    lora, _ = personalize("stage 2 (LoRA)", config.lora_lr, config.lora_rank)
     t = lap("stage 2 LoRA", t)
 
     candidates = {"untrained": untrained, "stage 1 (generic)": model.eval(), "personalized": personal,

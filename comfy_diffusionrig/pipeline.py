@@ -76,6 +76,7 @@ class EditResult:
     photos: list[Image.Image]  # the original photo with the edit pasted in, one per rig frame
     faces: list[Image.Image]  # the edited aligned faces
     seconds: dict[str, float] = field(default_factory=dict)
+    aligned: list[Image.Image] = field(default_factory=list)  # the photo's aligned faces before the edit
 
 
 def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, seed: int = 0,
@@ -148,4 +149,4 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     photos = [paste_back(photo, aligned, edited_faces[k * n_faces:(k + 1) * n_faces], color_match=color_match)
               for k in range(frames)]
     lap("paste")
-    return EditResult(photos, edited_faces, seconds)
+    return EditResult(photos, edited_faces, seconds, [a.image for a in aligned])
