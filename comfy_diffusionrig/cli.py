@@ -55,26 +55,16 @@ class _Bar:
 
 
 def _cmd_demo_assets(args) -> int:
-    from .demo import write_demo_model
     from .synthetic import write_demo_assets
 
     out = Path(args.out)
     written = write_demo_assets(out, seed=args.seed, overwrite=args.overwrite)
-    model = write_demo_model(out / "diffusionrig", seed=args.seed, overwrite=args.overwrite)
     print(f"wrote synthetic stand-ins (not FLAME, not DECA, not DiffusionRig weights) into {out}:")
-    for path in [*_flat_paths(written), model, model.with_suffix(".json")]:
+    for path in written.values():
         print(f"  {path}")
     print(f"copy (or point extra_model_paths.yaml at) {out}/flame, {out}/deca and {out}/diffusionrig as "
           "ComfyUI/models/flame, models/deca and models/diffusionrig")
     return 0
-
-
-def _flat_paths(value) -> list:
-    if isinstance(value, dict):
-        return [p for v in value.values() for p in _flat_paths(v)]
-    if isinstance(value, (list, tuple)):
-        return [p for v in value for p in _flat_paths(v)]
-    return [value]
 
 
 def _cmd_demo(args) -> int:

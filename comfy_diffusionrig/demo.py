@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .buffers import Renderer, project
-from .checkpoints import atomic_write
 from .deca import FLAME_FILES
 from .diffusion import ddim_invert, ddim_sample
 from .flame import ffhq_center, load_flame, load_flame_texture, read_obj
@@ -176,35 +175,6 @@ def _flame_dir(models_dir: Path | None, work: Path, seed: int) -> tuple[Path, st
     if not all((target / f).is_file() for f in FLAME_FILES):
         write_flame_files(target, seed=seed)
     return target, "the synthetic FLAME-format head of `comfy-diffusionrig demo-assets`"
-
-
-# a small, random-weight stand-in for the official stage-1 checkpoint: it runs every workflow at 256 px
-DEMO_MODEL_KWARGS = {
-    "image_size": 256, "num_channels": 32, "num_res_blocks": 1, "num_heads": 1, "num_heads_upsample": -1,
-    "num_head_channels": 16, "attention_resolutions": "16", "channel_mult": "1,1,2,2,4,4", "dropout": 0.0,
-    "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": True, "use_new_attention_order": False,
-    "latent_dim": 64, "in_channels": 12, "encoder_type": "resnet18", "learn_sigma": False, "diffusion_steps": 1000,
-    "noise_schedule": "linear", "timestep_respacing": "", "use_kl": False, "predict_xstart": False,
-    "rescale_timesteps": False, "rescale_learned_sigmas": False, "p2_weight": True, "p2_gamma": 1.0, "p2_k": 1.0,
-}
-DEMO_MODEL_NAME = "synthetic_random_diffusionrig.pt"
-
-
-def write_demo_model(folder: str | Path, seed: int = 0, overwrite: bool = False) -> Path:
-    """A random-weight DiffusionRig in the official format (state-dict .pt + its kwargs .json) into folder."""
-    folder = Path(folder)
-    path = folder / DEMO_MODEL_NAME
-    torch.manual_seed(seed)
-    model = DiffusionRig(UNetConfig.from_official_kwargs(DEMO_MODEL_KWARGS))
-    with torch.no_grad():  # the official init zeroes output layers; give them small weights so outputs vary
-        for p in model.parameters():
-            if p.ndim > 1 and p.abs().sum() == 0:
-                p.normal_(0, 0.02)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=overwrite)
-    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(DEMO_MODEL_KWARGS, indent=1)),
-                 overwrite=overwrite)
-    return path
 
 
 def real_models(models_dir: str | Path | None) -> Path | None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copyreg
 import io
+import json
 import math
 import pickle
 import struct
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from .checkpoints import atomic_write
+from .deca import CODE_SLICES, FLAME_FILES, N_PARAMS, DecaEncoder
 from .lighting import sh_from_direction
 
 # FLAME 2020 layout: 300 shape then 100 expression components; 5 joints
@@ -803,9 +805,6 @@ def _obj_text(head: dict[str, np.ndarray]) -> str:
     return "\n".join(lines) + "\n"
 
 
-FLAME_FILE_NAMES = ("generic_model.pkl", "landmark_embedding.npy", "head_template.obj", "FLAME_texture.npz")
-
-
 def write_flame_files(out_dir, seed: int = 0, overwrite: bool = False, texture_size: int = 128) -> dict[str, Path]:
     """Write the synthetic head as the four files of ComfyUI's models/flame/ folder.
 
@@ -818,7 +817,7 @@ def write_flame_files(out_dir, seed: int = 0, overwrite: bool = False, texture_s
     out_dir = Path(out_dir)
     head = make_head(seed)
     if not overwrite:
-        existing = [n for n in (*FLAME_FILE_NAMES, "SYNTHETIC_README.txt") if (out_dir / n).exists()]
+        existing = [n for n in (*FLAME_FILES, "SYNTHETIC_README.txt") if (out_dir / n).exists()]
         if existing:
             raise FileExistsError(f"{out_dir} already holds {existing}; pass overwrite=True to replace them")
     texture = make_texture(head, texture_size, seed)
@@ -892,8 +891,6 @@ def write_deca_checkpoint(path, seed: int = 0, overwrite: bool = False,
     framing the synthetic head like DECA's crop, a white light from the upper left.  E_detail
     and D_detail are random too (DiffusionRig never runs them).  Written atomically.
     """
-    from .deca import N_PARAMS, CODE_SLICES, DecaEncoder
-
     gen = torch.Generator().manual_seed(int(seed))
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(int(seed))
@@ -918,6 +915,37 @@ def write_deca_checkpoint(path, seed: int = 0, overwrite: bool = False,
 
 # --------------------------------------------------------------------- the demo assets
 
+# a small, random-weight stand-in for the official stage-1 checkpoint: it runs every workflow at 256 px
+DEMO_MODEL_KWARGS = {
+    "image_size": 256, "num_channels": 32, "num_res_blocks": 1, "num_heads": 1, "num_heads_upsample": -1,
+    "num_head_channels": 16, "attention_resolutions": "16", "channel_mult": "1,1,2,2,4,4", "dropout": 0.0,
+    "use_checkpoint": False, "use_scale_shift_norm": True, "resblock_updown": True, "use_new_attention_order": False,
+    "latent_dim": 64, "in_channels": 12, "encoder_type": "resnet18", "learn_sigma": False, "diffusion_steps": 1000,
+    "noise_schedule": "linear", "timestep_respacing": "", "use_kl": False, "predict_xstart": False,
+    "rescale_timesteps": False, "rescale_learned_sigmas": False, "p2_weight": True, "p2_gamma": 1.0, "p2_k": 1.0,
+}
+DEMO_MODEL_NAME = "synthetic_random_diffusionrig.pt"
+
+
+def write_demo_model(folder, seed: int = 0, overwrite: bool = False) -> Path:
+    """A random-weight DiffusionRig in the official format (state-dict .pt + its kwargs .json) into folder."""
+    from .unet import DiffusionRig, UNetConfig
+
+    path = Path(folder) / DEMO_MODEL_NAME
+    torch.manual_seed(seed)
+    model = DiffusionRig(UNetConfig.from_official_kwargs(DEMO_MODEL_KWARGS))
+    with torch.no_grad():  # the official init zeroes output layers; give them small weights so outputs vary
+        for p in model.parameters():
+            if p.ndim > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=overwrite)
+    atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(DEMO_MODEL_KWARGS, indent=1)),
+                 overwrite=overwrite)
+    return path
+
+
+
 DEMO_ASSET_README = (
     "Synthetic stand-ins written by `comfy-diffusionrig demo-assets` (comfy_diffusionrig.synthetic):\n"
     "  flame/         a procedural FLAME-format head (NOT FLAME 2020: no FLAME data)\n"
@@ -931,14 +959,17 @@ DEMO_ASSET_README = (
 
 def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write out_dir/flame/ (four FLAME files) and out_dir/deca/deca_model.tar, each folder with a
-    SYNTHETIC_README.txt (which also tells our code that they are not the licensed files).
+    SYNTHETIC_README.txt (which also tells our code that they are not the licensed files), and
+    out_dir/diffusionrig/synthetic_random_diffusionrig.pt + .json (`write_demo_model`).
 
     Refuses (FileExistsError, before writing anything) when one of them exists, unless overwrite.
-    The DiffusionRig checkpoint is written by `demo.write_demo_model`.  Returns {relative name: path}.
+    Returns {relative name: path}.
     """
     out_dir = Path(out_dir)
-    targets = [out_dir / "flame" / n for n in (*FLAME_FILE_NAMES, "SYNTHETIC_README.txt")]
+    targets = [out_dir / "flame" / n for n in (*FLAME_FILES, "SYNTHETIC_README.txt")]
     targets += [out_dir / "deca" / "deca_model.tar", out_dir / "deca" / "SYNTHETIC_README.txt"]
+    model = out_dir / "diffusionrig" / DEMO_MODEL_NAME
+    targets += [model, model.with_suffix(".json"), out_dir / "SYNTHETIC_README.txt"]
     if not overwrite:
         existing = [str(p.relative_to(out_dir)) for p in targets if p.exists()]
         if existing:
@@ -948,6 +979,8 @@ def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[s
     written["deca/deca_model.tar"] = write_deca_checkpoint(out_dir / "deca" / "deca_model.tar", seed, True, head)
     written["deca/SYNTHETIC_README.txt"] = atomic_write(
         out_dir / "deca" / "SYNTHETIC_README.txt", lambda tmp: Path(tmp).write_text(SYNTHETIC_NOTE), overwrite=True)
+    written[f"diffusionrig/{DEMO_MODEL_NAME}"] = write_demo_model(out_dir / "diffusionrig", seed, overwrite=True)
+    written[f"diffusionrig/{model.with_suffix('.json').name}"] = model.with_suffix(".json")
     written["SYNTHETIC_README.txt"] = atomic_write(out_dir / "SYNTHETIC_README.txt",
                                                    lambda tmp: Path(tmp).write_text(DEMO_ASSET_README), overwrite=True)
     return written

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from comfy_diffusionrig import load_deca, load_flame
-from comfy_diffusionrig.deca import CODE_SLICES, crop_from_landmarks, warp_crop
+from comfy_diffusionrig.deca import CODE_SLICES, FLAME_FILES, crop_from_landmarks, warp_crop
 from comfy_diffusionrig.flame import read_flame_model, read_landmark_embedding
-from comfy_diffusionrig.synthetic import (FLAME_FILE_NAMES, deca_camera, make_head, write_demo_assets,
+from comfy_diffusionrig.synthetic import (deca_camera, make_head, write_demo_assets,
                                           write_flame_files)
 
 from conftest import reference_file
@@ -26,7 +26,7 @@ def flame_dir(tmp_path_factory):
 
 
 def test_flame_files_have_the_official_layouts(flame_dir):
-    assert all((flame_dir / name).is_file() for name in FLAME_FILE_NAMES)
+    assert all((flame_dir / name).is_file() for name in FLAME_FILES)
     assert "NOT FLAME" in (flame_dir / "SYNTHETIC_README.txt").read_text()
     blob = (flame_dir / "generic_model.pkl").read_bytes()
     opcodes = [(op.name, arg) for op, arg, _ in pickletools.genops(blob)]
@@ -124,3 +124,15 @@ def test_writers_never_overwrite_without_asking(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
     write_demo_assets(tmp_path, seed=1, overwrite=True)
     assert (tmp_path / "deca" / "deca_model.tar").stat().st_mtime_ns != before
+    assert (tmp_path / "diffusionrig" / "synthetic_random_diffusionrig.pt").is_file()
+    assert (tmp_path / "diffusionrig" / "synthetic_random_diffusionrig.json").is_file()
+
+
+def test_an_existing_model_file_stops_everything_before_any_write(tmp_path):
+    (tmp_path / "diffusionrig").mkdir()
+    (tmp_path / "diffusionrig" / "synthetic_random_diffusionrig.pt").write_text("mine")
+    with pytest.raises(FileExistsError, match="diffusionrig/synthetic_random_diffusionrig.pt.*overwrite"):
+        write_demo_assets(tmp_path)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "diffusionrig", "diffusionrig/synthetic_random_diffusionrig.pt"]
+    assert (tmp_path / "diffusionrig" / "synthetic_random_diffusionrig.pt").read_text() == "mine"
