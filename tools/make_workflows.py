@@ -15,9 +15,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+from comfy_diffusionrig.synthetic import DEMO_MODEL_NAME as DR_MODEL  # noqa: E402
 from workflow_format import Graph  # noqa: E402
 
-DR_MODEL = "synthetic_random_diffusionrig.pt"
 DECA_FILE = "deca_model.tar"
 PHOTO = "examples/astronaut.png"
 REFERENCE = "examples/grace_hopper.jpg"
