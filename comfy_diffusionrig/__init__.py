@@ -18,6 +18,7 @@ _EXPORTS = {
     "UNetConfig": "unet",
     "ddim_sample": "diffusion",
     "ddim_invert": "diffusion",
+    "edit_faces": "editing",
     "p2_loss": "diffusion",
     "load_flame": "flame",
     "load_deca": "deca",

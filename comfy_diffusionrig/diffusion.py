@@ -164,15 +164,24 @@ def _predict_x0_eps(denoise, x, t_model, buffers, code, c_recip, c_recipm1, clip
     return x0, (c_recip * x - x0) / c_recipm1
 
 
+def _fresh_noise(x: torch.Tensor, generator) -> torch.Tensor:
+    """Standard normal noise shaped like x, from one generator, or one generator per row (a list)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"{len(generator)} generators for a batch of {x.shape[0]}")
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
 @torch.no_grad()
 def ddim_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: torch.Tensor, steps: int | str = 20,
                 eta: float = 0.0, clip: bool = True, callback: Callback | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
     """DDIM sampling from noise x_T to x_0.
 
     buffers [B,9,H,W], code [B|1,latent], noise [B|1,3,H,W] -> x0 [B,3,H,W] float32 in [-1,1] (when clip).
     steps=20 is the official "ddim20" (model t = 950, 900, ..., 0). eta>0 adds noise drawn
-    from `generator` (or the global RNG). `callback(step, total, x, x0)` runs after each step.
+    from `generator` (or the global RNG; a list of generators gives each row its own stream). `callback(step, total, x, x0)` runs after each step.
     """
     buffers, code, x = _prepare(model, buffers, code, noise, "noise")
     sched = respace(model_schedule(model), steps)
@@ -186,7 +195,7 @@ def ddim_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: torch.T
         sigma = eta * torch.sqrt((1 - a_prev) / (1 - a)) * torch.sqrt(1 - a / a_prev)
         x = x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma**2) * eps
         if eta > 0 and i > 0:
-            x = x + sigma * torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
+            x = x + sigma * _fresh_noise(x, generator)
         if callback is not None:
             callback(step, total, x, x0)
     return x

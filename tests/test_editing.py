@@ -1,0 +1,154 @@
+"""`edit_faces`: the one invert-then-sample path of the Sampler node, the CLI and the demo.
+
+A small random DiffusionRig (any weights: the properties hold for every model) checks that a
+batch of faces gives, face for face, what each face gives alone, that each face is inverted
+under its own buffers and code, that frames of a face share its start, and the progress count.
+"""
+
+import math
+
+import pytest
+import torch
+
+from comfy_diffusionrig import ddim_invert, ddim_sample, edit_faces
+from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+
+SIZE = 16
+BATCH_ATOL = 1e-3  # batched vs one-at-a-time: float32 round-off, amplified up to ~16x (1/sqrt(abar) at t=950) by DDIM
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = UNetConfig(image_size=SIZE, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+                     attention_resolutions=(SIZE // 2,), num_head_channels=16, dropout=0.0)
+    net = DiffusionRig(cfg).eval()
+    with torch.no_grad():  # guided-diffusion zero-initialises output layers: give them weights so faces differ
+        for param in net.parameters():
+            if not bool(param.any()):
+                param.normal_(0, 0.05)
+    return net
+
+
+@pytest.fixture(scope="module")
+def faces():
+    """Three different faces: photos, their buffers, codes, and two edited frames per face (face-major)."""
+    g = torch.Generator().manual_seed(1)
+    images = torch.rand(3, 3, SIZE, SIZE, generator=g) * 2 - 1
+    source = torch.rand(3, 9, SIZE, SIZE, generator=g)
+    codes = torch.randn(3, 64, generator=g)
+    target = torch.rand(6, 9, SIZE, SIZE, generator=g)
+    return images, source, codes, target
+
+
+def test_each_face_of_a_batch_gives_what_it_gives_alone(model, faces):
+    images, source, codes, target = faces
+    batched = edit_faces(model, images, source, target, codes, steps=3, batch_size=4)  # chunks cross faces
+    assert batched.shape == (6, 3, SIZE, SIZE) and batched.dtype == torch.float32
+    for i in range(3):
+        alone = edit_faces(model, images[i:i + 1], source[i:i + 1], target[2 * i:2 * i + 2], codes[i:i + 1], steps=3,
+                           batch_size=1)
+        torch.testing.assert_close(batched[2 * i:2 * i + 2], alone, atol=BATCH_ATOL, rtol=0)
+    # the faces really differ (the old node sampled every face from the first face's inversion)
+    assert (batched[0] - batched[2]).abs().mean() > 1e-2
+
+
+def test_inversion_uses_each_faces_own_photo_buffers_and_code(model, faces):
+    """The same edit written with the raw DDIM functions, one face at a time (an independent route)."""
+    images, source, codes, target = faces
+    out = edit_faces(model, images, source, target, codes, steps=3)
+    for i in range(3):
+        x_t = ddim_invert(model, images[i:i + 1], source[i:i + 1], codes[i:i + 1], steps=3)
+        for k in range(2):
+            row = 2 * i + k
+            want = ddim_sample(model, target[row:row + 1], codes[i:i + 1], x_t, steps=3)
+            torch.testing.assert_close(out[row:row + 1], want, atol=BATCH_ATOL, rtol=0)
+    # a face's inversion is not another face's: swapping the photos changes the result
+    swapped = edit_faces(model, images[[1, 0, 2]], source, target, codes, steps=3)
+    assert (swapped[:2] - out[:2]).abs().mean() > 1e-2
+    # one shared code is the same as that code given to every face
+    shared = edit_faces(model, images, source, target, codes[:1], steps=3)
+    torch.testing.assert_close(shared, edit_faces(model, images, source, target, codes[:1].expand(3, -1), steps=3),
+                               atol=BATCH_ATOL, rtol=0)
+
+
+def test_noise_start_shares_one_seeded_noise(model, faces):
+    _, _, codes, target = faces
+    out = edit_faces(model, None, None, target[:3], codes[:1], start="noise", steps=2, seed=7)
+    noise = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(7))
+    want = ddim_sample(model, target[:3], codes[:1], noise, steps=2)
+    torch.testing.assert_close(out, want, atol=BATCH_ATOL, rtol=0)
+    other_seed = edit_faces(model, None, None, target[:3], codes[:1], start="noise", steps=2, seed=8)
+    assert (other_seed - out).abs().mean() > 1e-2
+
+
+def test_eta_noise_is_per_row_and_seeded(model, faces):
+    images, source, codes, target = faces
+    kwargs = dict(steps=3, eta=0.5, seed=3)
+    batched = edit_faces(model, images, source, target, codes, batch_size=6, **kwargs)
+    for i in range(3):
+        alone = edit_faces(model, images[i:i + 1], source[i:i + 1], target[2 * i:2 * i + 2], codes[i:i + 1],
+                           batch_size=1, **kwargs)
+        torch.testing.assert_close(batched[2 * i:2 * i + 2], alone, atol=BATCH_ATOL, rtol=0)
+    deterministic = edit_faces(model, images, source, target, codes, steps=3)
+    assert (batched - deterministic).abs().mean() > 1e-3
+    assert (edit_faces(model, images, source, target, codes, batch_size=6, steps=3, eta=0.5, seed=4)
+            - batched).abs().mean() > 1e-3
+
+
+def test_progress_counts_inversion_and_sampling_on_one_bar(model, faces):
+    images, source, codes, target = faces
+    calls = []
+    edit_faces(model, images, source, target, codes, steps=3, batch_size=2,
+               callback=lambda done, total, preview: calls.append((done, total, tuple(preview.shape))))
+    total = 3 * 3 + 6 * 3  # 3 faces inverted, 6 rows sampled, 3 steps each
+    assert {c[1] for c in calls} == {total}
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls) and calls[-1][0] == total
+    assert len(calls) == 2 * 3 + 3 * 3  # one call per step of each chunk (2 inversion chunks, 3 sampling)
+    assert calls[0][2] == (3, SIZE, SIZE)
+    noise_calls = []
+    edit_faces(model, None, None, target, codes[:1], start="noise", steps=2,
+               callback=lambda done, total, preview: noise_calls.append(total))
+    assert set(noise_calls) == {6 * 2}
+
+
+def test_a_callback_can_cancel(model, faces):
+    images, source, codes, target = faces
+
+    def cancel(done, total, preview):
+        if done > 4:
+            raise InterruptedError("cancelled")
+
+    with pytest.raises(InterruptedError):
+        edit_faces(model, images, source, target, codes, steps=3, callback=cancel)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(steps=2.5), "steps must be a whole number"),
+    (dict(steps=0), "steps must be a whole number"),
+    (dict(batch_size=0), "batch_size must be a whole number"),
+    (dict(eta=1.5), "eta must be between 0"),
+    (dict(eta=math.nan), "eta must be between 0"),
+    (dict(start="sideways"), "start must be 'inversion' or 'noise'"),
+])
+def test_bad_settings_are_refused_before_any_work(model, faces, change, message):
+    images, source, codes, target = faces
+    kwargs = dict(steps=2) | change
+    with pytest.raises(ValueError, match=message):
+        edit_faces(model, images, source, target, codes, **kwargs)
+
+
+def test_bad_shapes_say_what_to_do(model, faces):
+    images, source, codes, target = faces
+    with pytest.raises(ValueError, match="5 target buffers for 3 faces"):
+        edit_faces(model, images, source, target[:5], codes, steps=1)
+    with pytest.raises(ValueError, match="global codes have 32 values but this model uses 64"):
+        edit_faces(model, images, source, target, codes[:, :32], steps=1)
+    with pytest.raises(ValueError, match="non-empty"):
+        edit_faces(model, images, source, target[:0], codes, steps=1)
+    with pytest.raises(ValueError, match="3 source images but 2 source buffers"):
+        edit_faces(model, images, source[:2], target, codes, steps=1)
+    with pytest.raises(ValueError, match="codes has 2 rows for 3 faces"):
+        edit_faces(model, images, source, target, codes[:2], steps=1)
+    with pytest.raises(ValueError, match="needs the source images"):
+        edit_faces(model, None, None, target, codes, steps=1)
