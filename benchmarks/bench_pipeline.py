@@ -1,8 +1,8 @@
 """Benchmark: photo in -> relit photo out at 256 px, seconds per stage.
 
 Stages: align (detect + 68 landmarks + FFHQ alignment), fit (DECA crop + encode), render
-(original and edited buffers), encode (global code), invert (20 DDIM inversion steps),
-sample (20 DDIM steps), paste (paste back into the photo). Models: the official default
+(original and edited buffers), encode (global code), denoise (20 DDIM inversion steps + 20 DDIM steps,
+`edit_faces`), paste (paste back into the photo). Models: the official default
 DiffusionRig config with deterministic random weights (benchmarks/bench_sample.py), and
 DECA + FLAME from the offline demo assets (`comfy-diffusionrig demo-assets`; a synthetic
 head of 7168 faces, where FLAME has 9976).
@@ -11,7 +11,7 @@ Goal: the whole edit is dominated by the sampler; everything else together under
 
     python benchmarks/bench_pipeline.py                 # CPU, fp32 and auto precision
     python benchmarks/bench_pipeline.py --device cuda
-    python benchmarks/bench_pipeline.py --steps 2      # quick: only invert/sample depend on --steps
+    python benchmarks/bench_pipeline.py --steps 2      # quick: only denoise depends on --steps
     python benchmarks/bench_pipeline.py --threads 1    # when another process holds a core: two torch
                                                        # threads on one free core run the small ops 10x slower
 """
@@ -64,7 +64,7 @@ def main() -> None:
         print(f"photo {args.photo} {photo.size[0]}x{photo.size[1]}, {args.steps} DDIM steps, device {args.device}, "
               f"{torch.get_num_threads()} threads")
         print(f"{'precision':>9} | " + " | ".join(f"{s:>7}" for s in
-              ("align", "fit", "render", "encode", "invert", "sample", "paste", "other", "total")))
+              ("align", "fit", "render", "encode", "denoise", "paste", "other", "total")))
         for precision in args.precision:
             model = for_inference(make_model(args.device), args.device, precision)
             models = Models(model, deca)
@@ -77,10 +77,10 @@ def main() -> None:
                     torch.cuda.synchronize()
                 runs.append((time.perf_counter() - start, result.seconds))
             total, seconds = min(runs, key=lambda r: r[0])
-            other = sum(v for k, v in seconds.items() if k not in ("invert", "sample"))
-            cells = [seconds.get(k, 0.0) for k in ("align", "fit", "render", "encode", "invert", "sample", "paste")]
+            other = sum(v for k, v in seconds.items() if k != "denoise")
+            cells = [seconds.get(k, 0.0) for k in ("align", "fit", "render", "encode", "denoise", "paste")]
             print(f"{precision:>9} | " + " | ".join(f"{v:7.2f}" for v in cells + [other, total]))
-        print("other = everything but the DDIM inversion and sampling (goal: under 1 s per face)")
+        print("denoise = DDIM inversion + sampling (edit_faces); other = everything else (goal: under 1 s per face)")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from PIL import Image
 from .alignment import align_faces, paste_back
 from .checkpoints import load_diffusionrig
 from .deca import load_deca
-from .diffusion import ddim_invert, ddim_sample
+from .editing import check_edit_settings, edit_faces
 from .rig import FaceRig, fit_faces, render_rig
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -35,18 +35,21 @@ def default_models_dir() -> Path:
 class Models:
     diffusionrig: torch.nn.Module
     deca: torch.nn.Module
+    root: Path | None = None  # the models folder (optional insightface/ and dlib/ models are looked up there)
 
 
 def find_checkpoint(models_dir: str | Path, name: str | None = None) -> Path:
     """models_dir/diffusionrig/<name>, or the only / first checkpoint there (real checkpoints before synthetic)."""
     folder = Path(models_dir) / "diffusionrig"
+    found = sorted((p for p in folder.glob("*") if p.suffix in CHECKPOINT_SUFFIXES),
+                   key=lambda p: ("synthetic" in p.name, p.name)) if folder.is_dir() else []
     if name:
         path = folder / name if not Path(name).is_file() else Path(name)
         if not path.is_file():
-            raise FileNotFoundError(f"DiffusionRig checkpoint {path} not found; put it in {folder}/")
+            there = (f"the checkpoints there are: {', '.join(p.name for p in found)}" if found
+                     else "there is no checkpoint there yet")
+            raise FileNotFoundError(f"DiffusionRig checkpoint {path} not found; put it in {folder}/ ({there})")
         return path
-    found = sorted((p for p in folder.glob("*") if p.suffix in CHECKPOINT_SUFFIXES),
-                   key=lambda p: ("synthetic" in p.name, p.name)) if folder.is_dir() else []
     if not found:
         raise FileNotFoundError(
             f"no DiffusionRig checkpoint in {folder}/: put the official stage-1 model.pt (or a personalized "
@@ -60,13 +63,13 @@ def load_models(models_dir: str | Path | None = None, checkpoint: str | None = N
     root = Path(models_dir) if models_dir is not None else default_models_dir()
     model = load_diffusionrig(find_checkpoint(root, checkpoint), device=device, dtype=dtype)
     deca = load_deca(root / "deca" / deca_file, root / "flame", device=device, backend=backend)
-    return Models(model, deca)
+    return Models(model, deca, root)
 
 
 def fit_photo(models: Models, photo: Image.Image, faces: str = "largest", detector: str = "hog") -> FaceRig:
     """The fitted rig of a photo's face(s) (e.g. a reference to copy light or expression from)."""
     size = models.diffusionrig.config.image_size
-    aligned = align_faces(photo, mode=faces, size=size, detector=detector)
+    aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
     images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
     return fit_faces(models.deca, images, np.stack([a.landmarks for a in aligned]))
 
@@ -74,21 +77,25 @@ def fit_photo(models: Models, photo: Image.Image, faces: str = "largest", detect
 @dataclass
 class EditResult:
     photos: list[Image.Image]  # the original photo with the edit pasted in, one per rig frame
-    faces: list[Image.Image]  # the edited aligned faces
+    faces: list[Image.Image]  # the edited aligned faces (face-major: every frame of face 1, then of face 2, ...)
     seconds: dict[str, float] = field(default_factory=dict)
     aligned: list[Image.Image] = field(default_factory=list)  # the photo's aligned faces before the edit
+    buffers: torch.Tensor | None = None  # the edited rig's buffers [N*F, 9, S, S], face-major
+    lights: torch.Tensor | None = None  # the edited rig's SH lights [N*F, 9, 3]
 
 
 def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, seed: int = 0,
                start: str = "inversion", faces: str = "largest", detector: str = "hog",
-               color_match: bool = False, batch_size: int = 4,
+               color_match: bool = False, batch_size: int = 4, eta: float = 0.0,
                callback: Callable[[int, int], None] | None = None) -> EditResult:
     """Edit the face(s) of one photo; `edit` maps the fitted rig (one row per face) to the edited rig.
 
-    An edit may return several rows per face (a sweep: frames x faces, frame-major), giving
+    An edit may return F rows per face (a sweep: face-major, as `rig.sweep` makes them), giving
     one output photo per frame. start "inversion" keeps the photo's background and details
-    (DDIM inversion under the original buffers), "noise" samples from seeded noise.
+    (each face DDIM-inverted under its own buffers), "noise" samples from seeded noise; the
+    denoising is `edit_faces`. callback(done, total) counts face-steps of inversion and sampling.
     """
+    check_edit_settings(start, steps, eta, batch_size)
     seconds: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -99,7 +106,7 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
 
     model, deca = models.diffusionrig, models.deca
     size = model.config.image_size
-    aligned = align_faces(photo, mode=faces, size=size, detector=detector)
+    aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
     lap("align")
     images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
     rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
@@ -112,41 +119,17 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     source_buffers = render_rig(deca, rig)
     target_buffers = render_rig(deca, edited)
     lap("render")
-    device = model.device
-    x = (images * 2 - 1).to(device)
+    x = images * 2 - 1
     with torch.no_grad():
-        code = model.encode(x)
+        code = model.encode(x.to(model.device)).cpu()
     lap("encode")
-    total = (n_faces if start == "inversion" else 0) * steps + len(edited) * steps
-    done = [0]
-
-    def tick(*_):
-        done[0] += 1
-        if callback is not None:
-            callback(done[0], total)
-
-    with torch.no_grad():
-        if start == "inversion":
-            noise = torch.cat([ddim_invert(model, x[i:i + 1], source_buffers[i:i + 1].to(device), code[i:i + 1],
-                                           steps=steps, callback=tick) for i in range(n_faces)])
-        elif start == "noise":
-            noise = torch.randn(n_faces, 3, size, size, generator=torch.Generator().manual_seed(seed)).to(device)
-        else:
-            raise ValueError(f"start must be 'inversion' or 'noise', got {start!r}")
-        lap("invert")
-        repeat = lambda t: t.repeat(frames, *[1] * (t.ndim - 1))  # noqa: E731  (frame-major rows)
-        all_noise, all_code = repeat(noise), repeat(code)
-        outputs = []
-        for first in range(0, len(edited), batch_size):
-            rows = slice(first, first + batch_size)
-            outputs.append(ddim_sample(model, target_buffers[rows].to(device), all_code[rows], all_noise[rows],
-                                       steps=steps, callback=lambda *a, n=target_buffers[rows].shape[0]: [
-                                           tick() for _ in range(n)]).cpu())
-        result = torch.cat(outputs)
-    lap("sample")
-    edited_faces = [Image.fromarray(((f.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+    result = edit_faces(model, x, source_buffers, target_buffers, code, start=start, steps=steps, eta=eta, seed=seed,
+                        batch_size=batch_size,
+                        callback=None if callback is None else (lambda done, total, preview: callback(done, total)))
+    lap("denoise")
+    edited_faces = [Image.fromarray(((f.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
                     for f in result]
-    photos = [paste_back(photo, aligned, edited_faces[k * n_faces:(k + 1) * n_faces], color_match=color_match)
-              for k in range(frames)]
+    photos = [paste_back(photo, aligned, edited_faces[k::frames], color_match=color_match) for k in range(frames)]
     lap("paste")
-    return EditResult(photos, edited_faces, seconds, [a.image for a in aligned])
+    return EditResult(photos, edited_faces, seconds, [a.image for a in aligned], target_buffers,
+                      edited.codes["light"])

@@ -218,7 +218,8 @@ SWEEP_PARAMETERS = ("light_azimuth", "light_elevation", "light_intensity", "jaw_
 
 
 def sweep(rig: FaceRig, parameter: str, values) -> FaceRig:
-    """One frame per value for every face (frame-major rows: frame 0's faces, then frame 1's, ...).
+    """One frame per value for every face (face-major rows: face 0's frames, then face 1's, ...,
+    as `edit_faces` takes them).
 
     light_azimuth / light_elevation: degrees the fitted light turns (about the vertical / the
     horizontal axis); light_intensity: scale of the light; jaw_open, head_yaw/pitch/roll:
@@ -230,8 +231,8 @@ def sweep(rig: FaceRig, parameter: str, values) -> FaceRig:
         raise ValueError(f"unknown sweep parameter {parameter!r}; choose one of {', '.join(SWEEP_PARAMETERS)}")
     values = torch.as_tensor(np.asarray(values, dtype=np.float64))
     n, frames = len(rig), values.numel()
-    rows = FaceRig.cat([rig] * frames) if frames > 1 else rig
-    per_row = values.repeat_interleave(n)
+    rows = rig.select([face for face in range(n) for _ in range(frames)]) if frames > 1 else rig
+    per_row = values.repeat(n)
     light = rows.codes["light"]
     if parameter == "light_azimuth":
         return rows.with_codes(light=rotate_sh(light, yaw_deg=per_row))

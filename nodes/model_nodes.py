@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from comfy_diffusionrig import ddim_invert, ddim_sample, load_diffusionrig
+from comfy_diffusionrig import edit_faces, load_diffusionrig
 from comfy_diffusionrig.checkpoints import for_inference
+from comfy_diffusionrig.editing import check_edit_settings
 from comfy_diffusionrig.lora import load_lora, merge_lora
 
 from .host import Progress, check_interrupt, image_to_model, model_files, model_path, model_to_image, torch_device
@@ -85,26 +86,29 @@ class EncodeGlobalCode:
 
 
 class DiffusionRigSampler:
-    DESCRIPTION = ("Generates the edited portrait from the rig buffers and a global code with DDIM. 'inversion' "
-                   "starts from the DDIM inversion of the source photo under its own buffers, which keeps the "
-                   "background and fine details; 'noise' starts from seeded noise shared by the whole batch.")
+    DESCRIPTION = ("Generates the edited portraits from the rig buffers and global codes with DDIM. 'inversion' "
+                   "starts each face from the DDIM inversion of its own source photo under its own buffers, which "
+                   "keeps the background and fine details; 'noise' starts from one seeded noise shared by every "
+                   "face and frame. Each face of a batch comes out as it would alone.")
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
-    OUTPUT_TOOLTIPS = ("Edited aligned faces, one per buffer in the batch.",)
+    OUTPUT_TOOLTIPS = ("Edited aligned faces, one per buffer in the batch (same order).",)
 
     @classmethod
     def INPUT_TYPES(cls):
         return {
             "required": {
                 "dr_model": ("DR_MODEL", {"tooltip": "From Load DiffusionRig Model."}),
-                "rig_buffers": ("RIG_BUFFERS", {"tooltip": "Edited buffers from Render Buffers (a batch renders "
-                                                           "a batch of images)."}),
-                "global_code": ("GLOBAL_CODE", {"tooltip": "From Encode Global Code; one code is shared by the "
-                                                           "whole batch."}),
+                "rig_buffers": ("RIG_BUFFERS", {"tooltip": "Edited buffers from Render Buffers: one per face, or "
+                                                           "F frames per face (all frames of a face together, as "
+                                                           "Rig Sweep makes them)."}),
+                "global_code": ("GLOBAL_CODE", {"tooltip": "From Encode Global Code: one code per face, or one "
+                                                           "code shared by every face."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                                 "tooltip": "Noise seed (start = noise). The same noise is used for every frame."}),
+                                 "tooltip": "Noise seed (start = noise, and eta > 0). The same noise is used for "
+                                            "every face and frame."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 1000,
                                   "tooltip": "DDIM steps; 20 is the official setting (t = 950, 900, ..., 0)."}),
                 "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
@@ -115,47 +119,49 @@ class DiffusionRigSampler:
                                        "tooltip": "Images denoised together; lower it if memory runs out."}),
             },
             "optional": {
-                "source_image": ("IMAGE", {"tooltip": "The aligned original face (for start = inversion)."}),
-                "source_buffers": ("RIG_BUFFERS", {"tooltip": "Buffers of the unedited fit (for start = inversion)."}),
+                "source_image": ("IMAGE", {"tooltip": "The aligned original faces, one per face (for start = "
+                                                      "inversion)."}),
+                "source_buffers": ("RIG_BUFFERS", {"tooltip": "Render Buffers of the unedited fit of those faces (for "
+                                                              "start = inversion)."}),
             },
         }
 
     def sample(self, dr_model, rig_buffers, global_code, seed, steps, eta, start, batch_size,
                source_image=None, source_buffers=None):
         node = "DiffusionRig Sampler"
-        device = dr_model.device
-        buffers = rig_buffers.to(device)
-        size = buffers.shape[-2:]
-        if global_code.shape[0] not in (1, buffers.shape[0]):
-            raise ValueError(f"{node}: {global_code.shape[0]} global codes for {buffers.shape[0]} buffers; give one "
-                             "code (shared by every frame) or one per buffer")
+        try:
+            check_edit_settings(start, steps, eta, batch_size)
+        except ValueError as err:
+            raise ValueError(f"{node}: {err}") from None
+        images = None
         if start == "inversion":
             if source_image is None or source_buffers is None:
                 raise ValueError(f"{node}: start = inversion needs both source_image (the aligned photo) and "
                                  "source_buffers (Render Buffers of its unedited fit); connect them or use start = noise")
-            image = _to_model_size(image_to_model(source_image[:1], node), dr_model, node).to(device)
-            x_start = ddim_invert(dr_model, image, source_buffers[:1].to(device), global_code[:1].to(device),
-                                  steps=steps, callback=lambda *a: check_interrupt())
-        else:
-            gen = torch.Generator().manual_seed(seed)
-            x_start = torch.randn(1, 3, *size, generator=gen).to(device)
-        total = buffers.shape[0] * steps
-        progress = Progress(total)
-        done = 0
-        outputs = []
+            images = _to_model_size(image_to_model(source_image, node), dr_model, node)
+            if images.shape[0] != source_buffers.shape[0]:
+                raise ValueError(f"{node}: {images.shape[0]} source image(s) but {source_buffers.shape[0]} source "
+                                 "buffer(s); connect the aligned faces and the Render Buffers of the same fit")
+        faces = images.shape[0] if images is not None else global_code.shape[0]
+        if rig_buffers.shape[0] % faces or global_code.shape[0] not in (1, faces):
+            raise ValueError(f"{node}: {rig_buffers.shape[0]} buffers, {global_code.shape[0]} global code(s) and "
+                             f"{faces} source face(s) do not match; give one code per face (or one for all) and "
+                             "the same number of frames for every face, all frames of a face together")
+        bar = []
+
+        def callback(done, total, preview):  # inversion and sampling on one bar
+            check_interrupt()
+            if not bar:
+                bar.append(Progress(total))
+            bar[0].update(done, preview)
+
         check_interrupt()
-        for first in range(0, buffers.shape[0], batch_size):
-            chunk = buffers[first:first + batch_size]
-            code = global_code[first:first + batch_size] if global_code.shape[0] > 1 else global_code
-
-            def callback(step, steps_total, x, x0, offset=done, n=chunk.shape[0]):
-                check_interrupt()
-                progress.update(offset + (step + 1) * n, x0[0])
-
-            outputs.append(ddim_sample(dr_model, chunk, code.to(device), x_start, steps=steps, eta=eta,
-                                       callback=callback, generator=torch.Generator(device).manual_seed(seed)).cpu())
-            done += chunk.shape[0] * steps
-        return (model_to_image(torch.cat(outputs)),)
+        try:
+            edited = edit_faces(dr_model, images, source_buffers, rig_buffers, global_code, start=start, steps=steps,
+                                eta=eta, seed=seed, batch_size=batch_size, callback=callback)
+        except ValueError as err:
+            raise ValueError(f"{node}: {err}") from None
+        return (model_to_image(edited),)
 
 
 NODE_CLASS_MAPPINGS = {

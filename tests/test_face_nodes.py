@@ -359,3 +359,49 @@ def test_rig_sweep_frames_change_monotonically_and_share_the_noise(pipe):
     assert torch.equal(picked.codes["exp"][0], torch.zeros(50))
     with pytest.raises(ValueError, match=r"Rig Sweep: face_index 2 but the rig has 2 face\(s\)"):
         rig_sweep.sweep(both, "jaw_open", 0.0, 1.0, 3, False, 2)
+
+
+def test_group_photo_each_face_is_edited_as_it_would_be_alone(pipe):
+    """faces = all, start = inversion: every face starts from its own inversion (the old node used the first's)."""
+    two = two_face_photo()
+    aligned, alignment, count = fn.DetectAlignFace().align(two, "all", 0, "hog", 256)
+    assert count == 2
+    (rig,) = fn.DECAFit().fit(pipe.deca, aligned, alignment)
+    (lit,) = fn.Relight().relight(rig, "sliders", 60.0, 20.0, 0.9, 0.4, WHITE)
+    source, _ = fn.RenderBuffers().render(pipe.deca, rig)
+    target, _ = fn.RenderBuffers().render(pipe.deca, lit)
+    (code,) = mn.EncodeGlobalCode().encode(pipe.dr, aligned)
+    sampler = mn.DiffusionRigSampler()
+    (both,) = sampler.sample(pipe.dr, target, code, 0, 2, 0.0, "inversion", 4, source_image=aligned,
+                             source_buffers=source)
+    assert both.shape == (2, 256, 256, 3)
+    for i in range(2):
+        (alone,) = sampler.sample(pipe.dr, target[i:i + 1], code[i:i + 1], 0, 2, 0.0, "inversion", 1,
+                                  source_image=aligned[i:i + 1], source_buffers=source[i:i + 1])
+        torch.testing.assert_close(both[i:i + 1], alone, atol=2e-3, rtol=0)
+    assert (both[0] - both[1]).abs().mean() > 0.02
+    with pytest.raises(ValueError, match="DiffusionRig Sampler: 2 source image\\(s\\) but 1 source buffer"):
+        sampler.sample(pipe.dr, target, code, 0, 2, 0.0, "inversion", 4, source_image=aligned,
+                       source_buffers=source[:1])
+    with pytest.raises(ValueError, match="DiffusionRig Sampler: 3 buffers, 2 global code"):
+        sampler.sample(pipe.dr, torch.cat([target, target[:1]]), code, 0, 2, 0.0, "inversion", 4,
+                       source_image=aligned, source_buffers=source)
+
+
+def test_the_sampler_uses_each_of_its_settings(pipe):
+    """Changing seed, steps, eta or start changes the picture (and the same settings repeat it exactly)."""
+    (code,) = mn.EncodeGlobalCode().encode(pipe.dr, pipe.aligned)
+    source, _ = fn.RenderBuffers().render(pipe.deca, pipe.rig)
+    sampler = mn.DiffusionRigSampler()
+
+    def run(seed=1, steps=2, eta=0.0, start="noise"):
+        return sampler.sample(pipe.dr, source, code, seed, steps, eta, start, 4, source_image=pipe.aligned,
+                              source_buffers=source)[0]
+
+    base = run()
+    assert torch.equal(base, run())
+    for change in (dict(seed=2), dict(steps=3), dict(eta=1.0), dict(start="inversion")):
+        assert (run(**change) - base).abs().mean() > 1e-3, change
+    for bad, message in ((dict(steps=0), "steps must be"), (dict(eta=float("nan")), "eta must be")):
+        with pytest.raises(ValueError, match=f"DiffusionRig Sampler: {message}"):
+            run(**bad)

@@ -85,17 +85,21 @@ def test_batching_helpers():
     assert eased[0] == 0 and eased[-1] == 1 and eased[1] < 0.25
 
 
-def test_sweep_makes_frame_major_rows():
+def test_sweep_makes_face_major_rows():
     from comfy_diffusionrig.lighting import rotate_sh
     from comfy_diffusionrig.rig import sweep
 
     rig = _rig(2)
     frames = sweep(rig, "light_azimuth", [0.0, 30.0, 60.0])
-    assert len(frames) == 6
-    assert torch.allclose(frames.codes["light"][:2], rig.codes["light"], atol=1e-6)
-    assert torch.allclose(frames.codes["light"][4:], rotate_sh(rig.codes["light"], yaw_deg=60.0), atol=1e-6)
-    assert torch.equal(frames.codes["shape"][2:4], rig.codes["shape"])
+    assert len(frames) == 6  # rows: face 0 at 0, 30, 60 degrees, then face 1 at 0, 30, 60
+    for face in range(2):
+        for k, angle in enumerate([0.0, 30.0, 60.0]):
+            torch.testing.assert_close(frames.codes["light"][3 * face + k],
+                                       rotate_sh(rig.codes["light"][face:face + 1], yaw_deg=angle)[0], atol=1e-6,
+                                       rtol=0)
+            assert torch.equal(frames.codes["shape"][3 * face + k], rig.codes["shape"][face])
     jaw = sweep(rig, "jaw_open", [0.0, 10.0])
-    assert torch.allclose(jaw.codes["pose"][2:], edit_pose(rig, jaw_open=10.0).codes["pose"], atol=1e-6)
+    assert torch.allclose(jaw.codes["pose"][[1, 3]], edit_pose(rig, jaw_open=10.0).codes["pose"], atol=1e-6)
+    assert torch.allclose(jaw.codes["pose"][[0, 2]], rig.codes["pose"], atol=1e-6)
     with pytest.raises(ValueError, match="unknown sweep"):
         sweep(rig, "hair", [1.0])
