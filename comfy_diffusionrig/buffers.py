@@ -22,6 +22,14 @@ _Z_OFFSET = 10.0
 DECA_CROP_SIZE = 224
 
 
+def buffer_preview(buffers: torch.Tensor) -> torch.Tensor:
+    """[B, 9, H, W] rendered|normal|albedo -> [B, 3, H, 3W] in [0, 1]: the three side by side, normals
+    mapped from [-1, 1] to [0, 1] where the face is (black elsewhere)."""
+    covered = (buffers != 0).any(1, keepdim=True).to(buffers.dtype)
+    rendered, normal, albedo = buffers[:, 0:3], (buffers[:, 3:6] + 1) / 2 * covered, buffers[:, 6:9]
+    return torch.cat([rendered, normal, albedo], dim=3).clamp(0, 1)
+
+
 def project(verts: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
     """DECA's orthographic camera, in image orientation (as `decode()` does).
 

@@ -25,32 +25,61 @@ def _cmd_info(args) -> int:
 def _cmd_convert(args) -> int:
     from .checkpoints import load_diffusionrig, save_diffusionrig
 
+    _check_new(Path(args.out), args.overwrite)
     model = load_diffusionrig(args.model, config=_read_config(args.config))
     out = save_diffusionrig(model, args.out, dtype=args.dtype, overwrite=args.overwrite)
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.dtype or 'original precision'})")
     return 0
 
 
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
 class _Bar:
-    """A one-line text progress bar on stderr: `stage [#####.....] done/total elapsed`."""
+    """Progress on stderr, `stage [#####.....] done/total  elapsed  ETA` per stage.
+
+    On a terminal one line is redrawn in place; when the output is redirected (a log file, CI)
+    a stage prints a new line only at each tenth of its work, so a log stays readable.
+    """
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stderr
+        isatty = getattr(self.stream, "isatty", None)
+        self.live = bool(isatty and isatty())
         self.stage = None
-        self.start = time.perf_counter()
+        self.start = self.stage_start = time.perf_counter()
+        self.shown = -1  # tenths of the stage already printed (redirected output)
 
     def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.perf_counter()
         if stage != self.stage:
-            if self.stage is not None:
+            if self.stage is not None and self.live:
                 self.stream.write("\n")
-            self.stage = stage
-        filled = int(30 * done / max(total, 1))
-        elapsed = time.perf_counter() - self.start
-        self.stream.write(f"\r{stage:<22} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}  {elapsed:6.0f}s")
+            self.stage, self.stage_start, self.shown = stage, now, -1
+        total = max(total, 1)
+        if done >= total:
+            eta = "done"
+        elif done > 0:
+            eta = "ETA " + _clock((now - self.stage_start) / done * (total - done))
+        else:
+            eta = "ETA --"
+        filled = int(30 * min(done, total) / total)
+        line = (f"{stage:<22} [{'#' * filled}{'.' * (30 - filled)}] {done}/{total}  "
+                f"{_clock(now - self.start)} elapsed  {eta}")
+        if self.live:
+            self.stream.write("\r" + line + "   ")
+        else:
+            tenth = 10 * min(done, total) // total
+            if tenth == self.shown:
+                return
+            self.shown = tenth
+            self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.stage is not None:
+        if self.stage is not None and self.live:
             self.stream.write("\n")
 
 
@@ -79,15 +108,20 @@ def _cmd_demo(args) -> int:
                          sample_steps=5)
     bar = _Bar()
     try:
-        report = run_demo(args.out, config, models_dir=args.models or default_models_dir(), progress=bar)
+        report = run_demo(args.out, config, models_dir=args.models or default_models_dir(), progress=bar,
+                          overwrite=args.overwrite, quick=args.quick)
     finally:
         bar.close()
     print(Path(args.out, "report.md").read_text())
-    print(f"total {report['total_seconds']} s; images in {args.out}")
+    resumed = " (resumed an interrupted run from its checkpoints)" if report.get("resumed") else ""
+    print(f"total {report['total_seconds']} s{resumed}; images in {args.out}")
     return 0
 
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+LIGHT_KEYS = {"azimuth": "degrees, + = from image right", "elevation": "degrees, + = from above",
+              "intensity": "strength of the key light, e.g. 0.8", "ambient": "fill level, e.g. 0.5",
+              "color": "hex colour like #FFE0C0"}
 
 
 def _photos(path: str) -> list[Path]:
@@ -104,15 +138,32 @@ def _photos(path: str) -> list[Path]:
 
 def _parse_light(text: str) -> dict:
     """'azimuth=45,elevation=20,intensity=0.8,ambient=0.5,color=#FFE0C0' -> keyword arguments."""
-    allowed = {"azimuth", "elevation", "intensity", "ambient", "color"}
+    form = "write e.g. --light azimuth=45,elevation=20,intensity=0.8,ambient=0.5,color=#FFE0C0"
     values = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = part.partition("=")
-        if key not in allowed or not value:
-            raise ValueError(f"--light: cannot read {part!r}; write e.g. azimuth=45,elevation=20,intensity=0.8,"
-                             "ambient=0.5,color=#FFE0C0")
-        values[key] = value if key == "color" else float(value)
+        key, sep, value = (x.strip() for x in part.partition("="))
+        if key not in LIGHT_KEYS:
+            raise ValueError(f"--light: cannot read {part!r}: unknown key {key!r}; the keys are "
+                             f"{', '.join(LIGHT_KEYS)}; {form}")
+        if not sep or not value:
+            raise ValueError(f"--light: {key!r} has no value ({LIGHT_KEYS[key]}); {form}")
+        if key == "color":
+            _hex_color(value)
+            values[key] = value
+            continue
+        try:
+            values[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--light: {key}={value!r} is not a number ({LIGHT_KEYS[key]}); {form}") from None
     return values
+
+
+def _preset_name(text: str) -> str:
+    """A light preset name, case- and separator-insensitive ('Golden_Hour' -> 'golden hour')."""
+    key = " ".join(text.replace("_", " ").replace("-", " ").lower().split())
+    if key not in LIGHT_PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown light preset {text!r}; choose one of {', '.join(LIGHT_PRESETS)}")
+    return key
 
 
 def _hex_color(text: str) -> tuple[float, float, float]:
@@ -129,20 +180,41 @@ def _range(text: str) -> tuple[float, float]:
     return float(start), float(end)
 
 
-def _outputs(out: Path, photo: Path, suffix: str, frames: int, many: bool, video: str | None) -> dict:
-    """Where the edit of one photo goes: "images" (one per frame), "gif" and "mp4" (sweeps), "pattern"."""
+def _outputs(out: Path, photo: Path, suffix: str, frames: int, many: bool, video: str | None,
+             save_buffers: bool = False) -> dict:
+    """Where the edit of one photo goes: "images" (one per frame), "gif" and "mp4" (sweeps), "pattern",
+    and with --save-buffers "buffers" and "light" (the rendered buffers and the lit sphere of each output)."""
     if not many:
-        return {"images": [out], "gif": None, "mp4": None}
-    stem = f"{photo.stem}_{suffix}"
-    if frames == 1:
-        return {"images": [out / f"{stem}.png"], "gif": None, "mp4": None}
-    return {"images": [out / f"{stem}_{k:04d}.png" for k in range(frames)], "gif": out / f"{stem}.gif",
-            "mp4": out / f"{stem}.mp4" if video else None, "pattern": out / f"{stem}_%04d.png"}
+        plan = {"images": [out], "gif": None, "mp4": None}
+    elif frames == 1:
+        plan = {"images": [out / f"{photo.stem}_{suffix}.png"], "gif": None, "mp4": None}
+    else:
+        stem = f"{photo.stem}_{suffix}"
+        plan = {"images": [out / f"{stem}_{k:04d}.png" for k in range(frames)], "gif": out / f"{stem}.gif",
+                "mp4": out / f"{stem}.mp4" if video else None, "pattern": out / f"{stem}_%04d.png"}
+    plan["buffers"] = [i.with_name(f"{i.stem}_buffers.png") for i in plan["images"]] if save_buffers else []
+    plan["light"] = [i.with_name(f"{i.stem}_light.png") for i in plan["images"]] if save_buffers else []
+    return plan
+
+
+def _check_run(args) -> None:
+    """The settings every edit command shares, checked before any model is loaded."""
+    from .devices import resolve_device
+    from .editing import check_edit_settings
+
+    check_edit_settings(args.start, args.steps, 0.0, 4)
+    for name in ("frames", "fps"):
+        value = getattr(args, name, 1)
+        if value < 1:
+            raise ValueError(f"--{name} must be at least 1, got {value}")
+    args.device = str(resolve_device(args.device))
 
 
 def _run_edits(args, make_edit, suffix: str) -> int:
+    from .alignment import NoFaceError, load_image
     from .pipeline import edit_photo, load_models
 
+    _check_run(args)
     photos = _photos(args.photo)
     out = Path(args.out)
     frames = getattr(args, "frames", 1)
@@ -150,9 +222,11 @@ def _run_edits(args, make_edit, suffix: str) -> int:
     if not many and out.suffix.lower() not in PHOTO_SUFFIXES:
         raise ValueError(f"--out {out} should be an image file name (e.g. out.png) for one photo")
     video = video_writer() if frames > 1 else None
-    plans = [_outputs(out, photo_path, suffix, frames, many, video) for photo_path in photos]
+    if frames > 1 and video is None:
+        print("ffmpeg is not on the PATH: writing the PNG frames and the GIF, no MP4", file=sys.stderr)
+    plans = [_outputs(out, photo_path, suffix, frames, many, video, args.save_buffers) for photo_path in photos]
     for plan in plans:  # existing outputs: say so before minutes of sampling, not after
-        for path in [*plan["images"], plan["gif"], plan["mp4"]]:
+        for path in [*plan["images"], plan["gif"], plan["mp4"], *plan["buffers"], *plan["light"]]:
             if path is not None:
                 _check_new(path, args.overwrite)
     models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision)
@@ -160,16 +234,24 @@ def _run_edits(args, make_edit, suffix: str) -> int:
     if many:
         out.mkdir(parents=True, exist_ok=True)
     bar = _Bar()
+    skipped = []
     try:
         for photo_path, plan in zip(photos, plans):
-            from .alignment import load_image
-
-            photo = load_image(photo_path)
-            result = edit_photo(models, photo, edit, steps=args.steps, seed=args.seed, start=args.start,
-                                faces=args.faces, color_match=args.color_match,
-                                callback=lambda done, total, name=photo_path.name: bar(name, done, total))
+            try:
+                result = edit_photo(models, load_image(photo_path), edit, steps=args.steps, seed=args.seed,
+                                    start=args.start, faces=args.faces, detector=args.detector,
+                                    color_match=args.color_match,
+                                    callback=lambda done, total, name=photo_path.name: bar(name, done, total))
+            except NoFaceError:
+                if not many:
+                    raise NoFaceError(f"no face found in {photo_path} (detector {args.detector}); try --detector "
+                                      "cnn (profiles, small or dark faces) or a photo with a clearly visible face")
+                skipped.append(photo_path.name)
+                continue
             for path, image in zip(plan["images"], result.photos):
                 _save_new(image, path, args.overwrite)
+            if args.save_buffers:
+                _save_buffers(result, plan, args.overwrite)
             if plan["gif"] is not None:
                 first, rest = result.photos[0], result.photos[1:]
                 _write_new(plan["gif"], lambda tmp: first.save(tmp, format="GIF", save_all=True, loop=0,
@@ -180,7 +262,29 @@ def _run_edits(args, make_edit, suffix: str) -> int:
     finally:
         bar.close()
     print(f"wrote {out}")
+    if skipped:
+        print(f"skipped {len(skipped)} of {len(photos)} photos without a face (detector {args.detector}; try "
+              f"--detector cnn): {', '.join(skipped)}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _save_buffers(result, plan: dict, overwrite: bool) -> None:
+    """Next to each output: the edited buffers (shaded | normals | albedo, one row per face) and the lit sphere."""
+    import torch
+    from PIL import Image
+
+    from .buffers import buffer_preview
+    from .lighting import lit_sphere
+
+    frames = len(plan["images"])
+    to_pil = lambda t: Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
+    for k in range(frames):
+        rows = slice(k, None, frames)  # face-major: frame k of every face
+        strip = torch.cat(list(buffer_preview(result.buffers[rows])), dim=1)
+        spheres = torch.cat(list(lit_sphere(result.lights[rows], size=result.buffers.shape[-1])), dim=1)
+        _save_new(to_pil(strip), plan["buffers"][k], overwrite)
+        _save_new(to_pil(spheres), plan["light"][k], overwrite)
 
 
 def video_writer() -> str | None:
@@ -231,6 +335,9 @@ def _reference_rig(models, path: str):
 
 
 def _cmd_relight(args) -> int:
+    if args.mirror and args.light_from:
+        raise ValueError("--mirror works with --light-preset and --light, not with a light copied by --light-from")
+
     def make_edit(models):
         from .lighting import sh_from_direction
         from .rig import copy_from
@@ -245,14 +352,26 @@ def _cmd_relight(args) -> int:
             return lambda rig: rig.with_light(preset)
         light = _parse_light(args.light)
         color = _hex_color(light.pop("color", "#FFFFFF"))
-        sh = sh_from_direction(light.get("azimuth", 45.0), light.get("elevation", 20.0),
+        azimuth = light.get("azimuth", 45.0)
+        sh = sh_from_direction(-azimuth if args.mirror else azimuth, light.get("elevation", 20.0),
                                light.get("intensity", 0.8), light.get("ambient", 0.5), color)
         return lambda rig: rig.with_light(sh)
 
+    if args.light:
+        _parse_light(args.light)  # a typo is reported before the models load
     return _run_edits(args, make_edit, "relit")
 
 
+EDIT_OPTIONS = ("--expression-from", "--jaw-from", "--pose-from", "--jaw-open", "--yaw", "--pitch", "--roll",
+                "--expression-strength")
+
+
 def _cmd_edit(args) -> int:
+    unchanged = (not (args.expression_from or args.jaw_from or args.pose_from)
+                 and args.jaw_open == args.yaw == args.pitch == args.roll == 0.0 and args.expression_strength == 1.0)
+    if unchanged:
+        raise ValueError(f"nothing to edit: give at least one of {', '.join(EDIT_OPTIONS)}")
+
     def make_edit(models):
         from .rig import copy_from, edit_pose
 
@@ -280,8 +399,12 @@ def _cmd_sweep(args) -> int:
         raise ValueError("give exactly one sweep, e.g. --light-azimuth -60:60 or --head-yaw -30:30")
     parameter, text = chosen[0]
     start, end = _range(text)
-    values = sweep_values(start, end, args.frames, ease=not args.linear)
-    return _run_edits(args, lambda models: (lambda rig: sweep(rig, parameter, values)), parameter)
+
+    def make_edit(models):  # after _run_edits has checked --frames
+        values = sweep_values(start, end, args.frames, ease=not args.linear)
+        return lambda rig: sweep(rig, parameter, values)
+
+    return _run_edits(args, make_edit, parameter)
 
 
 def _edit_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
@@ -289,14 +412,23 @@ def _edit_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
     parser.add_argument("--out", required=True, help=out_help)
     parser.add_argument("--models", default=None, help="ComfyUI-style models folder with diffusionrig/, deca/, flame/ "
                                                        "(default: $COMFY_DIFFUSIONRIG_MODELS or ./models)")
-    parser.add_argument("--checkpoint", default=None, help="file in models/diffusionrig/ (default: the first)")
+    parser.add_argument("--checkpoint", default=None, help="file in models/diffusionrig/ (default: a real checkpoint "
+                                                           "before the synthetic ones)")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps (official: 20)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="noise seed for --start noise (the same noise for every "
+                                                            "face and frame); default 0")
     parser.add_argument("--start", choices=["inversion", "noise"], default="inversion",
                         help="inversion keeps background and details (default)")
     parser.add_argument("--faces", choices=["largest", "all"], default="largest", help="which faces to edit")
+    parser.add_argument("--detector", choices=["hog", "cnn", "insightface"], default="hog",
+                        help="face detector: hog (dlib, official), cnn (dlib, profiles and small or dark faces), "
+                             "insightface (needs the package and models/insightface/)")
     parser.add_argument("--color-match", action="store_true", help="match the edit's colours to the original face")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--save-buffers", action="store_true",
+                        help="also write, next to each output, the edited buffers (<name>_buffers.png: shaded | "
+                             "normals | albedo) and the light on a sphere (<name>_light.png)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="auto: a CUDA GPU when torch sees one, else the CPU")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
 
@@ -306,7 +438,10 @@ def _read_config(path: str | None):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="comfy-diffusionrig", description="DiffusionRig face editing without ComfyUI")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="print a checkpoint's config and parameter counts")
@@ -330,7 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "holds the licensed FLAME, DECA and DiffusionRig files, the demo uses its FLAME head and "
                            "also relights the example photos with your checkpoint")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--quick", action="store_true", help="a tiny run (seconds) that only checks the plumbing")
+    demo.add_argument("--quick", action="store_true", help="a tiny run (seconds) that only checks the plumbing; its "
+                                                          "numbers mean nothing")
+    demo.add_argument("--overwrite", action="store_true", help="run again into an --out folder that holds a finished "
+                                                              "demo (an interrupted one resumes without it)")
     demo.set_defaults(func=_cmd_demo)
 
     assets = sub.add_parser("demo-assets", help="write synthetic stand-ins for FLAME, DECA and DiffusionRig "
@@ -346,9 +484,11 @@ def build_parser() -> argparse.ArgumentParser:
     light.add_argument("--light-from", help="a photo whose light to copy")
     light.add_argument("--light", help="azimuth=..,elevation=..,intensity=..,ambient=..,color=#RRGGBB (degrees; "
                                        "azimuth + = from image right, elevation + = from above)")
-    light.add_argument("--light-preset", choices=list(LIGHT_PRESETS), metavar="NAME",
-                       help="a named lighting setup: " + ", ".join(LIGHT_PRESETS) + " (key light on image right)")
-    relight.add_argument("--mirror", action="store_true", help="with --light-preset: key light on image left")
+    light.add_argument("--light-preset", type=_preset_name, metavar="NAME",
+                       help="a named lighting setup: " + ", ".join(LIGHT_PRESETS) + " (case and _ or - do not "
+                            "matter: golden_hour, Golden-Hour)")
+    relight.add_argument("--mirror", action="store_true", help="with --light-preset or --light: put the key light on "
+                                                              "the other side (azimuth -> -azimuth)")
     relight.set_defaults(func=_cmd_relight)
 
     edit = sub.add_parser("edit", help="change expression, jaw and head pose of the face(s) of a photo")
@@ -369,7 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("light_azimuth", "light_elevation", "light_intensity", "jaw_open", "head_yaw", "head_pitch",
                  "head_roll", "expression_strength"):
         sweep.add_argument("--" + name.replace("_", "-"), dest=name, metavar="START:END", help=f"sweep {name}")
-    sweep.add_argument("--frames", type=int, default=24)
+    sweep.add_argument("--frames", type=int, default=24, help="number of frames from START to END (default 24)")
     sweep.add_argument("--fps", type=int, default=12, help="GIF / MP4 frame rate")
     sweep.add_argument("--linear", action="store_true", help="constant speed (default: ease in and out)")
     sweep.set_defaults(func=_cmd_sweep)

@@ -48,3 +48,30 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") 
     if resolved == torch.float16 and device.type == "cpu":
         raise ValueError("fp16 is not supported on the CPU (slow and overflow-prone); use 'bf16' or 'fp32'")
     return resolved
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """"auto" (a CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N" -> torch.device.
+
+    Asking for CUDA where torch has none is one clear ValueError, not an assertion deep in torch.
+    """
+    if isinstance(device, torch.device):
+        name = str(device)
+    else:
+        name = str(device).strip().lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}: use auto, cpu or cuda") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}: use auto, cpu or cuda")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only torch build" if torch.version.cuda is None else "no CUDA GPU or driver visible"
+            raise ValueError(f"device {device!r} asked for, but torch {torch.__version__} has no CUDA ({build}); use "
+                             "--device cpu (or auto)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return resolved

@@ -51,20 +51,54 @@ def loss_curve(losses: Sequence[float], size: tuple[int, int] = (640, 320), titl
     return image
 
 
+def _font(size: int):
+    """PIL's built-in font at `size` px (scalable since Pillow 10.1), else its small bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # older Pillow: one fixed size
+        return ImageFont.load_default()
+
+
 def contact_sheet(rows: Sequence[Sequence[Image.Image]], row_labels: Sequence[str] = (),
-                  column_labels: Sequence[str] = (), cell: int = 128) -> Image.Image:
-    """A grid of images (each resized to cell x cell) with optional row and column labels."""
-    label_w = 150 if row_labels else 0
-    label_h = 18 if column_labels else 0
+                  column_labels: Sequence[str] = (), cell: int = 128, gap: int = 4,
+                  font_size: int = 15) -> Image.Image:
+    """A grid of images (each resized to cell x cell, `gap` px apart) with optional row and column labels.
+
+    Labels may hold several lines ("\\n"); a column label is wrapped to its cell's width.
+    """
+    font = _font(font_size)
+    line = font_size + 4
+    wrap = lambda text: _wrap(text, font, cell - 4)  # noqa: E731
+    column_lines = [wrap(t) for t in column_labels]
+    label_w = (max(int(font.getlength(part)) for t in row_labels for part in t.split("\n")) + 12) if row_labels else 0
+    label_h = (max(len(c) for c in column_lines) * line + 6) if column_lines else 0
     columns = max((len(r) for r in rows), default=0)
-    sheet = Image.new("RGB", (label_w + columns * cell, label_h + len(rows) * cell), _BACKGROUND)
+    sheet = Image.new("RGB", (label_w + columns * (cell + gap), label_h + len(rows) * (cell + gap)), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
-    for j, text in enumerate(column_labels):
-        draw.text((label_w + j * cell + 4, 3), text, fill=_AXES)
+    for j, parts in enumerate(column_lines):
+        for k, part in enumerate(parts):
+            draw.text((label_w + j * (cell + gap) + 2, 3 + k * line), part, fill=_AXES, font=font)
     for i, row in enumerate(rows):
-        y = label_h + i * cell
+        y = label_h + i * (cell + gap)
         if i < len(row_labels):
-            draw.text((4, y + cell // 2 - 6), row_labels[i], fill=_AXES)
+            parts = row_labels[i].split("\n")
+            for k, part in enumerate(parts):
+                draw.text((4, y + cell // 2 - len(parts) * line // 2 + k * line), part, fill=_AXES, font=font)
         for j, picture in enumerate(row):
-            sheet.paste(picture.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC), (label_w + j * cell, y))
+            sheet.paste(picture.convert("RGB").resize((cell, cell), Image.Resampling.BICUBIC),
+                        (label_w + j * (cell + gap), y))
     return sheet
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    lines, current = [], ""
+    for word in text.split():
+        candidate = f"{current} {word}".strip()
+        if current and font.getlength(candidate) > width:
+            lines.append(current)
+            current = word
+        else:
+            current = candidate
+    return lines + [current] if current else lines

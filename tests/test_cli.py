@@ -152,6 +152,7 @@ def test_sweep_writes_frames_and_a_gif(tmp_path, run_cli, capsys, monkeypatch):
                    "--start", "noise", "--fps", "5") == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["astronaut_light_azimuth.gif"] + [f"astronaut_light_azimuth_{k:04d}.png" for k in range(3)]
+    assert "ffmpeg is not on the PATH: writing the PNG frames and the GIF, no MP4" in capsys.readouterr().err
     frames = [_pixels(out / f"astronaut_light_azimuth_{k:04d}.png") for k in range(3)]
     original = _pixels(ASTRONAUT)
     for frame in frames:
@@ -204,4 +205,112 @@ def test_relight_with_a_named_preset_and_its_mirror(tmp_path, run_cli, capsys):
     assert not np.array_equal(_pixels(right), _pixels(left))
     with pytest.raises(SystemExit):
         run_cli("relight", str(ASTRONAUT), "--out", str(tmp_path / "x.png"), "--light-preset", "disco")
-    assert "invalid choice" in capsys.readouterr().err
+    assert "unknown light preset 'disco'; choose one of rembrandt" in capsys.readouterr().err
+
+
+def test_all_faces_of_a_photo_are_each_edited_as_alone(demo_models, cached_models, tmp_path):
+    """`--faces all` (pipeline.edit_photo -> edit_faces): the largest face comes out as with `--faces largest`."""
+    from comfy_diffusionrig.lighting import sh_from_direction
+
+    astronaut = Image.open(ASTRONAUT).convert("RGB").crop((110, 10, 330, 230))
+    grace = Image.open(GRACE).convert("RGB").crop((140, 90, 410, 390))
+    photo = Image.new("RGB", (560, 330), (128, 128, 128))
+    photo.paste(astronaut, (10, 50))
+    photo.paste(grace, (270, 15))
+    models = pipeline.load_models(demo_models, device="cpu", dtype="fp32")
+    light = sh_from_direction(60.0, 20.0, 0.9, 0.45)
+    edit = lambda rig: rig.with_light(light)  # noqa: E731
+    both = pipeline.edit_photo(models, photo, edit, steps=2, faces="all")
+    largest = pipeline.edit_photo(models, photo, edit, steps=2, faces="largest")
+    assert len(both.faces) == 2 and len(both.photos) == 1 and len(largest.faces) == 1
+    faces = [np.asarray(f, np.int16) for f in both.faces]
+    alone = np.asarray(largest.faces[0], np.int16)
+    match = [np.abs(f - alone).max() for f in faces]
+    assert min(match) <= 1  # one uint8 level of round-off
+    assert max(match) > 20  # and the other face is another face
+
+
+def test_a_folder_with_a_photo_without_a_face_goes_on_and_says_which(tmp_path, run_cli, capsys):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("cameraman.png", "grace_hopper.jpg"):  # cameraman (a profile in a coat) sorts first
+        shutil.copy(EXAMPLES / name, photos)
+    out = tmp_path / "out"
+    assert run_cli("relight", str(photos), "--out", str(out), "--light-preset", "rembrandt", "--start", "noise") == 1
+    assert sorted(p.name for p in out.iterdir()) == ["grace_hopper_relit.png"]
+    err = capsys.readouterr().err
+    assert "skipped 1 of 2 photos without a face (detector hog; try --detector cnn): cameraman.png" in err
+    # one photo without a face: an error naming it and the CLI's own options
+    assert run_cli("relight", str(EXAMPLES / "cameraman.png"), "--out", str(tmp_path / "c.png"), "--light",
+                   "azimuth=10") == 2
+    err = capsys.readouterr().err
+    assert f"no face found in {EXAMPLES / 'cameraman.png'} (detector hog); try --detector cnn" in err
+    assert "upsample" not in err and "detect_pixels" not in err
+
+
+def test_save_buffers_writes_the_buffers_and_the_lit_sphere(tmp_path, run_cli):
+    out = tmp_path / "relit.png"
+    assert run_cli("relight", str(ASTRONAUT), "--out", str(out), "--light-preset", "Golden_Hour", "--start", "noise",
+                   "--save-buffers") == 0
+    buffers, sphere = _pixels(tmp_path / "relit_buffers.png"), _pixels(tmp_path / "relit_light.png")
+    assert buffers.shape == (256, 768, 3) and sphere.shape == (256, 256, 3)
+    # the golden-hour key light comes from image left (azimuth -70): the sphere's left half is brighter and warm
+    left, right = sphere[:, :128].astype(float), sphere[:, 128:].astype(float)
+    assert left.mean() > right.mean() + 10 and left[..., 0].mean() > left[..., 2].mean()
+
+
+def test_cli_option_mistakes_get_one_clear_line_before_any_work(tmp_path, run_cli, capsys, monkeypatch):
+    def no_models(*args, **kwargs):
+        raise AssertionError("models were loaded before the options were checked")
+
+    monkeypatch.setattr(pipeline, "load_models", no_models)
+    out = str(tmp_path / "x.png")
+    cases = [
+        (["relight", str(ASTRONAUT), "--out", out, "--light", "azimuth=left"],
+         "--light: azimuth='left' is not a number (degrees, + = from image right)"),
+        (["relight", str(ASTRONAUT), "--out", out, "--light", "azimut=3"], "unknown key 'azimut'; the keys are azimuth"),
+        (["relight", str(ASTRONAUT), "--out", out, "--light-from", str(GRACE), "--mirror"],
+         "--mirror works with --light-preset and --light"),
+        (["edit", str(ASTRONAUT), "--out", out], "nothing to edit: give at least one of --expression-from"),
+        (["sweep", str(ASTRONAUT), "--out", str(tmp_path), "--jaw-open", "0:10", "--fps", "0"], "--fps must be at least 1"),
+        (["sweep", str(ASTRONAUT), "--out", str(tmp_path), "--jaw-open", "0:10", "--frames", "0"],
+         "--frames must be at least 1"),
+    ]
+    for argv, message in cases:
+        assert run_cli(*argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    assert main(["relight", str(ASTRONAUT), "--out", out, "--light", "azimuth=3", "--steps", "0"]) == 2
+    assert "steps must be a whole number of at least 1" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert run_cli("relight", str(ASTRONAUT), "--out", out, "--light", "azimuth=3", "--device", "cuda") == 2
+        err = capsys.readouterr().err
+        assert "has no CUDA" in err and "--device cpu" in err and "Traceback" not in err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_a_wrong_checkpoint_lists_the_ones_there_and_version(demo_models, tmp_path, capsys):
+    assert main(["relight", str(ASTRONAUT), "--out", str(tmp_path / "x.png"), "--light", "azimuth=3", "--models",
+                 str(demo_models), "--checkpoint", "nope.pt"]) == 2
+    err = capsys.readouterr().err
+    assert "nope.pt not found" in err and "the checkpoints there are: synthetic_random_diffusionrig.pt" in err
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    from comfy_diffusionrig import __version__
+
+    assert capsys.readouterr().out.strip() == f"comfy-diffusionrig {__version__}"
+
+
+def test_the_progress_bar_gives_an_eta_and_stays_short_when_redirected():
+    import io
+
+    stream = io.StringIO()  # not a terminal
+    bar = cli._Bar(stream)
+    for done in range(0, 1501):
+        bar("stage 1", done, 1500)
+    bar("stage 2", 1, 4)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 11 + 1  # each tenth of stage 1 once, then stage 2's first line
+    assert "\r" not in stream.getvalue()
+    assert "ETA" in lines[1] and lines[10].endswith("done") and "1500/1500" in lines[10]

@@ -81,3 +81,53 @@ def test_example_photos_are_relit_with_the_models_given(demo_models, tmp_path):
         assert Image.open(path).size == Image.open(EXAMPLE_IMAGES / "astronaut.png").size
     sheet = Image.open(written[0])
     assert sheet.width > sheet.height  # one row, a column per light plus the original
+
+
+def test_an_interrupted_demo_resumes_to_the_same_result(tmp_path):
+    """Stop the demo in stage 2; run it again: it resumes from the checkpoints and ends as an uninterrupted run."""
+    import pytest
+
+    from comfy_diffusionrig.demo import prepare_out_dir
+
+    whole = run_demo(tmp_path / "whole", TINY)
+    assert not whole["resumed"]
+
+    def stop_in_stage_2(stage, done, total):
+        if stage == "stage 2" and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(tmp_path / "cut", TINY, progress=stop_in_stage_2)
+    saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert saved == ["config.json", "stage1.pt", "stage2.pt"]  # stage 1 whole, stage 2 up to its last step
+    stages = []
+    resumed = run_demo(tmp_path / "cut", TINY, progress=lambda stage, done, total: stages.append((stage, done)))
+    assert resumed["resumed"]
+    assert ("stage 1", 1) not in stages  # stage 1 was not trained again
+    key = "scores (mean over held-out edits, images in [0,1])"
+    assert resumed[key] == whole[key]
+    assert resumed["stage 1 losses"] == whole["stage 1 losses"]
+    # a finished demo is not replaced without --overwrite; other settings or other files are not touched
+    with pytest.raises(FileExistsError, match="already holds a finished demo .* --overwrite"):
+        prepare_out_dir(tmp_path / "cut", TINY)
+    assert not prepare_out_dir(tmp_path / "cut", TINY, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["config.json"]
+    (tmp_path / "cut" / "report.json").unlink()
+    with pytest.raises(FileExistsError, match="interrupted demo with other settings"):
+        prepare_out_dir(tmp_path / "cut", replace(TINY, seed=1))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "holiday.jpg").write_bytes(b"x")
+    with pytest.raises(FileExistsError, match="not empty and holds no interrupted demo"):
+        prepare_out_dir(tmp_path / "mine", TINY)
+
+
+def test_the_report_speaks_plainly_and_quick_says_its_numbers_mean_nothing(tmp_path):
+    report = run_demo(tmp_path, TINY, quick=True)
+    text = (tmp_path / "report.md").read_text()
+    assert text.startswith("# comfy-diffusionrig offline demo\n\n**QUICK RUN")
+    assert "numbers are meaningless" in report["warning"]
+    scores = report["scores (mean over held-out edits, images in [0,1])"]
+    gain = scores["personalized"]["psnr"] - scores["stage 1 (generic)"]["psnr"]
+    assert f"by {gain:+.2f} dB" in report["verdict"] and "higher is better" in report["verdict"]
+    assert report["verdict"] in text and "ground truth" in text
+    assert len(scores["personalized"]["psnr per edit"]) == TINY.held_out
