@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .presets import LIGHT_PRESETS
+from .presets import LIGHT_PRESETS, make_preset
 
 
 def _deca_constants() -> torch.Tensor:
@@ -120,6 +120,13 @@ def sh_from_direction(azimuth_deg, elevation_deg, intensity=1.0, ambient=0.4, co
     # uniform irradiance lives in the constant band only
     light[..., 0] += ambient / DECA_SH_CONSTANTS[0].double()
     return (light[..., :, None] * color[..., None, :]).float()
+
+
+def light_preset_document(name: str) -> dict:
+    """The preset file of a named setup (what the pack's presets/ folder ships): its SH and sliders."""
+    preset_light(name)  # the error for an unknown name
+    sliders = {k: list(v) if k == "color" else v for k, v in LIGHT_PRESETS[name].items()}
+    return make_preset(name, sh=preset_light(name).tolist(), sliders=sliders)
 
 
 def sh_from_radiance(directions: torch.Tensor, radiance: torch.Tensor, solid_angle: torch.Tensor) -> torch.Tensor:

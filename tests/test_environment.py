@@ -264,3 +264,12 @@ def test_preview_marks_the_dominant_light():
     assert abs(float(torch.nonzero(red)[:, 1].float().mean()) - 128) < 4
     bright = turned.mean(-1) > 0.8
     assert abs(float(torch.nonzero(bright & ~red)[:, 1].float().mean()) - 128) < 6  # the disk moved there too
+
+
+def test_the_example_panorama_is_the_studio(tmp_path):
+    from pathlib import Path
+
+    shipped = Path(__file__).resolve().parents[1] / "example_images" / "studio_key_fill.hdr"
+    expected = write_hdr(tmp_path / "studio.hdr", studio_environment())
+    assert shipped.read_bytes() == expected.read_bytes(), "regenerate: python tools/make_examples.py"
+    assert load_environment(shipped).shape == (64, 128, 3)
