@@ -92,17 +92,33 @@ def fit_faces(deca, images: torch.Tensor, landmarks) -> FaceRig:
     return FaceRig(codes, tform, center, (int(images.shape[2]), int(images.shape[3])))
 
 
+RENDER_LAYERS = ("rendered", "normal", "albedo", "alpha")
+
+
 @torch.no_grad()
-def render_rig(deca, rig: FaceRig, batch_size: int = 16) -> torch.Tensor:
-    """[B, 9, H, W] rendered|normal|albedo of every face of the rig (the head kept at its FFHQ centre)."""
+def render_layers(deca, rig: FaceRig, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Every face of the rig rendered (the head kept at its FFHQ centre), layer by layer, on the CPU.
+
+    Returns dict: rendered, normal, albedo [B, 3, H, W] (the buffers, see `buffers.Renderer`:
+    normal = unit FLAME-frame normals, x image right, y up, z towards the camera) and alpha
+    [B, 1, H, W] (1 where the rasterizer covered the pixel with the face mesh, else 0).
+    """
     check_finite(rig)
     device = next(deca.parameters()).device
-    out = []
+    parts = {key: [] for key in RENDER_LAYERS}
     for first in range(0, len(rig), batch_size):
         part = rig.select(list(range(first, min(first + batch_size, len(rig)))))
         codes = {k: v.to(device) for k, v in part.codes.items()}
-        out.append(deca.render(codes, part.image_size, part.tform.to(device), part.ffhq_center.to(device)).cpu())
-    return torch.cat(out)
+        out = deca.decode(codes, part.image_size, part.tform.to(device), part.ffhq_center.to(device))
+        for key in RENDER_LAYERS:
+            parts[key].append(out[key].cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def render_rig(deca, rig: FaceRig, batch_size: int = 16) -> torch.Tensor:
+    """[B, 9, H, W] rendered|normal|albedo of every face of the rig (the head kept at its FFHQ centre)."""
+    layers = render_layers(deca, rig, batch_size)
+    return torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
 
 
 def _broadcast(source: torch.Tensor, n: int, what: str) -> torch.Tensor:
