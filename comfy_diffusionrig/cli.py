@@ -243,6 +243,19 @@ def _cmd_relight(args) -> int:
 
             preset = preset_light(args.light_preset, mirror=args.mirror)
             return lambda rig: rig.with_light(preset)
+        if args.light_env:
+            from .environment import load_environment, sh_from_environment
+            from .lighting import normalize_light
+
+            env_light = normalize_light(sh_from_environment(load_environment(args.light_env), yaw=args.env_yaw))
+            env_light = env_light * 2.0 ** args.env_exposure
+            return lambda rig: rig.with_light(env_light)
+        if args.preset_file:
+            from .presets import load_preset
+            from .rig import apply_preset
+
+            document = load_preset(args.preset_file)
+            return lambda rig: apply_preset(rig, document)
         light = _parse_light(args.light)
         color = _hex_color(light.pop("color", "#FFFFFF"))
         sh = sh_from_direction(light.get("azimuth", 45.0), light.get("elevation", 20.0),
@@ -348,7 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
                                        "azimuth + = from image right, elevation + = from above)")
     light.add_argument("--light-preset", choices=list(LIGHT_PRESETS), metavar="NAME",
                        help="a named lighting setup: " + ", ".join(LIGHT_PRESETS) + " (key light on image right)")
+    light.add_argument("--light-env", metavar="FILE", help="an equirectangular environment map (.hdr, .exr with "
+                                                           "OpenEXR, or an 8-bit image); scaled to the presets' level")
+    light.add_argument("--preset-file", metavar="FILE", help="a preset JSON (Save Rig Preset, presets/): its light "
+                                                             "and, when it holds one, its expression/pose edit")
     relight.add_argument("--mirror", action="store_true", help="with --light-preset: key light on image left")
+    relight.add_argument("--env-yaw", type=float, default=0.0, help="with --light-env: degrees to turn the "
+                                                                     "environment (+ = a front light moves to image right)")
+    relight.add_argument("--env-exposure", type=float, default=0.0, help="with --light-env: stops (EV) brighter")
     relight.set_defaults(func=_cmd_relight)
 
     edit = sub.add_parser("edit", help="change expression, jaw and head pose of the face(s) of a photo")
