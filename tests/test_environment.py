@@ -273,3 +273,16 @@ def test_the_example_panorama_is_the_studio(tmp_path):
     expected = write_hdr(tmp_path / "studio.hdr", studio_environment())
     assert shipped.read_bytes() == expected.read_bytes(), "regenerate: python tools/make_examples.py"
     assert load_environment(shipped).shape == (64, 128, 3)
+
+
+def test_exr_panoramas_read_with_openexr(tmp_path):
+    OpenEXR = pytest.importorskip("OpenEXR", reason="the optional OpenEXR package is not installed")
+    env = studio_environment(16, 32).numpy().astype(np.float32)
+    layouts = {"rgb.exr": {"RGB": env}, "planes.exr": {c: np.ascontiguousarray(env[..., i]) for i, c in enumerate("RGB")}}
+    for name, channels in layouts.items():
+        with OpenEXR.File({"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}, channels) as exr:
+            exr.write(str(tmp_path / name))
+        assert np.array_equal(load_environment(tmp_path / name), env)
+    (tmp_path / "bad.exr").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match=r"bad\.exr: not a readable RGB OpenEXR file"):
+        load_environment(tmp_path / "bad.exr")
