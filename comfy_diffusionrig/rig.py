@@ -115,10 +115,14 @@ def render_layers(deca, rig: FaceRig, batch_size: int = 16) -> dict[str, torch.T
     return {key: torch.cat(values) for key, values in parts.items()}
 
 
+def stack_buffers(layers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The UNet's conditioning [B, 9, H, W] = rendered | normal | albedo from `render_layers`' dict."""
+    return torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
+
+
 def render_rig(deca, rig: FaceRig, batch_size: int = 16) -> torch.Tensor:
     """[B, 9, H, W] rendered|normal|albedo of every face of the rig (the head kept at its FFHQ centre)."""
-    layers = render_layers(deca, rig, batch_size)
-    return torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
+    return stack_buffers(render_layers(deca, rig, batch_size))
 
 
 def _broadcast(source: torch.Tensor, n: int, what: str) -> torch.Tensor:

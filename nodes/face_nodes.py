@@ -13,8 +13,8 @@ from comfy_diffusionrig import alignment as align_lib
 from comfy_diffusionrig import identity
 from comfy_diffusionrig.deca import load_deca
 from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
-from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, sweep,
-                                    sweep_values)
+from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
+                                    sweep, sweep_values)
 
 from .host import (check_interrupt, input_files, input_path, model_dir, model_files, model_path, models_root,
                    torch_device)
@@ -295,8 +295,9 @@ class RenderBuffers:
         "shaded | normal | albedo side by side.",
         "The SH-shaded face (albedo x shading, clipped to 0..1), black outside the face.",
         "Camera-space normals as RGB = (n + 1) / 2 with x image right -> R, y up -> G, z towards the camera -> B "
-        "(the OpenGL / Blender convention of normal ControlNets: a face looking at the camera is lavender, its "
-        "image-left side greenish-blue with R < 0.5, its image-right side pink with R > 0.5); black outside the face.",
+        "(OpenGL / Blender camera space: a face looking at the camera is lavender, its image-left side bluish with "
+        "R < 0.5, its image-right side pink with R > 0.5; a ControlNet trained on flipped x or y needs that channel "
+        "inverted); black outside the face.",
         "The face's albedo (texture without light), black outside the face.",
         "Face coverage: 1 where the renderer drew the face mesh, 0 elsewhere (inpainting masks, compositing).",
     )
@@ -310,8 +311,7 @@ class RenderBuffers:
 
     def render(self, deca, rig):
         layers = render_layers(deca, rig)
-        buffers = torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
-        alpha = layers["alpha"]
+        buffers, alpha = stack_buffers(layers), layers["alpha"]
         images = [layers["rendered"], (layers["normal"] + 1) / 2 * alpha, layers["albedo"]]
         shaded, normal, albedo = (x.clamp(0, 1).permute(0, 2, 3, 1).contiguous() for x in images)
         preview = torch.cat([shaded, normal, albedo], dim=2)
