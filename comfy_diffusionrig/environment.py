@@ -38,19 +38,21 @@ def linear_to_srgb(image):
     return lib.where(image <= 0.0031308, image * 12.92, 1.055 * lib.clip(image, 0.0031308, None) ** (1 / 2.4) - 0.055)
 
 
-def panorama_directions(height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+def panorama_directions(height: int, width: int, rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor]:
     """Pixel-centre directions and solid angles of an equirectangular panorama (module docstring).
 
-    Returns: directions [H, W, 3] float64 unit vectors, solid_angle [H] float64 per pixel of each
-    row (the exact area of the row's band, which is sin(theta) d theta d phi integrated: they sum
-    to 4 pi).
+    rows: which rows (a slice), to work on a large panorama in pieces.
+    Returns: directions [R, W, 3] float64 unit vectors, solid_angle [R] float64 per pixel of each
+    row (the exact area of the row's band, which is sin(theta) d theta d phi integrated: over all
+    rows they sum to 4 pi).
     """
-    theta = (torch.arange(height, dtype=torch.float64) + 0.5) / height * math.pi  # from +y
+    index = torch.arange(height, dtype=torch.float64)[rows]
+    theta = (index + 0.5) / height * math.pi  # from +y
     phi = ((torch.arange(width, dtype=torch.float64) + 0.5) / width - 0.5) * 2 * math.pi  # 0 = -z, + = to +x
     sin_t, cos_t = torch.sin(theta)[:, None], torch.cos(theta)[:, None]
     directions = torch.stack(torch.broadcast_tensors(sin_t * torch.sin(phi), cos_t, -sin_t * torch.cos(phi)), -1)
-    edges = torch.arange(height + 1, dtype=torch.float64) / height * math.pi
-    solid_angle = (torch.cos(edges[:-1]) - torch.cos(edges[1:])) * (2 * math.pi / width)
+    top, bottom = index / height * math.pi, (index + 1) / height * math.pi
+    solid_angle = (torch.cos(top) - torch.cos(bottom)) * (2 * math.pi / width)
     return directions, solid_angle
 
 
@@ -64,7 +66,9 @@ def direction_to_pixel(direction, height: int, width: int) -> tuple[float, float
 
 
 def _as_environment(env) -> torch.Tensor:
-    env = torch.as_tensor(np.asarray(env) if not torch.is_tensor(env) else env).double().cpu()
+    env = torch.as_tensor(np.asarray(env) if not torch.is_tensor(env) else env).cpu()
+    if not env.is_floating_point():
+        env = env.double()
     if env.ndim != 3 or env.shape[-1] != 3 or env.shape[0] < 2 or env.shape[1] < 4:
         raise ValueError(f"an environment map is an equirectangular [H, W, 3] linear RGB array (H >= 2, W >= 4), "
                          f"got shape {tuple(env.shape)}")
@@ -91,12 +95,39 @@ def sh_from_environment(env, yaw: float = 0.0) -> torch.Tensor:
     weighted by their solid angle (sin theta per row).  Use `lighting.normalize_light` to bring
     the result to the presets' level.
     """
-    env = _as_environment(env)
-    directions, solid_angle = panorama_directions(env.shape[0], env.shape[1])
-    if yaw:
-        directions = directions @ rotation_matrix(yaw, 0.0).T  # every direction turned: d -> R d
-    weights = solid_angle[:, None].expand(env.shape[0], env.shape[1])
-    return sh_from_radiance(directions.reshape(-1, 3), env.reshape(-1, 3), weights.reshape(-1))
+    env = _reduced(_as_environment(env))
+    height, width = env.shape[:2]
+    turn = rotation_matrix(yaw, 0.0).T  # every direction turned: d -> R d (row vectors)
+    light = torch.zeros(9, 3, dtype=torch.float64)
+    step = max(1, _PIXELS_AT_ONCE // width)  # a large panorama in pieces of rows, to bound memory
+    for first in range(0, height, step):
+        rows = slice(first, min(first + step, height))
+        directions, solid_angle = panorama_directions(height, width, rows)
+        weights = solid_angle[:, None].expand(-1, width)
+        light += sh_from_radiance((directions @ turn).reshape(-1, 3), env[rows].double().reshape(-1, 3),
+                                  weights.reshape(-1)).double()
+    return light.float()
+
+
+_PIXELS_AT_ONCE = 1 << 18
+# order-2 SH see nothing finer than tens of degrees: larger panoramas (an 8k HDRI) are averaged down to this
+_MAX_ROWS = 256
+
+
+def _reduced(env: torch.Tensor) -> torch.Tensor:
+    """A panorama of more than _MAX_ROWS rows averaged over k x k blocks, each pixel weighted by its solid
+    angle, so that the sum of radiance x solid angle of every block is kept; unchanged when no integer
+    k up to twice the needed factor divides both sides (then it is projected at full size, in pieces)."""
+    height, width = env.shape[:2]
+    need = math.ceil(height / _MAX_ROWS)
+    factor = next((k for k in range(need, 2 * need + 1) if height % k == 0 and width % k == 0), 1)
+    if factor == 1:
+        return env
+    _, solid_angle = panorama_directions(height, width)
+    weighted = env * solid_angle.to(env.dtype)[:, None, None]  # in the panorama's precision: no 8k float64 copy
+    blocks = weighted.reshape(height // factor, factor, width // factor, factor, 3).sum((1, 3), dtype=torch.float64)
+    block_angle = solid_angle.reshape(height // factor, factor).sum(1) * factor
+    return blocks / block_angle[:, None, None]
 
 
 def roll_yaw(env, yaw: float):

@@ -286,3 +286,18 @@ def test_exr_panoramas_read_with_openexr(tmp_path):
     (tmp_path / "bad.exr").write_bytes(b"garbage")
     with pytest.raises(ValueError, match=r"bad\.exr: not a readable RGB OpenEXR file"):
         load_environment(tmp_path / "bad.exr")
+
+
+def test_large_panoramas_are_averaged_down_without_changing_the_light(monkeypatch):
+    from comfy_diffusionrig import environment
+
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(1, 3, 16, 32, generator=gen) * 2
+    smooth = torch.nn.functional.interpolate(noise, size=(1024, 2048), mode="bilinear")[0].permute(1, 2, 0)
+    env = smooth + disk_environment(1024, 2048, [(40.0, 70.0, 3.0, (60.0, 40.0, 20.0)),
+                                                 (-100.0, -20.0, 1.5, (200.0, 200.0, 200.0))])
+    reduced = sh_from_environment(env, yaw=33.0)
+    monkeypatch.setattr(environment, "_MAX_ROWS", 4096)  # the full-resolution projection, in pieces of rows
+    full = sh_from_environment(env, yaw=33.0)
+    # 4x4 blocks of 0.7 degrees: the band-2 terms move by ~1e-4 of the light
+    torch.testing.assert_close(reduced, full, atol=2e-4 * float(full.abs().max()), rtol=0)
