@@ -145,12 +145,12 @@ def environment_preview(env, light: torch.Tensor, yaw: float = 0.0, width: int =
     """
     from PIL import Image, ImageDraw
 
-    env = _as_environment(env)
-    turned = roll_yaw(env, yaw).numpy()
-    white = max(float(np.percentile(turned.max(-1), 99.0)), 1e-8)  # the brightest 1 % may clip
-    picture = linear_to_srgb(np.clip(turned / white, 0.0, 1.0))
-    image = Image.fromarray((picture * 255).round().astype(np.uint8), "RGB").resize((width, width // 2),
-                                                                                     Image.Resampling.BILINEAR)
+    turned = roll_yaw(_as_environment(env), yaw).float().permute(2, 0, 1)[None]
+    # area-averaged to the preview size first: a small sun stays visible and an 8k panorama stays cheap
+    small = torch.nn.functional.adaptive_avg_pool2d(turned, (width // 2, width))[0].permute(1, 2, 0).numpy()
+    white = max(float(np.percentile(small.max(-1), 99.0)), 1e-8)  # the brightest 1 % may clip
+    picture = linear_to_srgb(np.clip(small / white, 0.0, 1.0))
+    image = Image.fromarray((picture * 255).round().astype(np.uint8), "RGB")
     azimuth, elevation = (float(v) for v in light_parameters(light.double())[:2])
     direction = (math.sin(math.radians(azimuth)) * math.cos(math.radians(elevation)), math.sin(math.radians(elevation)),
                  math.cos(math.radians(azimuth)) * math.cos(math.radians(elevation)))
