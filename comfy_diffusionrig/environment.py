@@ -92,8 +92,9 @@ def sh_from_environment(env, yaw: float = 0.0) -> torch.Tensor:
     Returns: [9, 3] float32 in DECA's basis and constants (`lighting.sh_basis`): a light from
     direction d in the panorama lights the normals facing d.  Shading units: a uniform panorama
     of radiance L shades every normal with L (see `lighting.sh_from_radiance`); pixels are
-    weighted by their solid angle (sin theta per row).  Use `lighting.normalize_light` to bring
-    the result to the presets' level.
+    weighted by their solid angle (sin theta per row); panoramas of more than 256 rows are first
+    averaged over blocks (solid-angle weighted), a change order-2 SH hardly sees (~1e-4).  Use
+    `lighting.normalize_light` to bring the result to the presets' level.
     """
     env = _reduced(_as_environment(env))
     height, width = env.shape[:2]
