@@ -25,6 +25,7 @@ _EXPORTS = {
     "detect_faces": "alignment",
     "align_face": "alignment",
     "paste_back": "alignment",
+    "sh_from_environment": "environment",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -22,12 +22,19 @@ _Z_OFFSET = 10.0
 DECA_CROP_SIZE = 224
 
 
-def buffer_preview(buffers: torch.Tensor) -> torch.Tensor:
-    """[B, 9, H, W] rendered|normal|albedo -> [B, 3, H, 3W] in [0, 1]: the three side by side, normals
-    mapped from [-1, 1] to [0, 1] where the face is (black elsewhere)."""
-    covered = (buffers != 0).any(1, keepdim=True).to(buffers.dtype)
-    rendered, normal, albedo = buffers[:, 0:3], (buffers[:, 3:6] + 1) / 2 * covered, buffers[:, 6:9]
-    return torch.cat([rendered, normal, albedo], dim=3).clamp(0, 1)
+def buffer_images(buffers: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The buffers as pictures, each [B, 3, H, W] in [0, 1]: the shaded face, the normal map as RGB = (n + 1) / 2
+    (x image right -> R, y up -> G, z towards the camera -> B) and the albedo, black outside the face.
+
+    buffers: [B, 9, H, W] rendered|normal|albedo; coverage: [B, 1, H, W] the renderer's alpha.
+    """
+    rendered, normal, albedo = buffers[:, 0:3], (buffers[:, 3:6] + 1) / 2 * coverage, buffers[:, 6:9]
+    return rendered.clamp(0, 1), normal.clamp(0, 1), albedo.clamp(0, 1)
+
+
+def buffer_preview(buffers: torch.Tensor, coverage: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, 3W] in [0, 1]: `buffer_images` side by side (shaded | normals | albedo)."""
+    return torch.cat(buffer_images(buffers, coverage), dim=3)
 
 
 def project(verts: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:

@@ -281,7 +281,7 @@ def _save_buffers(result, plan: dict, overwrite: bool) -> None:
     to_pil = lambda t: Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
     for k in range(frames):
         rows = slice(k, None, frames)  # face-major: frame k of every face
-        strip = torch.cat(list(buffer_preview(result.buffers[rows])), dim=1)
+        strip = torch.cat(list(buffer_preview(result.buffers[rows], result.coverage[rows])), dim=1)
         spheres = torch.cat(list(lit_sphere(result.lights[rows], size=result.buffers.shape[-1])), dim=1)
         _save_new(to_pil(strip), plan["buffers"][k], overwrite)
         _save_new(to_pil(spheres), plan["light"][k], overwrite)
@@ -335,8 +335,8 @@ def _reference_rig(models, path: str):
 
 
 def _cmd_relight(args) -> int:
-    if args.mirror and args.light_from:
-        raise ValueError("--mirror works with --light-preset and --light, not with a light copied by --light-from")
+    if args.mirror and not (args.light_preset or args.light):
+        raise ValueError("--mirror works with --light-preset and --light (turn an environment with --env-yaw)")
 
     def make_edit(models):
         from .lighting import sh_from_direction
@@ -350,6 +350,19 @@ def _cmd_relight(args) -> int:
 
             preset = preset_light(args.light_preset, mirror=args.mirror)
             return lambda rig: rig.with_light(preset)
+        if args.light_env:
+            from .environment import load_environment, sh_from_environment
+            from .lighting import normalize_light
+
+            env_light = normalize_light(sh_from_environment(load_environment(args.light_env), yaw=args.env_yaw))
+            env_light = env_light * 2.0 ** args.env_exposure
+            return lambda rig: rig.with_light(env_light)
+        if args.preset_file:
+            from .presets import load_preset
+            from .rig import apply_preset
+
+            document = load_preset(args.preset_file)
+            return lambda rig: apply_preset(rig, document)
         light = _parse_light(args.light)
         color = _hex_color(light.pop("color", "#FFFFFF"))
         azimuth = light.get("azimuth", 45.0)
@@ -487,8 +500,15 @@ def build_parser() -> argparse.ArgumentParser:
     light.add_argument("--light-preset", type=_preset_name, metavar="NAME",
                        help="a named lighting setup: " + ", ".join(LIGHT_PRESETS) + " (case and _ or - do not "
                             "matter: golden_hour, Golden-Hour)")
+    light.add_argument("--light-env", metavar="FILE", help="an equirectangular environment map (.hdr, .exr with "
+                                                           "OpenEXR, or an 8-bit image); scaled to the presets' level")
+    light.add_argument("--preset-file", metavar="FILE", help="a preset JSON (Save Rig Preset, presets/): its light "
+                                                             "and, when it holds one, its expression/pose edit")
     relight.add_argument("--mirror", action="store_true", help="with --light-preset or --light: put the key light on "
                                                               "the other side (azimuth -> -azimuth)")
+    relight.add_argument("--env-yaw", type=float, default=0.0, help="with --light-env: degrees to turn the "
+                                                                     "environment (+ = a front light moves to image right)")
+    relight.add_argument("--env-exposure", type=float, default=0.0, help="with --light-env: stops (EV) brighter")
     relight.set_defaults(func=_cmd_relight)
 
     edit = sub.add_parser("edit", help="change expression, jaw and head pose of the face(s) of a photo")

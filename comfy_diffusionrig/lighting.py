@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from .presets import LIGHT_PRESETS
+from .presets import LIGHT_PRESETS, make_preset
 
 
 def _deca_constants() -> torch.Tensor:
@@ -120,6 +120,58 @@ def sh_from_direction(azimuth_deg, elevation_deg, intensity=1.0, ambient=0.4, co
     # uniform irradiance lives in the constant band only
     light[..., 0] += ambient / DECA_SH_CONSTANTS[0].double()
     return (light[..., :, None] * color[..., None, :]).float()
+
+
+def light_preset_document(name: str) -> dict:
+    """The preset file of a named setup (what the pack's presets/ folder ships): its SH and sliders."""
+    preset_light(name)  # the error for an unknown name
+    sliders = {k: list(v) if k == "color" else v for k, v in LIGHT_PRESETS[name].items()}
+    return make_preset(name, sh=preset_light(name).tolist(), sliders=sliders)
+
+
+def sh_from_radiance(directions: torch.Tensor, radiance: torch.Tensor, solid_angle: torch.Tensor) -> torch.Tensor:
+    """The DECA light code of an environment given as radiance samples (a discretised sphere).
+
+    directions: [N, 3] unit vectors towards where each sample's light comes from (FLAME frame)
+    radiance: [N, 3] linear RGB radiance; solid_angle: [N] steradians of each sample (sum 4 pi)
+    Returns: [9, 3] float32 whose shading of a normal n is the order-2 SH approximation of
+    (1 / pi) * integral L(w) max(0, n . w) dw: irradiance over pi, the outgoing radiance of a
+    white Lambertian surface, so a uniform environment of radiance L shades every normal with L
+    (a white furnace) and an image-exposed panorama lights the face at the same exposure.
+    """
+    weighted = _polynomials(directions.double()) * solid_angle.double()[:, None]  # [N, 9]
+    moments = weighted.T @ radiance.double()  # [9, 3] = integral of L(w) * poly_k(w)
+    # `sh_from_direction` is the same map for one delta light of integral 1 (intensity 1)
+    return (_sh_weights()[:, None] * moments / math.pi).float()
+
+
+# Brightest point of the portrait presets (rembrandt, loop, butterfly, under): a key light of
+# intensity 1 reaches 17/16 through order-2 SH, plus ambient 0.35 (see `sh_from_direction`)
+PORTRAIT_PEAK = 17 / 16 + 0.35
+
+
+def peak_shading(light: torch.Tensor) -> torch.Tensor:
+    """Largest shading value of a light over all normals and RGB channels (its brightest point).
+
+    light: [..., 9, 3].  Returns: [...] float64; sampled on 2048 normals (within ~0.3 % of the
+    true maximum of an order-2 light).
+    """
+    basis = sh_basis(_fibonacci_sphere(2048).to(light.device))  # [P, 9]
+    shading = torch.einsum("pk,...kc->...pc", basis, light.double())
+    return shading.amax((-1, -2))
+
+
+def normalize_light(light: torch.Tensor, peak: float = PORTRAIT_PEAK) -> torch.Tensor:
+    """Scale a light so its brightest point is `peak`, keeping its direction, contrast and colour.
+
+    light: [..., 9, 3].  Used to bring environment lights, whose absolute level depends on how
+    the panorama was exposed, to the level of the presets.  Returns light's shape and dtype.
+    """
+    current = peak_shading(light)
+    if bool((current <= 1e-12).any()):
+        raise ValueError("the light is black (no positive shading anywhere), so it cannot be normalised; "
+                         "check that the panorama is not all zeros")
+    return (light.double() * (peak / current)[..., None, None]).to(light.dtype)
 
 
 def preset_light(name: str, mirror: bool = False) -> torch.Tensor:

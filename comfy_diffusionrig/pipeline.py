@@ -21,7 +21,7 @@ from .alignment import align_faces, paste_back
 from .checkpoints import load_diffusionrig
 from .deca import load_deca
 from .editing import check_edit_settings, edit_faces
-from .rig import FaceRig, fit_faces, render_rig
+from .rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 Edit = Callable[[FaceRig], FaceRig]
@@ -81,6 +81,7 @@ class EditResult:
     seconds: dict[str, float] = field(default_factory=dict)
     aligned: list[Image.Image] = field(default_factory=list)  # the photo's aligned faces before the edit
     buffers: torch.Tensor | None = None  # the edited rig's buffers [N*F, 9, S, S], face-major
+    coverage: torch.Tensor | None = None  # where the renderer drew the face in them [N*F, 1, S, S]
     lights: torch.Tensor | None = None  # the edited rig's SH lights [N*F, 9, 3]
 
 
@@ -117,7 +118,8 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
         raise ValueError(f"the edit returned {len(edited)} rigs for {n_faces} faces")
     frames = len(edited) // n_faces
     source_buffers = render_rig(deca, rig)
-    target_buffers = render_rig(deca, edited)
+    target = render_layers(deca, edited)
+    target_buffers = stack_buffers(target)
     lap("render")
     x = images * 2 - 1
     with torch.no_grad():
@@ -131,5 +133,5 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
                     for f in result]
     photos = [paste_back(photo, aligned, edited_faces[k::frames], color_match=color_match) for k in range(frames)]
     lap("paste")
-    return EditResult(photos, edited_faces, seconds, [a.image for a in aligned], target_buffers,
+    return EditResult(photos, edited_faces, seconds, [a.image for a in aligned], target_buffers, target["alpha"],
                       edited.codes["light"])

@@ -92,17 +92,37 @@ def fit_faces(deca, images: torch.Tensor, landmarks) -> FaceRig:
     return FaceRig(codes, tform, center, (int(images.shape[2]), int(images.shape[3])))
 
 
+RENDER_LAYERS = ("rendered", "normal", "albedo", "alpha")
+
+
 @torch.no_grad()
-def render_rig(deca, rig: FaceRig, batch_size: int = 16) -> torch.Tensor:
-    """[B, 9, H, W] rendered|normal|albedo of every face of the rig (the head kept at its FFHQ centre)."""
+def render_layers(deca, rig: FaceRig, batch_size: int = 16) -> dict[str, torch.Tensor]:
+    """Every face of the rig rendered (the head kept at its FFHQ centre), layer by layer, on the CPU.
+
+    Returns dict: rendered, normal, albedo [B, 3, H, W] (the buffers, see `buffers.Renderer`:
+    normal = unit FLAME-frame normals, x image right, y up, z towards the camera) and alpha
+    [B, 1, H, W] (1 where the rasterizer covered the pixel with the face mesh, else 0).
+    """
     check_finite(rig)
     device = next(deca.parameters()).device
-    out = []
+    parts = {key: [] for key in RENDER_LAYERS}
     for first in range(0, len(rig), batch_size):
         part = rig.select(list(range(first, min(first + batch_size, len(rig)))))
         codes = {k: v.to(device) for k, v in part.codes.items()}
-        out.append(deca.render(codes, part.image_size, part.tform.to(device), part.ffhq_center.to(device)).cpu())
-    return torch.cat(out)
+        out = deca.decode(codes, part.image_size, part.tform.to(device), part.ffhq_center.to(device))
+        for key in RENDER_LAYERS:
+            parts[key].append(out[key].cpu())
+    return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def stack_buffers(layers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The UNet's conditioning [B, 9, H, W] = rendered | normal | albedo from `render_layers`' dict."""
+    return torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
+
+
+def render_rig(deca, rig: FaceRig, batch_size: int = 16) -> torch.Tensor:
+    """[B, 9, H, W] rendered|normal|albedo of every face of the rig (the head kept at its FFHQ centre)."""
+    return stack_buffers(render_layers(deca, rig, batch_size))
 
 
 def _broadcast(source: torch.Tensor, n: int, what: str) -> torch.Tensor:
@@ -177,6 +197,18 @@ def euler_matrix(yaw: torch.Tensor, pitch: torch.Tensor, roll: torch.Tensor) -> 
     return axis(yaw, 1, 1.0) @ axis(pitch, 0, 1.0) @ axis(roll, 2, -1.0)
 
 
+def euler_angles(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of `euler_matrix`: [..., 3, 3] rotation -> (yaw, pitch, roll) in degrees, float64.
+
+    matrix = Ry(yaw) Rx(pitch) Rz(-roll); unique for |pitch| < 90.
+    """
+    m = matrix.double()
+    pitch = torch.asin((-m[..., 1, 2]).clamp(-1, 1))
+    yaw = torch.atan2(m[..., 0, 2], m[..., 2, 2])
+    roll = -torch.atan2(m[..., 1, 0], m[..., 1, 1])
+    return torch.rad2deg(yaw), torch.rad2deg(pitch), torch.rad2deg(roll)
+
+
 def edit_pose(rig: FaceRig, yaw: float | torch.Tensor = 0.0, pitch: float | torch.Tensor = 0.0,
               roll: float | torch.Tensor = 0.0, jaw_open: float | torch.Tensor = 0.0,
               expression_scale: float | torch.Tensor = 1.0) -> FaceRig:
@@ -243,3 +275,63 @@ def sweep(rig: FaceRig, parameter: str, values) -> FaceRig:
     keyword = {"jaw_open": "jaw_open", "head_yaw": "yaw", "head_pitch": "pitch", "head_roll": "roll",
                "expression_strength": "expression_scale"}[parameter]
     return edit_pose(rows, **{keyword: per_row})
+
+
+def preset_from_rig(rig: FaceRig, index: int = 0, original: FaceRig | None = None, light: bool = True,
+                    expression: bool = False, jaw: bool = False, name: str = "", sliders: dict | None = None) -> dict:
+    """A preset document (see `presets.py`) from one face of a rig.
+
+    light: its SH light, with the Relight slider values that make it (`light_parameters`: exact
+    for slider and preset lights, the nearest directional light otherwise) unless `sliders` is given;
+    expression / jaw: its absolute expression code / jaw pose; original: the same face before
+    Edit Expression & Pose, to store the head turn between the two (yaw, pitch, roll degrees).
+    """
+    from .lighting import light_parameters
+    from .presets import make_preset
+
+    if not 0 <= index < len(rig):
+        raise ValueError(f"face index {index} but the rig has {len(rig)} face(s)")
+    sh = None
+    if light:
+        sh = rig.codes["light"][index].double()
+        if sliders is None:
+            azimuth, elevation, intensity, ambient, color = light_parameters(sh)
+            sliders = {"azimuth": round(float(azimuth), 3), "elevation": round(float(elevation), 3),
+                       "intensity": round(float(intensity), 4), "ambient": round(float(ambient), 4),
+                       "color": [round(float(c), 4) for c in color]}
+        sh = sh.tolist()
+    edit = {}
+    if expression:
+        edit["expression"] = [round(float(v), 6) for v in rig.codes["exp"][index]]
+    if jaw:
+        edit["jaw_pose"] = [round(float(v), 6) for v in rig.codes["pose"][index, 3:6]]
+    if original is not None:
+        if len(original) != len(rig):
+            raise ValueError(f"the original rig has {len(original)} face(s), the edited one {len(rig)}")
+        turn = axis_angle_to_matrix(rig.codes["pose"][index, 0:3].double()) @ \
+            axis_angle_to_matrix(original.codes["pose"][index, 0:3].double()).T
+        edit["head_turn"] = {k: round(float(v), 4) for k, v in zip(("yaw", "pitch", "roll"), euler_angles(turn))}
+    return make_preset(name, sh=sh, sliders=sliders if light else None, edit=edit or None)
+
+
+def apply_preset(rig: FaceRig, preset: dict, light: bool = True, expression: bool = True, pose: bool = True
+                 ) -> FaceRig:
+    """Every face of the rig with what a preset holds: its light, its expression, its jaw pose and head turn.
+
+    preset: a checked document (`presets.load_preset`); the switches skip parts of it.
+    """
+    n = len(rig)
+    out = rig
+    if light and "light" in preset:
+        out = out.with_light(torch.tensor(preset["light"]["sh"], dtype=rig.codes["light"].dtype))
+    edit = preset.get("edit", {})
+    if expression and "expression" in edit:
+        exp = torch.tensor(edit["expression"], dtype=out.codes["exp"].dtype).expand(n, -1).clone()
+        out = out.with_codes(exp=exp)
+    if pose and "jaw_pose" in edit:
+        pose_codes = out.codes["pose"].clone()
+        pose_codes[:, 3:6] = torch.tensor(edit["jaw_pose"], dtype=pose_codes.dtype)
+        out = out.with_codes(pose=pose_codes)
+    if pose and "head_turn" in edit:
+        out = edit_pose(out, **edit["head_turn"])
+    return out

@@ -11,9 +11,11 @@ from PIL import Image
 
 from comfy_diffusionrig import alignment as align_lib
 from comfy_diffusionrig import identity
+from comfy_diffusionrig.buffers import buffer_images
 from comfy_diffusionrig.deca import load_deca
 from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
-from comfy_diffusionrig.rig import SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_rig, sweep, sweep_values
+from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
+                                    sweep, sweep_values)
 
 from .host import (check_interrupt, input_files, input_path, model_dir, model_files, model_path, models_root,
                    torch_device)
@@ -282,12 +284,24 @@ class EditExpressionPose:
 
 class RenderBuffers:
     DESCRIPTION = ("Renders the physical buffers DiffusionRig is conditioned on: SH-shaded face, normals and "
-                   "albedo, aligned with the photo.")
+                   "albedo, aligned with the photo. Each buffer also comes out as its own IMAGE and the face "
+                   "coverage as a MASK, to chain into ControlNet (normal), IC-Light or inpainting nodes.")
     CATEGORY = CATEGORY
     FUNCTION = "render"
-    RETURN_TYPES = ("RIG_BUFFERS", "IMAGE")
-    RETURN_NAMES = ("buffers", "preview")
-    OUTPUT_TOOLTIPS = ("For the DiffusionRig Sampler.", "shaded | normal | albedo side by side.")
+    # new outputs go after the old ones: saved workflows link outputs by slot index
+    RETURN_TYPES = ("RIG_BUFFERS", "IMAGE", "IMAGE", "IMAGE", "IMAGE", "MASK")
+    RETURN_NAMES = ("buffers", "preview", "shaded", "normal_map", "albedo", "face_mask")
+    OUTPUT_TOOLTIPS = (
+        "For the DiffusionRig Sampler.",
+        "shaded | normal | albedo side by side.",
+        "The SH-shaded face (albedo x shading, clipped to 0..1), black outside the face.",
+        "Camera-space normals as RGB = (n + 1) / 2 with x image right -> R, y up -> G, z towards the camera -> B "
+        "(OpenGL / Blender camera space: a face looking at the camera is lavender, its image-left side bluish with "
+        "R < 0.5, its image-right side pink with R > 0.5; a ControlNet trained on flipped x or y needs that channel "
+        "inverted); black outside the face.",
+        "The face's albedo (texture without light), black outside the face.",
+        "Face coverage: 1 where the renderer drew the face mesh, 0 elsewhere (inpainting masks, compositing).",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -297,11 +311,11 @@ class RenderBuffers:
         }}
 
     def render(self, deca, rig):
-        buffers = render_rig(deca, rig)
-        covered = (buffers != 0).any(1, keepdim=True).to(buffers.dtype)
-        rendered, normal, albedo = buffers[:, 0:3], (buffers[:, 3:6] + 1) / 2 * covered, buffers[:, 6:9]
-        preview = torch.cat([rendered, normal, albedo], dim=3).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
-        return (buffers, preview)
+        layers = render_layers(deca, rig)
+        buffers, alpha = stack_buffers(layers), layers["alpha"]
+        shaded, normal, albedo = (x.permute(0, 2, 3, 1).contiguous() for x in buffer_images(buffers, alpha))
+        preview = torch.cat([shaded, normal, albedo], dim=2)
+        return (buffers, preview, shaded, normal, albedo, alpha[:, 0].contiguous())
 
 
 SWEEPS = list(SWEEP_PARAMETERS)

@@ -22,6 +22,8 @@ except ImportError:  # library use and tests
 
 IN_COMFYUI = _folder_paths is not None
 
+PRESET_FOLDER = "diffusionrig_presets"  # Save / Load Rig Preset's files, a model folder of its own
+
 # folder name -> (what goes there, where it comes from); used in every "missing file" error
 MODEL_FOLDERS = {
     "diffusionrig": (
@@ -36,6 +38,10 @@ MODEL_FOLDERS = {
     "flame": (
         "FLAME 2020 files: generic_model.pkl, landmark_embedding.npy, head_template.obj, FLAME_texture.npz",
         "https://flame.is.tue.mpg.de (FLAME licence, registration required) and the DECA repository's data/ folder",
+    ),
+    PRESET_FOLDER: (
+        "Rig presets (.json files of a light and/or an expression and pose edit)",
+        "Save Rig Preset, or other people's preset files (the pack's own are listed as pack/...)",
     ),
 }
 
@@ -108,13 +114,13 @@ def _input_dir() -> Path:
     return Path(os.environ.get("COMFY_DIFFUSIONRIG_INPUT", "input"))
 
 
-def input_files() -> list[str]:
-    """Photos for a combo input: ComfyUI's input folder, then the pack's example images as examples/<name>."""
+def input_files(suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
+    """Files for a combo input: ComfyUI's input folder, then the pack's example images as examples/<name>."""
     root = _input_dir()
-    own = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES) \
+    own = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes) \
         if root.is_dir() else []
     examples = sorted(EXAMPLE_PREFIX + p.name for p in EXAMPLE_IMAGES.iterdir()
-                      if p.suffix.lower() in IMAGE_SUFFIXES) if EXAMPLE_IMAGES.is_dir() else []
+                      if p.suffix.lower() in suffixes) if EXAMPLE_IMAGES.is_dir() else []
     return own + examples
 
 

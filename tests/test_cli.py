@@ -314,3 +314,45 @@ def test_the_progress_bar_gives_an_eta_and_stays_short_when_redirected():
     assert len(lines) == 11 + 1  # each tenth of stage 1 once, then stage 2's first line
     assert "\r" not in stream.getvalue()
     assert "ETA" in lines[1] and lines[10].endswith("done") and "1500/1500" in lines[10]
+
+
+def _chosen_edit(monkeypatch, *argv):
+    """The rig edit `relight` would run on every face, without running it (no models, no sampler)."""
+    chosen = {}
+    monkeypatch.setattr(cli, "_run_edits", lambda args, make_edit, suffix: chosen.update(edit=make_edit(None)) or 0)
+    code = main(["relight", str(ASTRONAUT), "--out", "unused.png", *argv])
+    return code, chosen.get("edit")
+
+
+def test_relight_with_an_environment_map_or_a_preset_file(tmp_path, monkeypatch, capsys):
+    from comfy_diffusionrig.environment import load_environment, sh_from_environment
+    from comfy_diffusionrig.lighting import normalize_light, preset_light
+    from comfy_diffusionrig.rig import FaceRig, edit_pose
+
+    rig = FaceRig({"shape": torch.zeros(1, 100), "tex": torch.zeros(1, 50), "exp": torch.zeros(1, 50),
+                   "pose": torch.zeros(1, 6), "cam": torch.ones(1, 3), "light": torch.zeros(1, 9, 3)},
+                  torch.eye(3)[None], torch.zeros(1, 3), (256, 256))
+    studio = EXAMPLES / "studio_key_fill.hdr"
+    code, edit = _chosen_edit(monkeypatch, "--light-env", str(studio), "--env-yaw", "30", "--env-exposure", "-1")
+    assert code == 0
+    expected = normalize_light(sh_from_environment(load_environment(studio), yaw=30.0)) / 2
+    torch.testing.assert_close(edit(rig).codes["light"][0], expected)
+    code, edit = _chosen_edit(monkeypatch, "--preset-file", str(EXAMPLES.parent / "presets" / "light_rim.json"))
+    torch.testing.assert_close(edit(rig).codes["light"][0], preset_light("rim"), atol=1e-6, rtol=0)
+    turn = tmp_path / "turn.json"
+    turn.write_text(json.dumps({"format": "comfy-diffusionrig preset", "version": 1,
+                                "edit": {"head_turn": {"yaw": 12.0, "pitch": 0.0, "roll": 0.0}}}))
+    code, edit = _chosen_edit(monkeypatch, "--preset-file", str(turn))
+    torch.testing.assert_close(edit(rig).codes["pose"], edit_pose(rig, yaw=12.0).codes["pose"])
+    turn.write_text("{")
+    assert _chosen_edit(monkeypatch, "--preset-file", str(turn))[0] == 2
+    assert f"{turn}: not a JSON preset file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # one light source at a time
+        main(["relight", str(ASTRONAUT), "--out", "x.png", "--light-env", str(studio), "--light-preset", "rim"])
+
+
+def test_relight_with_the_example_environment_end_to_end(tmp_path, run_cli):
+    out = tmp_path / "studio.png"
+    assert run_cli("relight", str(ASTRONAUT), "--out", str(out), "--light-env", str(EXAMPLES / "studio_key_fill.hdr"),
+                   "--start", "noise") == 0
+    _face_only(_changed(_pixels(out), _pixels(ASTRONAUT)), ASTRONAUT_FACE)

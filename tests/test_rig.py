@@ -103,3 +103,44 @@ def test_sweep_makes_face_major_rows():
     assert torch.allclose(jaw.codes["pose"][[0, 2]], rig.codes["pose"], atol=1e-6)
     with pytest.raises(ValueError, match="unknown sweep"):
         sweep(rig, "hair", [1.0])
+
+
+def test_euler_angles_invert_euler_matrix():
+    from comfy_diffusionrig.rig import euler_angles
+
+    gen = torch.Generator().manual_seed(3)
+    yaw, roll = (torch.rand(50, generator=gen, dtype=torch.float64) * 340 - 170 for _ in range(2))
+    pitch = torch.rand(50, generator=gen, dtype=torch.float64) * 170 - 85
+    got = euler_angles(euler_matrix(yaw, pitch, roll))
+    for value, want in zip(got, (yaw, pitch, roll)):
+        torch.testing.assert_close(value, want, atol=1e-7, rtol=0)
+
+
+def test_a_preset_from_an_edit_redoes_the_edit_on_the_original():
+    from comfy_diffusionrig.lighting import sh_from_direction
+    from comfy_diffusionrig.presets import check_preset
+    from comfy_diffusionrig.rig import apply_preset, preset_from_rig
+
+    rig, donor = _rig(2, seed=4), _rig(1, seed=5)
+    edited = copy_from(rig, donor, expression=True)
+    edited = edit_pose(edited, yaw=20.0, pitch=-10.0, roll=5.0, jaw_open=12.0)
+    edited = edited.with_light(sh_from_direction(-40.0, 15.0, 0.9, 0.3, (1.0, 0.9, 0.7)))
+    preset = preset_from_rig(edited, index=1, original=rig, light=True, expression=True, jaw=True, name="turn")
+    assert check_preset(preset) == preset
+    # the head turn between the rigs is what edit_pose was asked for
+    assert preset["edit"]["head_turn"] == pytest.approx({"yaw": 20.0, "pitch": -10.0, "roll": 5.0}, abs=1e-3)
+    # the light's Relight slider values come back from its SH
+    sliders = preset["light"]["sliders"]
+    assert (sliders["azimuth"], sliders["elevation"], sliders["intensity"], sliders["ambient"]) == \
+        pytest.approx((-40.0, 15.0, 0.9, 0.3), abs=1e-3)
+    assert sliders["color"] == pytest.approx([1.0, 0.9, 0.7], abs=1e-3)
+    redone = apply_preset(rig.select(1), preset)
+    for key in ("light", "exp", "pose"):
+        torch.testing.assert_close(redone.codes[key], edited.select(1).codes[key], atol=1e-5, rtol=0)
+    torch.testing.assert_close(redone.codes["shape"], rig.select(1).codes["shape"])
+    # switches skip parts; every face of a batch gets the preset
+    light_only = apply_preset(rig, preset, expression=False, pose=False)
+    assert torch.equal(light_only.codes["pose"], rig.codes["pose"]) and torch.equal(light_only.codes["exp"], rig.codes["exp"])
+    torch.testing.assert_close(light_only.codes["light"], edited.codes["light"][1:2].expand(2, -1, -1), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="face index 2"):
+        preset_from_rig(edited, index=2)

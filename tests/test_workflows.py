@@ -24,7 +24,7 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 def test_there_are_workflows_for_every_task():
     names = {p.stem for p in WORKFLOWS}
     assert {"relight_from_reference", "relight_sliders_lit_sphere", "expression_pose_transfer", "light_sweep_video",
-            "paste_back_upscale", "personalize_and_relight", "relight_preset"} <= names
+            "paste_back_upscale", "personalize_and_relight", "relight_preset", "relight_hdri_environment"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

@@ -21,6 +21,7 @@ from workflow_format import Graph  # noqa: E402
 DECA_FILE = "deca_model.tar"
 PHOTO = "examples/astronaut.png"
 REFERENCE = "examples/grace_hopper.jpg"
+ENVIRONMENT = "examples/studio_key_fill.hdr"
 
 
 def _front(g: Graph, photo: str, x: int, y: int, title: str):
@@ -121,6 +122,23 @@ def relight_preset(mappings) -> dict:
                           "Lit sphere: the preset's light", "diffusionrig_relit_preset")
 
 
+def relight_environment(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load, align = _front(g, PHOTO, 0, 320, "Photo to relight")
+    fit = _fit(g, deca, align, 700, 320)
+    light = g.add("DiffusionRigLightFromEnvironment", (1040, 320), title="Light from Environment (put your .hdr "
+                  "in ComfyUI/input/)", environment=ENVIRONMENT, yaw=0.0, exposure=0.0, level="portrait")
+    g.connect(fit, "rig", light, "rig")
+    sphere = g.add("PreviewImage", (1040, 620), title="Lit sphere: the environment's light")
+    g.connect(light, "lit_sphere", sphere, "images")
+    panorama = g.add("PreviewImage", (1040, 900), title="Panorama (red mark: where the light comes from)")
+    g.connect(light, "panorama", panorama, "images")
+    sample = _sample(g, deca, model, align, fit, light, 1380, 0)
+    _paste(g, load, align, sample, 2060, 320, "diffusionrig_relit_environment")
+    return g.to_json()
+
+
 def expression_pose_transfer(mappings) -> dict:
     g = Graph(mappings)
     deca, model = _models(g, 0, 0)
@@ -198,6 +216,7 @@ WORKFLOWS = {
     "light_sweep_video": light_sweep_video,
     "paste_back_upscale": paste_back_upscale,
     "relight_preset": relight_preset,
+    "relight_hdri_environment": relight_environment,
     "personalize_and_relight": personalize_and_relight,
 }
 
