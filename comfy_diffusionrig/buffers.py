@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conventions import ALBEDO, NORMAL, RENDERED
 from .lighting import sh_shading
 from .rasterizer import rasterize
 
@@ -28,7 +29,7 @@ def buffer_images(buffers: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.
 
     buffers: [B, 9, H, W] rendered|normal|albedo; coverage: [B, 1, H, W] the renderer's alpha.
     """
-    rendered, normal, albedo = buffers[:, 0:3], (buffers[:, 3:6] + 1) / 2 * coverage, buffers[:, 6:9]
+    rendered, normal, albedo = buffers[:, RENDERED], (buffers[:, NORMAL] + 1) / 2 * coverage, buffers[:, ALBEDO]
     return rendered.clamp(0, 1), normal.clamp(0, 1), albedo.clamp(0, 1)
 
 

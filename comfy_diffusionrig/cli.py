@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+from .conventions import PHOTO_SUFFIXES
 from .presets import LIGHT_PRESETS
 
 
@@ -118,7 +119,6 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 LIGHT_KEYS = {"azimuth": "degrees, + = from image right", "elevation": "degrees, + = from above",
               "intensity": "strength of the key light, e.g. 0.8", "ambient": "fill level, e.g. 0.5",
               "color": "hex colour like #FFE0C0"}

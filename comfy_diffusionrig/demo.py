@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .buffers import Renderer, project
+from .conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
 from .deca import FLAME_FILES
 from .editing import edit_faces
 from .flame import ffhq_center, load_flame, load_flame_texture, read_obj
@@ -81,8 +82,8 @@ class World:
         zeros = lambda n: torch.zeros(1, n)  # noqa: E731
         _, lmk2d, _ = self.flame(zeros(100), zeros(50), zeros(6))
         p = lmk2d[0, :, :2].double()
-        eye_l, eye_r = p[36:42].mean(0), p[42:48].mean(0)
-        eye_avg, mouth_avg = (eye_l + eye_r) / 2, (p[48] + p[54]) / 2
+        eye_l, eye_r = p[EYE_LEFT].mean(0), p[EYE_RIGHT].mean(0)
+        eye_avg, mouth_avg = (eye_l + eye_r) / 2, (p[MOUTH_LEFT] + p[MOUTH_RIGHT]) / 2
         half = max(float((eye_r - eye_l).norm()) * 2.0, float((mouth_avg - eye_avg).norm()) * 1.8)  # FFHQ quad
         centre = ffhq_center(lmk2d)[0, :2].double()
         return torch.tensor([1.0 / half, -float(centre[0]), -float(centre[1])])

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
+
 # DECA's code sizes (decalib config: n_shape, n_exp, n_pose, n_tex)
 N_SHAPE, N_EXP, N_POSE, N_TEX = 100, 50, 6, 50
 # FLAME 2020 stores 300 shape then 100 expression components in `shapedirs`; DECA takes the
@@ -452,8 +454,8 @@ def ffhq_center(landmarks2d: torch.Tensor) -> torch.Tensor:
     eye_avg = mean of both eyes' centres (36..41, 42..47), mouth_avg = mean of the mouth
     corners (48, 54); centre = eye_avg + 0.1 * (mouth_avg - eye_avg).
     """
-    eye_avg = (landmarks2d[:, 36:42].mean(1) + landmarks2d[:, 42:48].mean(1)) * 0.5
-    mouth_avg = (landmarks2d[:, 48] + landmarks2d[:, 54]) * 0.5
+    eye_avg = (landmarks2d[:, EYE_LEFT].mean(1) + landmarks2d[:, EYE_RIGHT].mean(1)) * 0.5
+    mouth_avg = (landmarks2d[:, MOUTH_LEFT] + landmarks2d[:, MOUTH_RIGHT]) * 0.5
     return eye_avg + (mouth_avg - eye_avg) * 0.1
 
 

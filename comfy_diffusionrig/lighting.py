@@ -254,37 +254,6 @@ def rotate_sh(light: torch.Tensor, rotation: torch.Tensor | None = None, yaw_deg
     return (mixing @ light.double()).to(light.dtype)
 
 
-# pseudo-keys for parts of the [B, 6] pose code: global rotation 0:3, jaw 3:6 (DECA layout)
-_POSE_PARTS = {"global_pose": slice(0, 3), "jaw_pose": slice(3, 6)}
-
-
-def copy_codes(target: dict, source: dict, keys=("light",)) -> dict:
-    """Copy code entries from another face (e.g. its light or expression).
-
-    target, source: DECA code dicts (shape [B, 100], tex [B, 50], exp [B, 50], pose [B, 6],
-    cam [B, 3], light [B, 9, 3], ...); keys: code names, plus "global_pose" (pose[:, 0:3]) and
-    "jaw_pose" (pose[:, 3:6]).  A batch-1 source is broadcast to the target's batch.
-    Returns a new dict; neither input is modified.
-    """
-    out = dict(target)
-    for key in keys:
-        name, part = ("pose", _POSE_PARTS[key]) if key in _POSE_PARTS else (key, slice(None))
-        for codes, which in ((target, "target"), (source, "source")):
-            if name not in codes:
-                raise KeyError(f"cannot copy {key!r}: the {which} codes have no {name!r} entry (keys: {sorted(codes)})")
-        current = out[name]
-        value = source[name][:, part].to(device=current.device, dtype=current.dtype)
-        if value.shape[0] not in (1, current.shape[0]):
-            raise ValueError(
-                f"cannot copy {key!r}: source batch {value.shape[0]} does not match target batch "
-                f"{current.shape[0]}; pass one source face or as many as targets"
-            )
-        updated = current.clone()
-        updated[:, part] = value.expand_as(current[:, part])
-        out[name] = updated
-    return out
-
-
 def lit_sphere(light: torch.Tensor, size: int = 256, albedo=0.7) -> torch.Tensor:
     """Preview of the SH light on a sphere seen from the camera.
 

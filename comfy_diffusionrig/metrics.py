@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -46,12 +44,3 @@ def ssim(image: torch.Tensor, reference: torch.Tensor, data_range: float = 1.0, 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2  # Wang et al. K1, K2
     score = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2))
     return score.flatten(1).mean(1).float()
-
-
-def summary(values: torch.Tensor) -> str:
-    """'mean +- std' of a score list, finite values only."""
-    finite = values[torch.isfinite(values)].double()
-    if finite.numel() == 0:
-        return "n/a"
-    std = float(finite.std()) if finite.numel() > 1 else 0.0
-    return f"{float(finite.mean()):.2f} +- {std:.2f}" if not math.isnan(std) else f"{float(finite.mean()):.2f}"

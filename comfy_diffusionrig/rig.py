@@ -13,6 +13,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from .conventions import GLOBAL_POSE, JAW_POSE
+
 CODE_KEYS = ("shape", "tex", "exp", "pose", "cam", "light")
 
 
@@ -145,9 +147,9 @@ def copy_from(rig: FaceRig, reference: FaceRig, light: bool = False, expression:
     if expression:
         exp = _broadcast(reference.codes["exp"], n, "expression").clone()
     if jaw:
-        pose[:, 3:6] = ref_pose[:, 3:6]
+        pose[:, JAW_POSE] = ref_pose[:, JAW_POSE]
     if head_pose:
-        pose[:, 0:3] = ref_pose[:, 0:3]
+        pose[:, GLOBAL_POSE] = ref_pose[:, GLOBAL_POSE]
     return rig.with_codes(exp=exp, pose=pose, light=sh)
 
 
@@ -218,12 +220,12 @@ def edit_pose(rig: FaceRig, yaw: float | torch.Tensor = 0.0, pitch: float | torc
     n, dtype = len(rig), pose.dtype
     as_batch = lambda v: torch.as_tensor(v, dtype=torch.float64).expand(n).clone()  # noqa: E731
     turn = euler_matrix(as_batch(yaw), as_batch(pitch), as_batch(roll))
-    fitted = axis_angle_to_matrix(pose[:, 0:3].double())
-    pose[:, 0:3] = matrix_to_axis_angle(turn @ fitted).to(dtype)
+    fitted = axis_angle_to_matrix(pose[:, GLOBAL_POSE].double())
+    pose[:, GLOBAL_POSE] = matrix_to_axis_angle(turn @ fitted).to(dtype)
     zero = torch.zeros(n, dtype=torch.float64)
     opening = axis_angle_to_matrix(torch.stack([torch.deg2rad(as_batch(jaw_open)), zero, zero], -1))
-    jaw = axis_angle_to_matrix(pose[:, 3:6].double())
-    pose[:, 3:6] = matrix_to_axis_angle(jaw @ opening).to(dtype)  # FLAME's jaw opens about +x
+    jaw = axis_angle_to_matrix(pose[:, JAW_POSE].double())
+    pose[:, JAW_POSE] = matrix_to_axis_angle(jaw @ opening).to(dtype)  # FLAME's jaw opens about +x
     exp = exp * as_batch(expression_scale).to(exp.dtype)[:, None]
     return rig.with_codes(pose=pose, exp=exp)
 
@@ -304,12 +306,12 @@ def preset_from_rig(rig: FaceRig, index: int = 0, original: FaceRig | None = Non
     if expression:
         edit["expression"] = [round(float(v), 6) for v in rig.codes["exp"][index]]
     if jaw:
-        edit["jaw_pose"] = [round(float(v), 6) for v in rig.codes["pose"][index, 3:6]]
+        edit["jaw_pose"] = [round(float(v), 6) for v in rig.codes["pose"][index, JAW_POSE]]
     if original is not None:
         if len(original) != len(rig):
             raise ValueError(f"the original rig has {len(original)} face(s), the edited one {len(rig)}")
-        turn = axis_angle_to_matrix(rig.codes["pose"][index, 0:3].double()) @ \
-            axis_angle_to_matrix(original.codes["pose"][index, 0:3].double()).T
+        turn = axis_angle_to_matrix(rig.codes["pose"][index, GLOBAL_POSE].double()) @ \
+            axis_angle_to_matrix(original.codes["pose"][index, GLOBAL_POSE].double()).T
         edit["head_turn"] = {k: round(float(v), 4) for k, v in zip(("yaw", "pitch", "roll"), euler_angles(turn))}
     return make_preset(name, sh=sh, sliders=sliders if light else None, edit=edit or None)
 
@@ -330,7 +332,7 @@ def apply_preset(rig: FaceRig, preset: dict, light: bool = True, expression: boo
         out = out.with_codes(exp=exp)
     if pose and "jaw_pose" in edit:
         pose_codes = out.codes["pose"].clone()
-        pose_codes[:, 3:6] = torch.tensor(edit["jaw_pose"], dtype=pose_codes.dtype)
+        pose_codes[:, JAW_POSE] = torch.tensor(edit["jaw_pose"], dtype=pose_codes.dtype)
         out = out.with_codes(pose=pose_codes)
     if pose and "head_turn" in edit:
         out = edit_pose(out, **edit["head_turn"])

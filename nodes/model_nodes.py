@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from comfy_diffusionrig import edit_faces, load_diffusionrig
 from comfy_diffusionrig.checkpoints import for_inference
+from comfy_diffusionrig.conventions import SEED_MAX
 from comfy_diffusionrig.editing import check_edit_settings
 from comfy_diffusionrig.lora import load_lora, merge_lora
 
@@ -106,7 +107,7 @@ class DiffusionRigSampler:
                                                            "Rig Sweep makes them)."}),
                 "global_code": ("GLOBAL_CODE", {"tooltip": "From Encode Global Code: one code per face, or one "
                                                            "code shared by every face."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
+                "seed": ("INT", {"default": 0, "min": 0, "max": SEED_MAX, "control_after_generate": True,
                                  "tooltip": "Noise seed (start = noise, and eta > 0). The same noise is used for "
                                             "every face and frame."}),
                 "steps": ("INT", {"default": 20, "min": 1, "max": 1000,

@@ -10,7 +10,6 @@ import torch
 from comfy_diffusionrig.lighting import (
     DECA_SH_CONSTANTS,
     LIGHT_PRESETS,
-    copy_codes,
     light_direction,
     light_parameters,
     lit_sphere,
@@ -132,32 +131,6 @@ def test_light_parameters_of_ambient_only_and_batches():
     torch.testing.assert_close(color, torch.tensor([0.5, 1.0, 0.5]))
     batch = sh_from_direction(torch.tensor([10.0, -80.0]), torch.tensor([5.0, 30.0]))
     assert light_parameters(batch)[0].shape == (2,) and light_parameters(batch)[4].shape == (2, 3)
-
-
-def _codes(batch: int, fill: float):
-    return {
-        "shape": torch.full((batch, 100), fill), "tex": torch.full((batch, 50), fill),
-        "exp": torch.full((batch, 50), fill), "pose": torch.full((batch, 6), fill),
-        "cam": torch.full((batch, 3), fill), "light": torch.full((batch, 9, 3), fill),
-    }
-
-
-def test_copy_codes_copies_and_broadcasts():
-    target, source = _codes(3, 0.0), _codes(1, 1.0)
-    out = copy_codes(target, source, keys=("light", "jaw_pose", "exp"))
-    assert bool((out["light"] == 1).all()) and bool((out["exp"] == 1).all())
-    assert bool((out["pose"][:, 3:] == 1).all()) and bool((out["pose"][:, :3] == 0).all())
-    assert out["shape"] is target["shape"]
-    assert bool((target["pose"] == 0).all()) and bool((target["light"] == 0).all())  # inputs untouched
-    out = copy_codes(target, source, keys=("global_pose",))
-    assert bool((out["pose"][:, :3] == 1).all()) and bool((out["pose"][:, 3:] == 0).all())
-
-
-def test_copy_codes_errors():
-    with pytest.raises(ValueError, match="batch"):
-        copy_codes(_codes(3, 0.0), _codes(2, 1.0))
-    with pytest.raises(KeyError, match="detail"):
-        copy_codes(_codes(1, 0.0), _codes(1, 1.0), keys=("detail",))
 
 
 def test_lit_sphere_preview():
