@@ -35,6 +35,9 @@ MAX_PIXELS = 100_000_000  # images above 100 MP are refused before decoding (dec
 DETECT_PIXELS = {"hog": 1_200_000, "cnn": 300_000}  # detection runs on a copy at most this big
 UPSAMPLE = {"hog": 1, "cnn": 0}  # hog: official (faces from ~40 px); cnn: 4x cheaper at 0 (from ~60 px)
 FFHQ_TRANSFORM_SIZE = 4096  # official align.py renders the quad at 4096 px, then resizes
+OFFICIAL_UPSAMPLE = 1  # official align.py: detector(img, 1) on the full-resolution RGB photo
+HOG_CELL = 8  # dlib scan_fhog_pyramid default cell size (px of a pyramid level)
+HOG_BOX_CELLS = 10  # dlib frontal face detector: 80x80 px detection box = 10 cells
 DETECTORS = ("hog", "cnn", "insightface")
 INSIGHTFACE_PACKS = ("buffalo_l", "antelopev2")  # model packs searched, in this order
 INSTALL_HINT = "pip install dlib-bin face-recognition-models"
@@ -328,11 +331,154 @@ def _dlib_faces(rgb: Image.Image, detector: str, upsample: int, detect_pixels: i
     faces = []
     for rect, score in zip(rects, scores):
         box = (rect.left() * sx, rect.top() * sy, (rect.right() + 1) * sx, (rect.bottom() + 1) * sy)
+        # a box found on a downscaled copy, or by the CNN, is replaced by the box the official
+        # full-resolution HOG detection gives this face (the landmarks depend on the box to the pixel)
+        official = _official_hog_box(full, box) if scale < 1.0 or detector == "cnn" else None
+        if official is not None:
+            box = official
         full_rect = dlib.rectangle(round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1)
         shape = predictor(full, full_rect)
         landmarks = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
         faces.append(Face(box=box, landmarks=landmarks, score=float(score), detector=detector))
     return faces
+
+
+# dlib's HOG detector with upsampling 1 doubles the photo (bilinear), builds a pyramid whose levels
+# are each 5/6 of the previous one (bilinear, size-dependent steps), and scans every level with an
+# 80x80 px (10-cell) window on an 8 px cell grid; a hit at (level, cell) is mapped back to photo
+# pixels with the nominal 6/5 ratio and rounded. So the official box is a function of the level and
+# cell alone, and a crop of the photo gives the same features at a level when its origin falls on
+# that level's cell grid of the whole photo. _official_hog_box crops such a window, rebuilds the
+# window's pyramid from the needed level on with dlib's own resampling (the same pixels as inside
+# the detector, far cheaper than the levels a large face does not need), scans it and maps the hit
+# back to the whole photo's (level, cell) and so to the official box.
+
+_GRID_TOLERANCE = 0.15  # px of a level: window origin this close to the cell grid (measured: exact boxes)
+
+
+def _level_steps(size: int, axis: int) -> list[float]:
+    """Photo px per px of each pyramid level (0 = the 2x upsampled photo) along one axis of a photo
+    this size: dlib's pyramid_up gives 2w+2 columns and 2h+1 rows, each level floor(5n/6) px, and
+    bilinear resizing maps first to first and last to last pixel."""
+    n = 2 * size + 2 if axis == 0 else 2 * size + 1
+    step = (size - 1) / (n - 1)
+    steps = [step]
+    while n > HOG_CELL * HOG_BOX_CELLS // 2:
+        m = (5 * n) // 6
+        step *= (n - 1) / (m - 1)
+        n = m
+        steps.append(step)
+    return steps
+
+
+def _hog_rect(level: int, cell_x: int, cell_y: int) -> tuple[int, int, int, int]:
+    """dlib's box (left, top, right, bottom, inclusive) for a hit at this level and cell, in px of
+    the pyramid's base image (dlib's fhog_to_image, then rect_up by `level` 6/5 steps, rounded)."""
+    corners = []
+    half = HOG_CELL // 2
+    for cx, cy in ((cell_x, cell_y), (cell_x + HOG_BOX_CELLS - 1, cell_y + HOG_BOX_CELLS - 1)):
+        x, y = cx * HOG_CELL + 1, cy * HOG_CELL + 1  # cell corner, then its centre (away from 0)
+        x, y = float(x + (half if x >= 0 else -half)), float(y + (half if y >= 0 else -half))
+        for _ in range(level):
+            x, y = x * 1.2 + 0.3, y * 1.2 + 0.3  # pyramid_down<6>::point_up
+        corners += [_lround(x), _lround(y)]
+    return corners[0], corners[1], corners[2], corners[3]
+
+
+def _lround(value: float) -> int:
+    """C's lround: halves away from zero (dlib rounds rectangles with it)."""
+    return int(math.floor(abs(value) + 0.5)) * (1 if value >= 0 else -1)
+
+
+def _hog_cell_of(rect: tuple[int, int, int, int], max_level: int) -> tuple[int, int, int] | None:
+    """(level, cell_x, cell_y) whose _hog_rect is exactly rect, or None."""
+    width = rect[2] - rect[0]
+    guess = math.log(max(width, 1) / (HOG_CELL * (HOG_BOX_CELLS - 1))) / math.log(1.2)
+    for level in range(max(int(guess) - 1, 0), min(int(guess) + 3, max_level + 1)):
+        pitch = HOG_CELL * 1.2 ** level
+        for cx in range(int(rect[0] / pitch) - 2, int(rect[0] / pitch) + 3):
+            for cy in range(int(rect[1] / pitch) - 2, int(rect[1] / pitch) + 3):
+                if _hog_rect(level, cx, cy) == tuple(rect):
+                    return level, cx, cy
+    return None
+
+
+def _aligned_span(lo: float, hi: float, size: int, axis: int, levels: Sequence[int]) -> tuple[int, int]:
+    """A window [start, end) of one photo axis covering [lo, hi): start on the cell grid of the
+    given pyramid levels of the whole photo (within _GRID_TOLERANCE, or 0), end chosen among a few
+    cells' worth so that the window's own level steps stay closest to the photo's."""
+    steps = _level_steps(size, axis)
+    first = min(max(int(math.floor(lo)), 0), size - 1)
+    start = 0
+    for candidate in range(first, max(first - int(60 * HOG_CELL * steps[levels[-1]]), 0), -1):
+        offsets = (candidate / (HOG_CELL * steps[k]) for k in levels)
+        if all(abs(q - round(q)) * HOG_CELL < _GRID_TOLERANCE for q in offsets):
+            start = candidate
+            break
+    last = min(max(int(math.ceil(hi)), start + 1), size)
+    ends = range(last, min(last + int(4 * HOG_CELL * steps[levels[-1]]), size) + 1)
+
+    def drift(end: int) -> float:  # level px between window and photo grids at the window's far end
+        own = _level_steps(end - start, axis)
+        return max(abs(own[k] - steps[k]) * (end - start) / steps[k] ** 2 if k < len(own) else math.inf
+                   for k in levels)
+
+    return start, min(ends, key=drift)
+
+
+def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) -> tuple[float, ...] | None:
+    """The box (x0, y0, x1, y1 exclusive) that dlib's HOG detector, run as the official recipe runs
+    it (RGB photo, upsampled once), gives the face near `box`; None when it finds none there.
+
+    full: [H, W, 3] uint8 photo; box: a rough box of the face in its pixels.
+    """
+    dlib = require_dlib()
+    height, width = full.shape[:2]
+    size = max(box[2] - box[0], box[3] - box[1], HOG_CELL * HOG_BOX_CELLS / 2)
+    # the level whose 10-cell box is this size, and the next: the face's best hit is on one of them
+    level = max(int(math.log(size / (HOG_CELL * (HOG_BOX_CELLS - 1) / 2)) / math.log(1.2)), 0)
+    levels = [level, level + 1]
+    for axis, extent in ((0, width), (1, height)):
+        levels = [k for k in levels if k < len(_level_steps(extent, axis))] or [0]
+    # what a hit at these levels reads: the box, one cell of filter padding and one of HOG block
+    # normalisation each side, plus the rough box's own error (~10 %)
+    margin = 0.15 * size + 2 * HOG_CELL * _level_steps(width, 0)[levels[-1]] + HOG_CELL
+    x0, x1 = _aligned_span(box[0] - margin, box[2] + margin, width, 0, levels)
+    y0, y1 = _aligned_span(box[1] - margin, box[3] + margin, height, 1, levels)
+    window = np.ascontiguousarray(full[y0:y1, x0:x1])
+    h, w = window.shape[:2]
+    # the detector's own first steps (pyramid_up, then pyramid_down<6>), stopped two levels short of
+    # the face: scanning from there gives the same hits as scanning the whole window pyramid
+    base = dlib.resize_image(window, 2 * h + 1, 2 * w + 2)
+    shrink, skip = dlib.pyramid_down(6), 0
+    while skip < levels[0] - 2 and min(base.shape[:2]) >= 2 * HOG_CELL * HOG_BOX_CELLS:
+        base, skip = shrink(base), skip + 1
+    rects, _, _ = _hog_detector().run(base, 0)
+    step_x, step_y = _level_steps(width, 0), _level_steps(height, 1)
+    best, best_overlap = None, 0.3  # a hit must overlap the rough box by at least this IoU
+    for rect in rects:
+        found = _hog_cell_of((rect.left(), rect.top(), rect.right(), rect.bottom()), len(step_x))
+        if found is None:
+            continue
+        level = found[0] + skip
+        if level >= min(len(step_x), len(step_y)):
+            continue
+        cx = found[1] + round(x0 / (HOG_CELL * step_x[level]))
+        cy = found[2] + round(y0 / (HOG_CELL * step_y[level]))
+        left, top, right, bottom = _hog_rect(level, cx, cy)
+        # pyramid_down<2>::point_down maps the upsampled photo back to the photo
+        candidate = (float(_lround(left / 2 - 1.25)), float(_lround(top / 2 - 0.75)),
+                     float(_lround(right / 2 - 1.25) + 1), float(_lround(bottom / 2 - 0.75) + 1))
+        overlap = _iou(candidate, box)
+        if overlap > best_overlap:
+            best, best_overlap = candidate, overlap
+    return best
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _insightface_faces(rgb: Image.Image, models_dir) -> list[Face]:
