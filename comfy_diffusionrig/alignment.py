@@ -344,31 +344,59 @@ def _dlib_faces(rgb: Image.Image, detector: str, upsample: int, detect_pixels: i
 
 
 # dlib's HOG detector with upsampling 1 doubles the photo (bilinear), builds a pyramid whose levels
-# are each 5/6 of the previous one (bilinear, size-dependent steps), and scans every level with an
-# 80x80 px (10-cell) window on an 8 px cell grid; a hit at (level, cell) is mapped back to photo
-# pixels with the nominal 6/5 ratio and rounded. So the official box is a function of the level and
-# cell alone, and a crop of the photo gives the same features at a level when its origin falls on
-# that level's cell grid of the whole photo. _official_hog_box crops such a window, rebuilds the
-# window's pyramid from the needed level on with dlib's own resampling (the same pixels as inside
-# the detector, far cheaper than the levels a large face does not need), scans it and maps the hit
-# back to the whole photo's (level, cell) and so to the official box.
+# are each floor(5/6) of the previous one (bilinear, first pixel to first, last to last), and scans
+# every level with an 80x80 px (10-cell) window on an 8 px cell grid; a hit at (level, cell) is
+# mapped back to photo pixels with the nominal 6/5 ratio and rounded. So the official box is a
+# function of the level and cell alone: _official_hog_box finds them from a window of the photo
+# instead of the whole photo. The window starts on the whole photo's cell grid of the two levels
+# the face can be found on, and is resampled with dlib's own resize_image straight to the level the
+# face needs, each step to the size that keeps the window's pixels on the whole photo's pyramid
+# positions (within half a pixel at the window's far end); dlib then scans from there.
 
-_GRID_TOLERANCE = 0.15  # px of a level: window origin this close to the cell grid (measured: exact boxes)
+_GRID_TOLERANCE = 0.15  # level px: how far the window's start may be from a cell of the photo's grid
 
 
-def _level_steps(size: int, axis: int) -> list[float]:
-    """Photo px per px of each pyramid level (0 = the 2x upsampled photo) along one axis of a photo
-    this size: dlib's pyramid_up gives 2w+2 columns and 2h+1 rows, each level floor(5n/6) px, and
-    bilinear resizing maps first to first and last to last pixel."""
+def _pyramid_sizes(size: int, axis: int) -> list[int]:
+    """Pixel counts of the pyramid levels along one axis (0: columns, 1: rows) of a photo this size
+    in dlib's HOG detection upsampled once: pyramid_up gives 2w+2 columns and 2h+1 rows, each
+    level after that floor(5n/6). Level k maps to the photo by (size - 1) / (n_k - 1) px per px."""
     n = 2 * size + 2 if axis == 0 else 2 * size + 1
-    step = (size - 1) / (n - 1)
-    steps = [step]
+    sizes = [n]
     while n > HOG_CELL * HOG_BOX_CELLS // 2:
-        m = (5 * n) // 6
-        step *= (n - 1) / (m - 1)
-        n = m
-        steps.append(step)
-    return steps
+        n = 5 * n // 6
+        sizes.append(n)
+    return sizes
+
+
+def _window_axis(lo: float, hi: float, size: int, axis: int, level: int) -> tuple[int, int, list[int]]:
+    """A window of one photo axis covering [lo, hi) -> (start, length, sizes of its levels 0..level).
+
+    The start lies on the photo's cell grid of `level` and `level + 1` (within _GRID_TOLERANCE, else
+    0); the length (up to a cell more than needed) and level sizes are chosen so that the window's
+    levels `level` (resized by us) and `level + 1` (floor(5n/6), by dlib) sample where the photo's do.
+    """
+    full = _pyramid_sizes(size, axis)
+    levels = [k for k in (level, level + 1) if k < len(full)]
+    cell = [HOG_CELL * (size - 1) / (full[k] - 1) for k in levels]  # photo px per cell
+    first = min(max(int(math.floor(lo)), 0), size - 1)
+    start = 0
+    for candidate in range(first, max(first - int(60 * cell[-1]), 0), -1):
+        if all(abs(q - round(q)) * HOG_CELL < _GRID_TOLERANCE for q in (candidate / c for c in cell)):
+            start = candidate
+            break
+    shortest = min(max(int(math.ceil(hi)) - start, 2), size - start)
+
+    def fit(length: int) -> tuple[float, list[int]]:
+        target = [(length - 1) * (full[k] - 1) / (size - 1) for k in range(level + 2) if k < len(full)]
+        sizes = [round(t) + 1 for t in target[:level + 1]]
+        error = abs(sizes[-1] - 1 - target[level])
+        if len(target) > level + 1:  # dlib makes the next level floor(5n/6)
+            error = max(error, abs(5 * sizes[-1] // 6 - 1 - target[level + 1]))
+        return error * (hi - start) / max(length, 1), sizes  # level px at the far side of the face
+
+    lengths = range(shortest, min(shortest + int(cell[-1]), size - start) + 1)
+    length = min(lengths, key=lambda n: fit(n)[0])
+    return start, length, fit(length)[1]
 
 
 def _hog_rect(level: int, cell_x: int, cell_y: int) -> tuple[int, int, int, int]:
@@ -390,11 +418,10 @@ def _lround(value: float) -> int:
     return int(math.floor(abs(value) + 0.5)) * (1 if value >= 0 else -1)
 
 
-def _hog_cell_of(rect: tuple[int, int, int, int], max_level: int) -> tuple[int, int, int] | None:
+def _hog_cell_of(rect: tuple[int, int, int, int]) -> tuple[int, int, int] | None:
     """(level, cell_x, cell_y) whose _hog_rect is exactly rect, or None."""
-    width = rect[2] - rect[0]
-    guess = math.log(max(width, 1) / (HOG_CELL * (HOG_BOX_CELLS - 1))) / math.log(1.2)
-    for level in range(max(int(guess) - 1, 0), min(int(guess) + 3, max_level + 1)):
+    guess = math.log(max(rect[2] - rect[0], 1) / (HOG_CELL * (HOG_BOX_CELLS - 1))) / math.log(1.2)
+    for level in range(max(int(guess) - 1, 0), int(guess) + 3):
         pitch = HOG_CELL * 1.2 ** level
         for cx in range(int(rect[0] / pitch) - 2, int(rect[0] / pitch) + 3):
             for cy in range(int(rect[1] / pitch) - 2, int(rect[1] / pitch) + 3):
@@ -403,75 +430,70 @@ def _hog_cell_of(rect: tuple[int, int, int, int], max_level: int) -> tuple[int, 
     return None
 
 
-def _aligned_span(lo: float, hi: float, size: int, axis: int, levels: Sequence[int]) -> tuple[int, int]:
-    """A window [start, end) of one photo axis covering [lo, hi): start on the cell grid of the
-    given pyramid levels of the whole photo (within _GRID_TOLERANCE, or 0), end chosen among a few
-    cells' worth so that the window's own level steps stay closest to the photo's."""
-    steps = _level_steps(size, axis)
-    first = min(max(int(math.floor(lo)), 0), size - 1)
-    start = 0
-    for candidate in range(first, max(first - int(60 * HOG_CELL * steps[levels[-1]]), 0), -1):
-        offsets = (candidate / (HOG_CELL * steps[k]) for k in levels)
-        if all(abs(q - round(q)) * HOG_CELL < _GRID_TOLERANCE for q in offsets):
-            start = candidate
-            break
-    last = min(max(int(math.ceil(hi)), start + 1), size)
-    ends = range(last, min(last + int(4 * HOG_CELL * steps[levels[-1]]), size) + 1)
-
-    def drift(end: int) -> float:  # level px between window and photo grids at the window's far end
-        own = _level_steps(end - start, axis)
-        return max(abs(own[k] - steps[k]) * (end - start) / steps[k] ** 2 if k < len(own) else math.inf
-                   for k in levels)
-
-    return start, min(ends, key=drift)
-
-
 def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) -> tuple[float, ...] | None:
     """The box (x0, y0, x1, y1 exclusive) that dlib's HOG detector, run as the official recipe runs
     it (RGB photo, upsampled once), gives the face near `box`; None when it finds none there.
 
-    full: [H, W, 3] uint8 photo; box: a rough box of the face in its pixels.
+    full: [H, W, 3] uint8 photo; box: a rough box of the face in its pixels (within ~10 %).
+    A window gives exact scores on two adjacent pyramid levels only, so the face's best level is
+    searched: down a level while the lower of the pair wins, up when a level above the pair wins.
     """
+    height, width = full.shape[:2]
+    top = min(len(_pyramid_sizes(width, 0)), len(_pyramid_sizes(height, 1))) - 2
+    size = max(box[2] - box[0], box[3] - box[1], HOG_CELL * HOG_BOX_CELLS / 2)
+    # the level whose 10-cell box is this size: the face's best hit is mostly on it or the next
+    level = min(max(int(math.log(size / (HOG_CELL * (HOG_BOX_CELLS - 1) / 2)) / math.log(1.2)), 0), top)
+    exact, tried, hit = [], set(), None
+    while 0 <= level <= top and level not in tried and len(tried) < 4:
+        tried.add(level)
+        hit = _window_hit(full, box, level)
+        if hit is None:
+            break
+        if hit[2] in (level, level + 1):
+            exact.append(hit)
+        if hit[2] == level:
+            level -= 1
+        elif hit[2] > level + 1:
+            level = hit[2] - 1
+        else:
+            break
+    if exact:
+        return max(exact, key=lambda h: h[1])[0]
+    return None if hit is None else hit[0]
+
+
+def _window_hit(full: np.ndarray, box: tuple[float, float, float, float],
+                level: int) -> tuple[tuple[float, ...], float, int] | None:
+    """The official HOG hit on this face from a window exact on pyramid levels `level` and
+    `level + 1`: (box, score, level), or None when no hit there overlaps `box`."""
     dlib = require_dlib()
     height, width = full.shape[:2]
-    size = max(box[2] - box[0], box[3] - box[1], HOG_CELL * HOG_BOX_CELLS / 2)
-    # the level whose 10-cell box is this size, and the next: the face's best hit is on one of them
-    level = max(int(math.log(size / (HOG_CELL * (HOG_BOX_CELLS - 1) / 2)) / math.log(1.2)), 0)
-    levels = [level, level + 1]
-    for axis, extent in ((0, width), (1, height)):
-        levels = [k for k in levels if k < len(_level_steps(extent, axis))] or [0]
-    # what a hit at these levels reads: the box, one cell of filter padding and one of HOG block
-    # normalisation each side, plus the rough box's own error (~10 %)
-    margin = 0.15 * size + 2 * HOG_CELL * _level_steps(width, 0)[levels[-1]] + HOG_CELL
-    x0, x1 = _aligned_span(box[0] - margin, box[2] + margin, width, 0, levels)
-    y0, y1 = _aligned_span(box[1] - margin, box[3] + margin, height, 1, levels)
-    window = np.ascontiguousarray(full[y0:y1, x0:x1])
-    h, w = window.shape[:2]
-    # the detector's own first steps (pyramid_up, then pyramid_down<6>), stopped two levels short of
-    # the face: scanning from there gives the same hits as scanning the whole window pyramid
-    base = dlib.resize_image(window, 2 * h + 1, 2 * w + 2)
-    shrink, skip = dlib.pyramid_down(6), 0
-    while skip < levels[0] - 2 and min(base.shape[:2]) >= 2 * HOG_CELL * HOG_BOX_CELLS:
-        base, skip = shrink(base), skip + 1
-    rects, _, _ = _hog_detector().run(base, 0)
-    step_x, step_y = _level_steps(width, 0), _level_steps(height, 1)
+    size = max(box[2] - box[0], box[3] - box[1])
+    # what a hit reads: the box, one cell of filter padding and one of HOG block normalisation
+    # each side, plus the rough box's own error (up to ~6 % measured)
+    margin = 0.1 * size + (2 * HOG_CELL * 1.2 ** (level + 1) + HOG_CELL) / 2
+    x0, w, cols = _window_axis(box[0] - margin, box[2] + margin, width, 0, level)
+    y0, h, rows = _window_axis(box[1] - margin, box[3] + margin, height, 1, level)
+    base = np.ascontiguousarray(full[y0:y0 + h, x0:x0 + w])
+    for n_rows, n_cols in zip(rows, cols):
+        base = dlib.resize_image(base, n_rows, n_cols)
+    rects, scores, _ = _hog_detector().run(base, 0)
+    full_rows, full_cols = _pyramid_sizes(height, 1), _pyramid_sizes(width, 0)
     best, best_overlap = None, 0.3  # a hit must overlap the rough box by at least this IoU
-    for rect in rects:
-        found = _hog_cell_of((rect.left(), rect.top(), rect.right(), rect.bottom()), len(step_x))
-        if found is None:
+    for rect, score in zip(rects, scores):
+        found = _hog_cell_of((rect.left(), rect.top(), rect.right(), rect.bottom()))
+        if found is None or found[0] + level >= min(len(full_rows), len(full_cols)):
             continue
-        level = found[0] + skip
-        if level >= min(len(step_x), len(step_y)):
-            continue
-        cx = found[1] + round(x0 / (HOG_CELL * step_x[level]))
-        cy = found[2] + round(y0 / (HOG_CELL * step_y[level]))
-        left, top, right, bottom = _hog_rect(level, cx, cy)
+        k = found[0] + level
+        cx = found[1] + round(x0 * (full_cols[k] - 1) / (width - 1) / HOG_CELL)
+        cy = found[2] + round(y0 * (full_rows[k] - 1) / (height - 1) / HOG_CELL)
+        left, top, right, bottom = _hog_rect(k, cx, cy)
         # pyramid_down<2>::point_down maps the upsampled photo back to the photo
         candidate = (float(_lround(left / 2 - 1.25)), float(_lround(top / 2 - 0.75)),
                      float(_lround(right / 2 - 1.25) + 1), float(_lround(bottom / 2 - 0.75) + 1))
         overlap = _iou(candidate, box)
         if overlap > best_overlap:
-            best, best_overlap = candidate, overlap
+            best, best_overlap = (candidate, float(score), k), overlap
     return best
 
 
