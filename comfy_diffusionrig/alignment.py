@@ -436,12 +436,13 @@ def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) 
 
     full: [H, W, 3] uint8 photo; box: a rough box of the face in its pixels (within ~10 %).
     A window gives exact scores on two adjacent pyramid levels only, so the face's best level is
-    searched: down a level while the lower of the pair wins, up when a level above the pair wins.
+    climbed to: down a level while the lower of the pair wins, up while the upper one (or a level
+    above the pair) wins; a CNN box, smaller than HOG's, is usually a level or two low.
     """
     height, width = full.shape[:2]
     top = min(len(_pyramid_sizes(width, 0)), len(_pyramid_sizes(height, 1))) - 2
     size = max(box[2] - box[0], box[3] - box[1], HOG_CELL * HOG_BOX_CELLS / 2)
-    # the level whose 10-cell box is this size: the face's best hit is mostly on it or the next
+    # the level whose 10-cell box is this size: a rough HOG box's face is mostly on it or the next
     level = min(max(int(math.log(size / (HOG_CELL * (HOG_BOX_CELLS - 1) / 2)) / math.log(1.2)), 0), top)
     exact, tried, hit = [], set(), None
     while 0 <= level <= top and level not in tried and len(tried) < 4:
@@ -451,12 +452,7 @@ def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) 
             break
         if hit[2] in (level, level + 1):
             exact.append(hit)
-        if hit[2] == level:
-            level -= 1
-        elif hit[2] > level + 1:
-            level = hit[2] - 1
-        else:
-            break
+        level = level - 1 if hit[2] == level else hit[2]
     if exact:
         return max(exact, key=lambda h: h[1])[0]
     return None if hit is None else hit[0]
