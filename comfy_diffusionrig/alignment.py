@@ -35,7 +35,6 @@ MAX_PIXELS = 100_000_000  # images above 100 MP are refused before decoding (dec
 DETECT_PIXELS = {"hog": 1_200_000, "cnn": 300_000}  # detection runs on a copy at most this big
 UPSAMPLE = {"hog": 1, "cnn": 0}  # hog: official (faces from ~40 px); cnn: 4x cheaper at 0 (from ~60 px)
 FFHQ_TRANSFORM_SIZE = 4096  # official align.py renders the quad at 4096 px, then resizes
-OFFICIAL_UPSAMPLE = 1  # official align.py: detector(img, 1) on the full-resolution RGB photo
 HOG_CELL = 8  # dlib scan_fhog_pyramid default cell size (px of a pyramid level)
 HOG_BOX_CELLS = 10  # dlib frontal face detector: 80x80 px detection box = 10 cells
 DETECTORS = ("hog", "cnn", "insightface")
@@ -296,7 +295,9 @@ def detect_faces(image, detector: str = "hog", upsample: int | None = None, dete
     upsample: dlib's pyramid upsampling, default UPSAMPLE[detector] (HOG at 1, the official
     setting, finds faces from ~40 px; the CNN at 0 from ~60 px of the detection copy).
     detect_pixels: dlib detects on a copy scaled down to at most this many pixels (default
-    DETECT_PIXELS[detector]); landmarks are then fitted on the full-resolution image.
+    DETECT_PIXELS[detector]). Each face found on a smaller copy, and each CNN face, then gets the
+    box the official recipe's full-resolution HOG detection (RGB, upsampled once) gives it, when
+    that detection sees the face, and landmarks are fitted on the full-resolution image.
     """
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
@@ -436,9 +437,10 @@ def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) 
 
     full: [H, W, 3] uint8 photo; box: a rough box of the face in its pixels (within ~10 %).
     A window reproduces the whole photo's hits on two adjacent pyramid levels only (its pixels sit
-    within a fraction of a pixel of the whole photo's pyramid, so the scores agree to a few per cent
-    and the box of the best hit is the same), so the face's best level is climbed to: down a level while the lower of the pair wins, up while the upper one (or a level
-    above the pair) wins; a CNN box, smaller than HOG's, is usually a level or two low.
+    within a fraction of a pixel of the whole photo's pyramid, so the scores agree to a few per
+    cent and the best hit's box is the same), so the face's best level is climbed to: down a level
+    while the lower of the pair wins, up while the upper one (or a level above the pair) wins; a
+    CNN box, smaller than HOG's, is usually a level or two low.
     """
     height, width = full.shape[:2]
     top = min(len(_pyramid_sizes(width, 0)), len(_pyramid_sizes(height, 1))) - 2
