@@ -35,6 +35,8 @@ MAX_PIXELS = 100_000_000  # images above 100 MP are refused before decoding (dec
 DETECT_PIXELS = {"hog": 1_200_000, "cnn": 300_000}  # detection runs on a copy at most this big
 UPSAMPLE = {"hog": 1, "cnn": 0}  # hog: official (faces from ~40 px); cnn: 4x cheaper at 0 (from ~60 px)
 FFHQ_TRANSFORM_SIZE = 4096  # official align.py renders the quad at 4096 px, then resizes
+HOG_CELL = 8  # dlib scan_fhog_pyramid default cell size (px of a pyramid level)
+HOG_BOX_CELLS = 10  # dlib frontal face detector: 80x80 px detection box = 10 cells
 DETECTORS = ("hog", "cnn", "insightface")
 INSIGHTFACE_PACKS = ("buffalo_l", "antelopev2")  # model packs searched, in this order
 INSTALL_HINT = "pip install dlib-bin face-recognition-models"
@@ -293,7 +295,9 @@ def detect_faces(image, detector: str = "hog", upsample: int | None = None, dete
     upsample: dlib's pyramid upsampling, default UPSAMPLE[detector] (HOG at 1, the official
     setting, finds faces from ~40 px; the CNN at 0 from ~60 px of the detection copy).
     detect_pixels: dlib detects on a copy scaled down to at most this many pixels (default
-    DETECT_PIXELS[detector]); landmarks are then fitted on the full-resolution image.
+    DETECT_PIXELS[detector]). Each face found on a smaller copy, and each CNN face, then gets the
+    box the official recipe's full-resolution HOG detection (RGB, upsampled once) gives it, when
+    that detection sees the face, and landmarks are fitted on the full-resolution image.
     """
     if detector not in DETECTORS:
         raise ValueError(f"unknown detector {detector!r}; choose one of {', '.join(DETECTORS)}")
@@ -328,11 +332,174 @@ def _dlib_faces(rgb: Image.Image, detector: str, upsample: int, detect_pixels: i
     faces = []
     for rect, score in zip(rects, scores):
         box = (rect.left() * sx, rect.top() * sy, (rect.right() + 1) * sx, (rect.bottom() + 1) * sy)
+        # a box found on a downscaled copy, or by the CNN, is replaced by the box the official
+        # full-resolution HOG detection gives this face (the landmarks depend on the box to the pixel)
+        official = _official_hog_box(full, box) if scale < 1.0 or detector == "cnn" else None
+        if official is not None:
+            box = official
         full_rect = dlib.rectangle(round(box[0]), round(box[1]), round(box[2]) - 1, round(box[3]) - 1)
         shape = predictor(full, full_rect)
         landmarks = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
         faces.append(Face(box=box, landmarks=landmarks, score=float(score), detector=detector))
     return faces
+
+
+# dlib's HOG detector with upsampling 1 doubles the photo (bilinear), builds a pyramid whose levels
+# are each floor(5/6) of the previous one (bilinear, first pixel to first, last to last), and scans
+# every level with an 80x80 px (10-cell) window on an 8 px cell grid; a hit at (level, cell) is
+# mapped back to photo pixels with the nominal 6/5 ratio and rounded. So the official box is a
+# function of the level and cell alone: _official_hog_box finds them from a window of the photo
+# instead of the whole photo. The window starts on the whole photo's cell grid of the two levels
+# the face can be found on, and is resampled with dlib's own resize_image level by level up to the
+# face's level, each step to the size that keeps the window's pixels on the whole photo's pyramid
+# positions (within half a pixel at the window's far end); dlib scans from that level on.
+
+_GRID_TOLERANCE = 0.15  # level px off the photo's cell grid a window may start (0.4 lost 3 of 44 official boxes)
+
+
+def _pyramid_sizes(size: int, axis: int) -> list[int]:
+    """Pixel counts of the pyramid levels along one axis (0: columns, 1: rows) of a photo this size
+    in dlib's HOG detection upsampled once: pyramid_up gives 2w+2 columns and 2h+1 rows, each
+    level after that floor(5n/6). Level k maps to the photo by (size - 1) / (n_k - 1) px per px."""
+    n = 2 * size + 2 if axis == 0 else 2 * size + 1
+    sizes = [n]
+    while n > HOG_CELL * HOG_BOX_CELLS // 2:
+        n = 5 * n // 6
+        sizes.append(n)
+    return sizes
+
+
+def _window_axis(lo: float, hi: float, size: int, axis: int, level: int) -> tuple[int, int, list[int]]:
+    """A window of one photo axis covering [lo, hi) -> (start, length, sizes of its levels 0..level).
+
+    The start lies on the photo's cell grid of `level` and `level + 1` (within _GRID_TOLERANCE, else
+    0); the length (up to a cell more than needed) and level sizes are chosen so that the window's
+    levels `level` (resized by us) and `level + 1` (floor(5n/6), by dlib) sample where the photo's do.
+    """
+    full = _pyramid_sizes(size, axis)
+    levels = [k for k in (level, level + 1) if k < len(full)]
+    cell = [HOG_CELL * (size - 1) / (full[k] - 1) for k in levels]  # photo px per cell
+    first = min(max(int(math.floor(lo)), 0), size - 1)
+    start = 0
+    for candidate in range(first, max(first - int(60 * cell[-1]), 0), -1):
+        if all(abs(q - round(q)) * HOG_CELL < _GRID_TOLERANCE for q in (candidate / c for c in cell)):
+            start = candidate
+            break
+    shortest = min(max(int(math.ceil(hi)) - start, 2), size - start)
+
+    def fit(length: int) -> tuple[float, list[int]]:
+        target = [(length - 1) * (full[k] - 1) / (size - 1) for k in range(level + 2) if k < len(full)]
+        sizes = [round(t) + 1 for t in target[:level + 1]]
+        error = abs(sizes[-1] - 1 - target[level])
+        if len(target) > level + 1:  # dlib makes the next level floor(5n/6)
+            error = max(error, abs(5 * sizes[-1] // 6 - 1 - target[level + 1]))
+        return error * (hi - start) / max(length, 1), sizes  # level px at the far side of the face
+
+    lengths = range(shortest, min(shortest + int(cell[-1]), size - start) + 1)
+    length = min(lengths, key=lambda n: fit(n)[0])
+    return start, length, fit(length)[1]
+
+
+def _hog_rect(level: int, cell_x: int, cell_y: int) -> tuple[int, int, int, int]:
+    """dlib's box (left, top, right, bottom, inclusive) for a hit at this level and cell, in px of
+    the pyramid's base image (dlib's fhog_to_image, then rect_up by `level` 6/5 steps, rounded)."""
+    corners = []
+    half = HOG_CELL // 2
+    for cx, cy in ((cell_x, cell_y), (cell_x + HOG_BOX_CELLS - 1, cell_y + HOG_BOX_CELLS - 1)):
+        x, y = cx * HOG_CELL + 1, cy * HOG_CELL + 1  # cell corner, then its centre (away from 0)
+        x, y = float(x + (half if x >= 0 else -half)), float(y + (half if y >= 0 else -half))
+        for _ in range(level):
+            x, y = x * 1.2 + 0.3, y * 1.2 + 0.3  # pyramid_down<6>::point_up
+        corners += [_lround(x), _lround(y)]
+    return corners[0], corners[1], corners[2], corners[3]
+
+
+def _lround(value: float) -> int:
+    """C's lround: halves away from zero (dlib rounds rectangles with it)."""
+    return int(math.floor(abs(value) + 0.5)) * (1 if value >= 0 else -1)
+
+
+def _hog_cell_of(rect: tuple[int, int, int, int]) -> tuple[int, int, int] | None:
+    """(level, cell_x, cell_y) whose _hog_rect is exactly rect, or None."""
+    guess = math.log(max(rect[2] - rect[0], 1) / (HOG_CELL * (HOG_BOX_CELLS - 1))) / math.log(1.2)
+    for level in range(max(int(guess) - 1, 0), int(guess) + 3):
+        pitch = HOG_CELL * 1.2 ** level
+        for cx in range(int(rect[0] / pitch) - 2, int(rect[0] / pitch) + 3):
+            for cy in range(int(rect[1] / pitch) - 2, int(rect[1] / pitch) + 3):
+                if _hog_rect(level, cx, cy) == tuple(rect):
+                    return level, cx, cy
+    return None
+
+
+def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) -> tuple[float, ...] | None:
+    """The box (x0, y0, x1, y1 exclusive) that dlib's HOG detector, run as the official recipe runs
+    it (RGB photo, upsampled once), gives the face near `box`; None when it finds none there.
+
+    full: [H, W, 3] uint8 photo; box: a rough box of the face in its pixels (within ~10 %).
+    A window reproduces the whole photo's hits on two adjacent pyramid levels only (its pixels sit
+    within a fraction of a pixel of the whole photo's pyramid, so the scores agree to a few per
+    cent and the best hit's box is the same), so the face's best level is climbed to: down a level
+    while the lower of the pair wins, up while the upper one (or a level above the pair) wins; a
+    CNN box, smaller than HOG's, is usually a level or two low.
+    """
+    height, width = full.shape[:2]
+    top = min(len(_pyramid_sizes(width, 0)), len(_pyramid_sizes(height, 1))) - 2
+    size = max(box[2] - box[0], box[3] - box[1], HOG_CELL * HOG_BOX_CELLS / 2)
+    # the level whose 10-cell box is this size: a rough HOG box's face is mostly on it or the next
+    level = min(max(int(math.log(size / (HOG_CELL * (HOG_BOX_CELLS - 1) / 2)) / math.log(1.2)), 0), top)
+    paired, tried, hit = [], set(), None
+    while 0 <= level <= top and level not in tried and len(tried) < 4:
+        tried.add(level)
+        hit = _window_hit(full, box, level)
+        if hit is None:
+            break
+        if hit[2] in (level, level + 1):
+            paired.append(hit)
+        level = level - 1 if hit[2] == level else hit[2]
+    if paired:
+        return max(paired, key=lambda h: h[1])[0]
+    return None if hit is None else hit[0]
+
+
+def _window_hit(full: np.ndarray, box: tuple[float, float, float, float],
+                level: int) -> tuple[tuple[float, ...], float, int] | None:
+    """The official HOG hit on this face from a window true to pyramid levels `level` and
+    `level + 1`: (box, score, level), or None when no hit there overlaps `box`."""
+    dlib = require_dlib()
+    height, width = full.shape[:2]
+    size = max(box[2] - box[0], box[3] - box[1])
+    # what a hit reads: the box, one cell of filter padding and one of HOG block normalisation
+    # each side, plus the rough box's own error (up to ~6 % measured)
+    margin = 0.1 * size + (2 * HOG_CELL * 1.2 ** (level + 1) + HOG_CELL) / 2
+    x0, w, cols = _window_axis(box[0] - margin, box[2] + margin, width, 0, level)
+    y0, h, rows = _window_axis(box[1] - margin, box[3] + margin, height, 1, level)
+    base = np.ascontiguousarray(full[y0:y0 + h, x0:x0 + w])
+    for n_rows, n_cols in zip(rows, cols):
+        base = dlib.resize_image(base, n_rows, n_cols)
+    rects, scores, _ = _hog_detector().run(base, 0)
+    full_rows, full_cols = _pyramid_sizes(height, 1), _pyramid_sizes(width, 0)
+    best, best_overlap = None, 0.3  # a hit must overlap the rough box by at least this IoU
+    for rect, score in zip(rects, scores):
+        found = _hog_cell_of((rect.left(), rect.top(), rect.right(), rect.bottom()))
+        if found is None or found[0] + level >= min(len(full_rows), len(full_cols)):
+            continue
+        k = found[0] + level
+        cx = found[1] + round(x0 * (full_cols[k] - 1) / (width - 1) / HOG_CELL)
+        cy = found[2] + round(y0 * (full_rows[k] - 1) / (height - 1) / HOG_CELL)
+        left, top, right, bottom = _hog_rect(k, cx, cy)
+        # pyramid_down<2>::point_down maps the upsampled photo back to the photo
+        candidate = (float(_lround(left / 2 - 1.25)), float(_lround(top / 2 - 0.75)),
+                     float(_lround(right / 2 - 1.25) + 1), float(_lround(bottom / 2 - 0.75) + 1))
+        overlap = _iou(candidate, box)
+        if overlap > best_overlap:
+            best, best_overlap = (candidate, float(score), k), overlap
+    return best
+
+
+def _iou(a: Sequence[float], b: Sequence[float]) -> float:
+    inter = max(min(a[2], b[2]) - max(a[0], b[0]), 0) * max(min(a[3], b[3]) - max(a[1], b[1]), 0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
 
 
 def _insightface_faces(rgb: Image.Image, models_dir) -> list[Face]:
