@@ -31,6 +31,8 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
+from .conventions import BROWS, EYE_LEFT, EYE_RIGHT, EYES, JAW_LINE, MOUTH_LEFT, MOUTH_RIGHT
+
 MAX_PIXELS = 100_000_000  # images above 100 MP are refused before decoding (decompression bombs)
 DETECT_PIXELS = {"hog": 1_200_000, "cnn": 300_000}  # detection runs on a copy at most this big
 UPSAMPLE = {"hog": 1, "cnn": 0}  # hog: official (faces from ~40 px); cnn: 4x cheaper at 0 (from ~60 px)
@@ -560,10 +562,10 @@ def ffhq_quad(landmarks: np.ndarray) -> tuple[np.ndarray, float]:
     the floats match.
     """
     lm = np.asarray(landmarks, np.float64)
-    eye_left, eye_right = lm[36:42].mean(axis=0), lm[42:48].mean(axis=0)
+    eye_left, eye_right = lm[EYE_LEFT].mean(axis=0), lm[EYE_RIGHT].mean(axis=0)
     eye_mid = (eye_left + eye_right) * 0.5
     eye_to_eye = eye_right - eye_left
-    mouth_mid = (lm[48] + lm[54]) * 0.5  # outer mouth corners
+    mouth_mid = (lm[MOUTH_LEFT] + lm[MOUTH_RIGHT]) * 0.5  # outer mouth corners
     eye_to_mouth = mouth_mid - eye_mid
     half_x = eye_to_eye - np.array([-eye_to_mouth[1], eye_to_mouth[0]])
     half_x = half_x / np.hypot(*half_x)
@@ -734,10 +736,10 @@ def face_region_mask(aligned: AlignedFace, feather: float = 0.08) -> np.ndarray:
 
     size = aligned.size
     lm = aligned.landmarks
-    eye_mid = lm[36:48].mean(axis=0)
-    mouth_mid = (lm[48] + lm[54]) * 0.5
+    eye_mid = lm[EYES].mean(axis=0)
+    mouth_mid = (lm[MOUTH_LEFT] + lm[MOUTH_RIGHT]) * 0.5
     up = eye_mid - mouth_mid  # forehead reaches about one eye-mouth distance above the brows
-    outline = np.concatenate([lm[0:17], lm[17:27] + up])
+    outline = np.concatenate([lm[JAW_LINE], lm[BROWS] + up])
     hull = outline[ConvexHull(outline).vertices]
     canvas = Image.new("L", (size, size), 0)
     ImageDraw.Draw(canvas).polygon([tuple(p) for p in hull], fill=255)

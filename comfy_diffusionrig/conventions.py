@@ -8,10 +8,13 @@ file suffixes we read, and the seed range of the samplers.
 from __future__ import annotations
 
 # 68 landmarks, 0-based (iBUG 300-W): the eyes as the image shows them (image-left first)
+JAW_LINE = slice(0, 17)
+BROWS = slice(17, 27)
+NOSE_TIP = 30
 EYE_LEFT = slice(36, 42)
 EYE_RIGHT = slice(42, 48)
+EYES = slice(36, 48)
 MOUTH_LEFT, MOUTH_RIGHT = 48, 54  # outer mouth corners
-NOSE_TIP = 30
 
 # DECA's pose code [B, 6]: axis-angle of the whole head, then of the jaw (FLAME's frame)
 GLOBAL_POSE = slice(0, 3)
