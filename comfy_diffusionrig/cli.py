@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .conventions import PHOTO_SUFFIXES
+from .imaging import hex_color
 from .presets import LIGHT_PRESETS
 
 
@@ -148,7 +149,7 @@ def _parse_light(text: str) -> dict:
         if not sep or not value:
             raise ValueError(f"--light: {key!r} has no value ({LIGHT_KEYS[key]}); {form}")
         if key == "color":
-            _hex_color(value)
+            hex_color(value)
             values[key] = value
             continue
         try:
@@ -164,13 +165,6 @@ def _preset_name(text: str) -> str:
     if key not in LIGHT_PRESETS:
         raise argparse.ArgumentTypeError(f"unknown light preset {text!r}; choose one of {', '.join(LIGHT_PRESETS)}")
     return key
-
-
-def _hex_color(text: str) -> tuple[float, float, float]:
-    value = text.strip().lstrip("#")
-    if len(value) != 6 or any(c not in "0123456789abcdefABCDEF" for c in value):
-        raise ValueError(f"colour {text!r} is not a hex colour like #FFE0C0")
-    return tuple(int(value[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -272,19 +266,18 @@ def _run_edits(args, make_edit, suffix: str) -> int:
 def _save_buffers(result, plan: dict, overwrite: bool) -> None:
     """Next to each output: the edited buffers (shaded | normals | albedo, one row per face) and the lit sphere."""
     import torch
-    from PIL import Image
 
     from .buffers import buffer_preview
+    from .imaging import tensor_to_pil
     from .lighting import lit_sphere
 
     frames = len(plan["images"])
-    to_pil = lambda t: Image.fromarray((t.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy())  # noqa: E731
     for k in range(frames):
         rows = slice(k, None, frames)  # face-major: frame k of every face
         strip = torch.cat(list(buffer_preview(result.buffers[rows], result.coverage[rows])), dim=1)
         spheres = torch.cat(list(lit_sphere(result.lights[rows], size=result.buffers.shape[-1])), dim=1)
-        _save_new(to_pil(strip), plan["buffers"][k], overwrite)
-        _save_new(to_pil(spheres), plan["light"][k], overwrite)
+        _save_new(tensor_to_pil(strip, low=0.0), plan["buffers"][k], overwrite)
+        _save_new(tensor_to_pil(spheres, low=0.0), plan["light"][k], overwrite)
 
 
 def video_writer() -> str | None:
@@ -364,7 +357,7 @@ def _cmd_relight(args) -> int:
             document = load_preset(args.preset_file)
             return lambda rig: apply_preset(rig, document)
         light = _parse_light(args.light)
-        color = _hex_color(light.pop("color", "#FFFFFF"))
+        color = hex_color(light.pop("color", "#FFFFFF"))
         azimuth = light.get("azimuth", 45.0)
         sh = sh_from_direction(-azimuth if args.mirror else azimuth, light.get("elevation", 20.0),
                                light.get("intensity", 0.8), light.get("ambient", 0.5), color)

@@ -23,13 +23,13 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from .buffers import Renderer, project
 from .conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
 from .deca import FLAME_FILES
 from .editing import edit_faces
 from .flame import ffhq_center, load_flame, load_flame_texture, read_obj
+from .imaging import tensor_to_pil
 from .lighting import sh_from_direction
 from .metrics import psnr, ssim
 from .pipeline import find_checkpoint
@@ -246,10 +246,6 @@ def _checkpoint_every(steps: int) -> int:
     return max(50, steps // 10)
 
 
-def _to_pil(x: torch.Tensor) -> Image.Image:
-    return Image.fromarray(((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-
-
 QUICK_WARNING = ("QUICK RUN: a plumbing check with a few training steps; its numbers are meaningless. Run "
                  "`comfy-diffusionrig demo` without --quick for the real comparison.")
 
@@ -370,7 +366,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
     images_dir.mkdir(exist_ok=True)
     rows = []
     for i in range(config.held_out):
-        row = [_to_pil(source[i]), _to_pil(target[i])] + [_to_pil(edits[name][i]) for name in candidates]
+        row = [tensor_to_pil(source[i]), tensor_to_pil(target[i])] + [tensor_to_pil(edits[name][i]) for name in candidates]
         for label, picture in zip(["source", "target", "untrained", "stage1", "personalized", "lora"], row):
             picture.save(images_dir / f"edit{i:02d}_{label}.png")
         rows.append(row)
@@ -383,8 +379,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
     sheet.save(out / "contact_sheet.png")
     loss_curve(losses1, title="stage 1 loss").save(out / "loss_stage1.png")
     loss_curve(losses2, title="stage 2 loss").save(out / "loss_stage2.png")
-    album_row = [_to_pil(p) for p in album_photos[:8]]
-    buffer_rows = [[_to_pil(b[i:i + 3] * (1 if i == 3 else 2) - (0 if i == 3 else 1)) for b in album_buffers[:8]]
+    album_row = [tensor_to_pil(p) for p in album_photos[:8]]
+    buffer_rows = [[tensor_to_pil(b[i:i + 3] * (1 if i == 3 else 2) - (0 if i == 3 else 1)) for b in album_buffers[:8]]
                    for i in (0, 3, 6)]
     contact_sheet([album_row] + buffer_rows, row_labels=["album photos", "rendered", "normal", "albedo"],
                   cell=96).save(out / "album.png")

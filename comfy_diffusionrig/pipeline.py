@@ -21,6 +21,7 @@ from .alignment import align_faces, paste_back
 from .checkpoints import load_diffusionrig
 from .deca import load_deca
 from .editing import check_edit_settings, edit_faces
+from .imaging import pil_to_tensor, tensor_to_pil
 from .rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -70,7 +71,7 @@ def fit_photo(models: Models, photo: Image.Image, faces: str = "largest", detect
     """The fitted rig of a photo's face(s) (e.g. a reference to copy light or expression from)."""
     size = models.diffusionrig.config.image_size
     aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
-    images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
+    images = pil_to_tensor([a.image for a in aligned])
     return fit_faces(models.deca, images, np.stack([a.landmarks for a in aligned]))
 
 
@@ -109,7 +110,7 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     size = model.config.image_size
     aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
     lap("align")
-    images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
+    images = pil_to_tensor([a.image for a in aligned])
     rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
     lap("fit")
     edited = edit(rig)
@@ -129,8 +130,7 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
                         batch_size=batch_size,
                         callback=None if callback is None else (lambda done, total, preview: callback(done, total)))
     lap("denoise")
-    edited_faces = [Image.fromarray(((f.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-                    for f in result]
+    edited_faces = [tensor_to_pil(f) for f in result]
     photos = [paste_back(photo, aligned, edited_faces[k::frames], color_match=color_match) for k in range(frames)]
     lap("paste")
     return EditResult(photos, edited_faces, seconds, [a.image for a in aligned], target_buffers, target["alpha"],

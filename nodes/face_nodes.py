@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -13,6 +12,7 @@ from comfy_diffusionrig import alignment as align_lib
 from comfy_diffusionrig import identity
 from comfy_diffusionrig.buffers import buffer_images
 from comfy_diffusionrig.deca import load_deca
+from comfy_diffusionrig.imaging import hex_color
 from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
                                     sweep, sweep_values)
@@ -176,15 +176,11 @@ class DECAFit:
         return (fit_faces(deca, _chw(aligned), landmarks),)
 
 
-_HEX = re.compile(r"^#?([0-9a-fA-F]{6})$")
-
-
 def parse_color(text: str, node: str) -> tuple[float, float, float]:
-    match = _HEX.match(text.strip())
-    if not match:
-        raise ValueError(f"{node}: colour {text!r} is not a hex colour like #FFE4C4")
-    value = match.group(1)
-    return tuple(int(value[i:i + 2], 16) / 255.0 for i in (0, 2, 4))
+    try:
+        return hex_color(text)
+    except ValueError as err:
+        raise ValueError(f"{node}: {err}") from None
 
 
 def _sphere_image(light: torch.Tensor) -> torch.Tensor:

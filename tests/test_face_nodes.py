@@ -194,7 +194,7 @@ def test_relight_bad_inputs_name_the_node(pipe):
     relight = fn.Relight()
     with pytest.raises(ValueError, match="Relight: mode 'copy reference' needs a reference rig"):
         relight.relight(pipe.rig, "copy reference", 0.0, 0.0, 0.8, 0.5, WHITE)
-    with pytest.raises(ValueError, match="Relight: colour 'orange' is not a hex colour like #FFE4C4"):
+    with pytest.raises(ValueError, match="Relight: colour 'orange' is not a hex colour like #FFE0C0"):
         relight.relight(pipe.rig, "sliders", 0.0, 0.0, 0.8, 0.5, "orange")
 
 
