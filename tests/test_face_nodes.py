@@ -414,7 +414,7 @@ def test_group_photo_each_face_is_edited_as_it_would_be_alone(pipe):
     aligned, alignment, count = fn.DetectAlignFace().align(two, "all", 0, "hog", 256)
     assert count == 2
     (rig,) = fn.DECAFit().fit(pipe.deca, aligned, alignment)
-    (lit,) = fn.Relight().relight(rig, "sliders", 60.0, 20.0, 0.9, 0.4, WHITE)
+    lit = fn.Relight().relight(rig, "sliders", 60.0, 20.0, 0.9, 0.4, WHITE)[0]
     source = fn.RenderBuffers().render(pipe.deca, rig)[0]
     target = fn.RenderBuffers().render(pipe.deca, lit)[0]
     (code,) = mn.EncodeGlobalCode().encode(pipe.dr, aligned)
@@ -447,8 +447,10 @@ def test_the_sampler_uses_each_of_its_settings(pipe):
 
     base = run()
     assert torch.equal(base, run())
-    for change in (dict(seed=2), dict(steps=3), dict(eta=1.0), dict(start="inversion")):
-        assert (run(**change) - base).abs().mean() > 1e-3, change
+    for change in (dict(seed=2), dict(steps=3), dict(start="inversion")):
+        assert (run(**change) - base).abs().max() > 0.05, change  # (the random model saturates most pixels)
+    # eta's noise enters before the last step (with 2 steps only the step to t = 0 gets any, ~1e-2 of it)
+    assert (run(steps=5, eta=1.0) - run(steps=5)).abs().max() > 0.05
     for bad, message in ((dict(steps=0), "steps must be"), (dict(eta=float("nan")), "eta must be")):
         with pytest.raises(ValueError, match=f"DiffusionRig Sampler: {message}"):
             run(**bad)

@@ -89,7 +89,7 @@ def test_sample_from_inversion_needs_sources(models_dir):
     (out,) = sampler.sample(model, buffers, code, 0, 3, 0.0, "inversion", 4, source_image=image,
                             source_buffers=buffers[:1])
     assert out.shape == (3, 32, 32, 3)
-    with pytest.raises(ValueError, match="2 global codes for 3 buffers"):
+    with pytest.raises(ValueError, match=r"3 buffers, 2 global code\(s\) and 2 source face\(s\) do not match"):
         sampler.sample(model, buffers, code.expand(2, -1), 0, 3, 0.0, "noise", 4)
 
 
