@@ -114,8 +114,10 @@ def logsnr_timesteps(schedule: Schedule, count: int, top: float = 0.95) -> list[
     there are exactly `count`.
     """
     last = round(top * len(schedule))
-    if not 2 <= count <= last + 1:
-        raise ValueError(f"log-SNR spacing needs between 2 and {last + 1} steps, got {count}")
+    if not 1 <= count <= last + 1:
+        raise ValueError(f"log-SNR spacing needs between 1 and {last + 1} steps, got {count}")
+    if count == 1:
+        return [last]
     lam = _half_log_snr(schedule.alphas_cumprod[: last + 1])
     kept: list[int] = []
     for target in np.linspace(lam[0], lam[last], count):
@@ -275,12 +277,16 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
                     generator: torch.Generator | None = None) -> torch.Tensor:
     """DPM-Solver++(2M) sampling from noise x_T to x_0: second order, one UNet call per step.
 
-    Same arguments, timesteps and output as `ddim_sample` (the model sees the respaced
-    timesteps it was trained on; x0 clipped to [-1, 1] when clip). Each step reuses the
-    previous step's x0 prediction to cancel DDIM's first-order error, so about half the steps
-    reach DDIM's accuracy. The first and the last step (to the clean image) are DDIM steps.
-    eta as DDIM's (0 deterministic; 1 the DDPM noise level, drawn from `generator`); with
-    eta > 0 the correction applies to the data term only (the midpoint SDE form).
+    buffers [B,9,H,W], code [B|1,latent], noise [B|1,3,H,W] -> x0 [B,3,H,W] float32 in [-1,1]
+    (when clip), as `ddim_sample`. Each step reuses the previous step's x0 prediction to cancel
+    DDIM's first-order error: about half the steps for DDIM's accuracy. An int `steps` takes
+    timesteps evenly spaced in log-SNR ("logsnrN", from t = 950 down to 0: integer timesteps the
+    model was trained on); any `respace` spacing string works too ("ddim10" is the official
+    stride, where the uneven log-SNR steps cost most of the second order). x0 is clipped as
+    DDIM's `clip`. The first step and the last (to the clean image) are DDIM steps. eta as
+    DDIM's (0 deterministic; 1 the DDPM noise level, drawn from `generator`); with eta > 0 the
+    correction applies to the data term only (the midpoint SDE form).
+    `callback(step, total, x, x0)` after each step.
     """
     buffers, code, x = _prepare(model, buffers, code, noise, "noise")
     sched = _dpm_schedule(model, steps)
@@ -312,7 +318,8 @@ def dpmpp_2m_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: tor
     image [B|1,3,H,W] in [-1,1] -> x_T [B,3,H,W]. Second order, steps - 1 UNet calls: it climbs
     from the image (taken as x at the first kept timestep, as the official DDIM inversion does)
     to the last kept timestep, where sampling starts. (The official DDIM inversion takes one
-    more step, to abar = 0.) `callback(step, total, x, x0)` after each of the steps - 1 steps.
+    more step, to abar = 0.) `steps` as `dpmpp_2m_sample` (use the same value for both).
+    `callback(step, total, x, x0)` after each of the steps - 1 steps.
     """
     buffers, code, x = _prepare(model, buffers, code, image, "image")
     sched = _dpm_schedule(model, steps)

@@ -171,8 +171,9 @@ def test_logsnr_timesteps():
     steps = -np.diff(lam)
     assert steps.max() / steps.min() < 1.3  # nearly equal log-SNR steps (integer timesteps)
     assert D.respace(sched, "logsnr10").timesteps.tolist() == D.logsnr_timesteps(sched, 10)
-    with pytest.raises(ValueError, match="between 2 and"):
-        D.logsnr_timesteps(sched, 1)
+    assert D.logsnr_timesteps(sched, 1) == [950]
+    with pytest.raises(ValueError, match="between 1 and"):
+        D.logsnr_timesteps(sched, 0)
 
 
 def test_registry():
