@@ -122,13 +122,15 @@ def reconstruction_error(invert, sample, steps, **kw):
 
 
 def test_inversion_then_sampling_reconstructs():
-    # the tolerances: measured errors x ~1.5 (the last step's posterior mean moves the image by ~1e-4)
-    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 10) < 0.03
-    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 20) < 0.005
+    # max abs error, images in [-1, 1]; measured: DPM++(2M) 0.028 (10 steps, 19 calls), 0.0013
+    # (20 steps, 39 calls); DDIM 20 steps with k fixed-point iterations 0.297, 0.050, 0.0085,
+    # 0.0018 for k = 0..3 (39 + 19 k calls): per UNet call the second-order inversion wins
+    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 10) < 0.04
+    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 20) < 0.002
     plain = reconstruction_error(D.ddim_invert_fixed_point, D.ddim_sample, 20, iterations=0)
     refined = reconstruction_error(D.ddim_invert_fixed_point, D.ddim_sample, 20, iterations=3)
-    assert plain > 0.05  # DDIM's inversion is not DDIM sampling's inverse...
-    assert refined < 0.002  # ...but its fixed point is
+    assert plain > 0.2  # DDIM's inversion is not DDIM sampling's inverse...
+    assert refined < 0.003  # ...but its fixed point is
 
 
 def test_fixed_point_inversion_with_no_iterations_is_ddim_inversion():
