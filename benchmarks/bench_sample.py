@@ -1,11 +1,16 @@
-"""Benchmark: ddim20 sampling of the official default DiffusionRig (256 px) per precision path.
+"""Benchmark: one edit (inversion + sampling) of the official default DiffusionRig per sampler setting.
 
-Prints seconds per image, seconds per UNet call, peak memory and the PSNR of each fast path
-against the fp32 result, for batch 1 and 4, on the CPU (and CUDA when available). Each
-configuration runs in its own subprocess so that peak memory is its own.
+The reference is the official arithmetic: fp32, ddim20 inversion + ddim20 sampling (40 UNet
+calls). Every fast setting (precision "auto", DPM-Solver++(2M) at several step counts, with
+and without feature caching) is printed next to it with seconds per edit, UNet calls per edit
+(full / all), peak memory, the speed-up over the reference and the drift: PSNR of its edit
+against the reference edit of the same deterministic-random-weight model (random weights say
+nothing about quality: see bench_quality.py for that). Each setting runs in its own
+subprocess so that peak memory is its own (CUDA: max allocated by torch; CPU: process max RSS).
 
-    python benchmarks/bench_sample.py                 # everything (several minutes on 2 cores)
-    python benchmarks/bench_sample.py --batch 1 --paths fp32 bf16_cl --steps 20
+    python benchmarks/bench_sample.py                  # 256 px, official size (~10 min on 2 CPU cores)
+    python benchmarks/bench_sample.py --size 64        # quick run, same widths at 64 px
+    python benchmarks/bench_sample.py --device cuda --batch 4
 """
 
 from __future__ import annotations
@@ -20,19 +25,21 @@ import time
 
 import torch
 
-PATHS = {
-    # name: (dtype, channels_last, compile)
-    "fp32": (torch.float32, False, False),
-    "fp32_cl": (torch.float32, True, False),
-    "bf16": (torch.bfloat16, False, False),
-    "bf16_cl": (torch.bfloat16, True, False),
-    "bf16_cl_compile": (torch.bfloat16, True, True),
-    "fp16_cl": (torch.float16, True, False),  # CUDA only
+# name: (sampler, steps, cache interval, precision); the first is the reference
+SETTINGS = {
+    "official fp32 ddim20": ("ddim", 20, 1, "fp32"),
+    "ddim20": ("ddim", 20, 1, "auto"),
+    "ddim20 + cache 2": ("ddim", 20, 2, "auto"),
+    "dpmpp_2m 12": ("dpmpp_2m", 12, 1, "auto"),
+    "dpmpp_2m 10": ("dpmpp_2m", 10, 1, "auto"),
+    "dpmpp_2m 8": ("dpmpp_2m", 8, 1, "auto"),
+    "dpmpp_2m 10 + cache 2": ("dpmpp_2m", 10, 2, "auto"),
+    "dpmpp_2m 8 + cache 2": ("dpmpp_2m", 8, 2, "auto"),
 }
 
 
-def make_model(device):
-    """Official default config with deterministic random weights.
+def make_model(device, image_size: int = 256):
+    """Official default config (at image_size) with deterministic random weights.
 
     Zero-initialised layers (output convs, attention projections) are re-drawn N(0, 0.02) and
     norm scales 1 + N(0, 0.02), as the parity fixtures do, so every layer contributes.
@@ -40,7 +47,8 @@ def make_model(device):
     from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
 
     torch.manual_seed(0)
-    model = DiffusionRig(UNetConfig())
+    model = DiffusionRig(UNetConfig(image_size=image_size, channel_mult=(1, 1, 2, 2, 4, 4),
+                                    attention_resolutions=(image_size // 16,)))
     gen = torch.Generator().manual_seed(1234)
     with torch.no_grad():
         for p in model.parameters():
@@ -51,62 +59,64 @@ def make_model(device):
     return model.eval().to(device)
 
 
-def inputs(batch, device):
+def inputs(batch: int, size: int, device):
+    """A random photo [B,3,S,S] and its source and target buffers [B,9,S,S] (rendered|normal|albedo)."""
     gen = torch.Generator().manual_seed(7)
-    image = torch.rand(batch, 3, 256, 256, generator=gen) * 2 - 1
-    buffers = torch.cat([torch.rand(batch, 3, 256, 256, generator=gen), torch.rand(batch, 3, 256, 256, generator=gen) * 2 - 1,
-                         torch.rand(batch, 3, 256, 256, generator=gen)], 1)
-    noise = torch.randn(1, 3, 256, 256, generator=gen)
-    return image.to(device), buffers.to(device), noise.to(device)
+
+    def buffers():
+        return torch.cat([torch.rand(batch, 3, size, size, generator=gen),
+                          torch.rand(batch, 3, size, size, generator=gen) * 2 - 1,
+                          torch.rand(batch, 3, size, size, generator=gen)], 1).to(device)
+
+    image = (torch.rand(batch, 3, size, size, generator=gen) * 2 - 1).to(device)
+    return image, buffers(), buffers()
 
 
-def run_one(path: str, batch: int, steps: int, device: str, out_file: str) -> None:
-    from comfy_diffusionrig import ddim_sample
+class Counted:
+    """Passes denoiser calls through and counts them."""
 
-    dtype, channels_last, use_compile = PATHS[path]
-    model = make_model(device)
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+        self.config, self.device, self.check_image_size = model.config, model.device, model.check_image_size
+
+    def denoise(self, *args):
+        self.calls += 1
+        return self.model.denoise(*args)
+
+
+def run_one(name: str, size: int, batch: int, device: str, precision: str | None, out_file: str) -> None:
+    from comfy_diffusionrig.devices import resolve_dtype
+    from comfy_diffusionrig.diffusion import sampler_functions
+    from comfy_diffusionrig.feature_cache import FeatureCache
+
+    sampler, steps, interval, setting_precision = SETTINGS[name]
+    dtype = resolve_dtype(setting_precision if setting_precision == "fp32" else precision or "auto", device)
+    model = make_model(device, size)
     model.denoisingUNet.to(dtype)
-    if channels_last:
+    if dtype != torch.float32:
         model.to(memory_format=torch.channels_last)
-    image, buffers, noise = inputs(batch, device)
-    calls = []
-    fn = model.denoise
-    if use_compile:
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True  # lets inductor pre-pack conv weights for oneDNN / cuDNN
-        fn = torch.compile(fn)
-
-    def timed(*call_args):
-        start = time.perf_counter()
-        result = fn(*call_args)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        calls.append(time.perf_counter() - start)
-        return result
-
-    model.denoise = timed  # instance attribute: the sampler calls this wrapper
+    sample, invert = sampler_functions(sampler)
+    image, source, target = inputs(batch, size, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.inference_mode():
         code = model.encode(image)
-        # warm-up through the sampler itself (compilation, allocator, oneDNN primitive cache)
-        ddim_sample(model, buffers, code, noise, steps=1)
-        warmup_s = calls[0]
-        calls.clear()
+        model.denoise(image, torch.zeros(batch, dtype=torch.int64, device=device), source, code)  # warm-up
+        sync()
         if device == "cuda":
-            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
+        net = Counted(FeatureCache(model, interval) if interval > 1 else model)
         start = time.perf_counter()
-        out = ddim_sample(model, buffers, code, noise, steps=steps)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        total = time.perf_counter() - start
+        x_t = invert(net, image, source, code, steps=steps)
+        out = sample(net, target, code, x_t, steps=steps)
+        sync()
+        seconds = time.perf_counter() - start
+    full = net.model.full_calls if interval > 1 else net.calls
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     torch.save(out.float().cpu(), out_file + ".pt")
     with open(out_file, "w") as f:
-        json.dump({"total_s": total, "per_image_s": total / batch, "per_call_s": sorted(calls)[len(calls) // 2],
-                   "compile_s": warmup_s - min(calls) if use_compile else 0.0, "peak_bytes": peak,
-                   "clamped": float((out.abs() >= 1).float().mean())}, f)
+        json.dump({"seconds": seconds, "calls": net.calls, "full_calls": full, "peak_bytes": peak,
+                   "dtype": str(dtype).removeprefix("torch.")}, f)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -116,41 +126,41 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--paths", nargs="+", default=None, help=f"subset of {list(PATHS)}")
+    parser.add_argument("--size", type=int, default=256, help="image size (256 = official)")
+    parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", nargs="+", default=None, help="cpu and/or cuda (default: all available)")
-    parser.add_argument("--one", nargs=5, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="auto", help="precision of the fast settings: auto, bf16, fp16, fp32")
+    parser.add_argument("--settings", nargs="+", default=None, help=f"subset of {list(SETTINGS)} (the first always runs)")
+    parser.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        path, batch, steps, device, out_file = args.one
-        run_one(path, int(batch), int(steps), device, out_file)
+        name, size, batch, device, precision, out_file = args.one
+        run_one(name, int(size), int(batch), device, precision, out_file)
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    reference_name = next(iter(SETTINGS))
+    names = [reference_name] + [n for n in (args.settings or SETTINGS) if n != reference_name]
     tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_sample_{os.getpid()}")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, ddim{args.steps}, official default config 256 px")
-    print(f"{'device':6} {'path':16} {'batch':>5} {'s/image':>8} {'s/call':>7} {'compile s':>9} {'peak MiB':>9} "
-          f"{'PSNR vs fp32':>12} {'clamped':>7}")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, official default widths at {args.size} px, "
+          f"batch {args.batch}; one edit = inversion + sampling; drift = PSNR against the reference edit")
+    print(f"{'device':6} {'setting':24} {'dtype':8} {'calls':>7} {'s/edit':>8} {'speed-up':>8} {'peak MiB':>9} "
+          f"{'drift dB':>8}")
     for device in devices:
-        paths = args.paths or ([p for p in PATHS if p != "fp16_cl"] if device == "cpu" else list(PATHS))
-        for batch in args.batch:
-            reference = None
-            for path in ["fp32"] + [p for p in paths if p != "fp32"]:
-                out_file = f"{tmp}_{device}_{path}_{batch}.json"
-                subprocess.run([sys.executable, __file__, "--one", path, str(batch), str(args.steps), device, out_file],
-                               check=True)
-                with open(out_file) as f:
-                    r = json.load(f)
-                image = torch.load(out_file + ".pt")
-                if reference is None:
-                    reference = image
-                quality = "reference" if path == "fp32" else f"{psnr(image, reference):.1f} dB"
-                if path in paths:
-                    print(f"{device:6} {path:16} {batch:5d} {r['per_image_s']:8.2f} {r['per_call_s']:7.3f} "
-                          f"{r['compile_s']:9.1f} {r['peak_bytes'] / 2**20:9.0f} {quality:>12} {r['clamped']:7.1%}",
-                          flush=True)
-                os.remove(out_file)
-                os.remove(out_file + ".pt")
+        reference = ref_seconds = None
+        for name in names:
+            out_file = f"{tmp}_{device}_{names.index(name)}.json"
+            subprocess.run([sys.executable, __file__, "--one", name, str(args.size), str(args.batch), device,
+                            args.precision, out_file], check=True)
+            with open(out_file) as f:
+                r = json.load(f)
+            edit = torch.load(out_file + ".pt")
+            os.remove(out_file)
+            os.remove(out_file + ".pt")
+            if reference is None:
+                reference, ref_seconds = edit, r["seconds"]
+            drift = "reference" if name == reference_name else f"{psnr(edit, reference):.1f}"
+            print(f"{device:6} {name:24} {r['dtype']:8} {r['full_calls']:3d}/{r['calls']:<3d} {r['seconds']:8.2f} "
+                  f"{ref_seconds / r['seconds']:7.2f}x {r['peak_bytes'] / 2**20:9.0f} {drift:>8}", flush=True)
 
 
 if __name__ == "__main__":

@@ -360,18 +360,36 @@ class UNet(nn.Module):
         self.out = nn.Sequential(_norm(ch), nn.SiLU(), out_conv)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        return self.forward_split(x, t, buffers, code)[0]
+
+    def forward_split(self, x: torch.Tensor, t: torch.Tensor, buffers: torch.Tensor, code: torch.Tensor,
+                      shallow: int = 0, deep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward pass split into a shallow path and a deep one, for feature caching.
+
+        The shallow path is the first `shallow` input blocks and the last `shallow` output
+        blocks (joined by their skips); the deep path is everything between. Returns
+        (output, deep features) where the deep features are the input of output block
+        -shallow (before its skip is concatenated). Given `deep` from an earlier call, only
+        the shallow path runs. shallow=0 and deep=None is the plain forward pass.
+        """
         dtype = self.out[2].weight.dtype
         emb = self.time_embed(timestep_embedding(t, self.config.num_channels).to(dtype))
         code = code.to(dtype)
         h = torch.cat([x, buffers], dim=1).to(dtype)
+        split = len(self.output_blocks) - shallow
         skips = []
-        for block in self.input_blocks:
+        for block in self.input_blocks if deep is None else self.input_blocks[:shallow]:
             h = block(h, emb, code)
             skips.append(h)
-        h = self.middle_block(h, emb, code)
-        for block in self.output_blocks:
+        if deep is None:
+            h = self.middle_block(h, emb, code)
+            for block in self.output_blocks[:split]:
+                h = block(torch.cat([h, skips.pop()], dim=1), emb, code)
+            deep = h
+        h = deep
+        for block in self.output_blocks[split:]:
             h = block(torch.cat([h, skips.pop()], dim=1), emb, code)
-        return self.out(h)
+        return self.out(h), deep
 
 
 def build_encoder(cfg: UNetConfig) -> nn.Module:
