@@ -10,8 +10,7 @@ import time
 from pathlib import Path
 
 from .conventions import PHOTO_SUFFIXES
-from .imaging import hex_color
-from .presets import LIGHT_PRESETS
+from .presets import LIGHT_PRESETS, SAMPLER_NAMES, SAMPLING_PRESETS
 
 
 def _cmd_info(args) -> int:
@@ -139,6 +138,8 @@ def _photos(path: str) -> list[Path]:
 
 def _parse_light(text: str) -> dict:
     """'azimuth=45,elevation=20,intensity=0.8,ambient=0.5,color=#FFE0C0' -> keyword arguments."""
+    from .imaging import hex_color
+
     form = "write e.g. --light azimuth=45,elevation=20,intensity=0.8,ambient=0.5,color=#FFE0C0"
     values = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -196,7 +197,11 @@ def _check_run(args) -> None:
     from .devices import resolve_device
     from .editing import check_edit_settings
 
-    check_edit_settings(args.start, args.steps, 0.0, 4)
+    preset = SAMPLING_PRESETS.get(args.preset or "official")
+    args.sampler = args.sampler or preset["sampler"]
+    args.steps = args.steps if args.steps is not None else preset["steps"]
+    args.cache = args.cache if args.cache is not None else preset["cache_interval"]
+    check_edit_settings(args.start, args.steps, 0.0, 4, args.sampler, args.cache)
     for name in ("frames", "fps"):
         value = getattr(args, name, 1)
         if value < 1:
@@ -234,7 +239,7 @@ def _run_edits(args, make_edit, suffix: str) -> int:
             try:
                 result = edit_photo(models, load_image(photo_path), edit, steps=args.steps, seed=args.seed,
                                     start=args.start, faces=args.faces, detector=args.detector,
-                                    color_match=args.color_match,
+                                    color_match=args.color_match, sampler=args.sampler, cache_interval=args.cache,
                                     callback=lambda done, total, name=photo_path.name: bar(name, done, total))
             except NoFaceError:
                 if not many:
@@ -357,6 +362,8 @@ def _cmd_relight(args) -> int:
             document = load_preset(args.preset_file)
             return lambda rig: apply_preset(rig, document)
         light = _parse_light(args.light)
+        from .imaging import hex_color
+
         color = hex_color(light.pop("color", "#FFFFFF"))
         azimuth = light.get("azimuth", 45.0)
         sh = sh_from_direction(-azimuth if args.mirror else azimuth, light.get("elevation", 20.0),
@@ -420,7 +427,18 @@ def _edit_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
                                                        "(default: $COMFY_DIFFUSIONRIG_MODELS or ./models)")
     parser.add_argument("--checkpoint", default=None, help="file in models/diffusionrig/ (default: a real checkpoint "
                                                            "before the synthetic ones)")
-    parser.add_argument("--steps", type=int, default=20, help="DDIM steps (official: 20)")
+    parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: 20, the official ddim20; "
+                                                                 "or the --preset's)")
+    parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default=None,
+                        help="ddim (official, default) or dpmpp_2m (second order: about half the steps for the same "
+                             "result, not bit-equal to the official output)")
+    parser.add_argument("--cache", type=int, default=None, metavar="N",
+                        help="reuse the UNet's deep features for N-1 of every N steps (faster, drifts a little; "
+                             "default 1 = off)")
+    parser.add_argument("--preset", choices=list(SAMPLING_PRESETS), default=None,
+                        help="named sampler settings: " + ", ".join(f"{k} = {v['sampler']} {v['steps']} steps, cache "
+                                                              f"{v['cache_interval']}" for k, v in SAMPLING_PRESETS.items())
+                             + " (explicit --sampler/--steps/--cache win)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed for --start noise (the same noise for every "
                                                             "face and frame); default 0")
     parser.add_argument("--start", choices=["inversion", "noise"], default="inversion",

@@ -15,6 +15,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from .presets import SAMPLER_NAMES
+
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
@@ -216,7 +218,8 @@ def ddim_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: torch.T
 
     buffers [B,9,H,W], code [B|1,latent], noise [B|1,3,H,W] -> x0 [B,3,H,W] float32 in [-1,1] (when clip).
     steps=20 is the official "ddim20" (model t = 950, 900, ..., 0). eta>0 adds noise drawn
-    from `generator` (or the global RNG; a list of generators gives each row its own stream). `callback(step, total, x, x0)` runs after each step.
+    from `generator` (or the global RNG; a list of generators gives each row its own stream).
+    `callback(step, total, x, x0)` runs after each step.
     """
     buffers, code, x = _prepare(model, buffers, code, noise, "noise")
     sched = respace(model_schedule(model), steps)
@@ -312,7 +315,7 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
         x = _data_step(x, x0, x0_prev, a, a_prev, lam[i], lam_to[i],
                        lam[i + 1] if i + 1 < total else None, sigma, dev)
         if eta > 0 and i > 0:
-            x = x + _f32(sigma, dev) * torch.randn(x.shape, generator=generator, device=dev, dtype=x.dtype)
+            x = x + _f32(sigma, dev) * _fresh_noise(x, generator)
         x0_prev = x0
         if callback is not None:
             callback(step, total, x, x0)
@@ -410,10 +413,10 @@ def p2_loss(model, x_start: torch.Tensor, buffers: torch.Tensor, t: torch.Tensor
 
 
 # name -> (sample, invert); the pair shares its timesteps, so an inversion is sampled back by its partner
-SAMPLERS: dict[str, tuple[Callable, Callable]] = {
-    "ddim": (ddim_sample, ddim_invert),
-    "dpmpp_2m": (dpmpp_2m_sample, dpmpp_2m_invert),
-}
+SAMPLERS: dict[str, tuple[Callable, Callable]] = dict(zip(SAMPLER_NAMES, [
+    (ddim_sample, ddim_invert),
+    (dpmpp_2m_sample, dpmpp_2m_invert),
+]))
 
 
 def sampler_functions(name: str) -> tuple[Callable, Callable]:
@@ -429,9 +432,12 @@ def sampler_functions(name: str) -> tuple[Callable, Callable]:
         raise ValueError(f"unknown sampler {name!r}: choose one of {sorted(SAMPLERS)}") from None
 
 
-# Named settings for callers that pick by name (nodes, CLI, demo); cache_interval wraps the
-# model in feature_cache.FeatureCache when > 1. Measured in benchmarks/bench_quality.py.
-SAMPLING_PRESETS: dict[str, dict] = {
-    "official": {"sampler": "ddim", "steps": 20, "cache_interval": 1},  # the paper's ddim20: 40 UNet calls per edit
-    "fast": {"sampler": "dpmpp_2m", "steps": 10, "cache_interval": 1},
-}
+def sampler_step_counts(model, name: str, steps: int | str) -> tuple[int, int]:
+    """(inversion steps, sampling steps) of sampler `name` at `steps`: how many times each of its functions
+    calls back (progress bars count them before the run)."""
+    sampler_functions(name)
+    if name == "dpmpp_2m":
+        kept = len(_dpm_schedule(model, steps))
+        return kept - 1, kept
+    kept = len(respace(model_schedule(model), steps))
+    return kept, kept

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .diffusion import ddim_invert, ddim_sample
+from .diffusion import SAMPLERS, sampler_functions, sampler_step_counts
 
 # callback(done, total, preview): done/total count face-steps (one UNet row-evaluation each) over
 # inversion and sampling together; preview is the current x0 estimate of one face, [3, H, W] in [-1, 1].
@@ -27,12 +27,17 @@ def _positive_int(value, name: str) -> int:
     return value
 
 
-def check_edit_settings(start: str, steps, eta, batch_size) -> None:
+def check_edit_settings(start: str, steps, eta, batch_size, sampler: str = "ddim", cache_interval=1) -> None:
     """Validate the sampler settings of an edit (cheap: call it before loading models or fitting faces)."""
     if start not in STARTS:
         raise ValueError(f"start must be 'inversion' or 'noise', got {start!r}")
     _positive_int(steps, "steps")
     _positive_int(batch_size, "batch_size")
+    _positive_int(cache_interval, "cache_interval")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}: choose one of {', '.join(SAMPLERS)}")
+    if sampler == "dpmpp_2m" and steps < 2:
+        raise ValueError("the dpmpp_2m sampler needs at least 2 steps")
     if not isinstance(eta, (int, float)) or not math.isfinite(eta) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be between 0 (deterministic DDIM) and 1, got {eta!r}")
 
@@ -50,7 +55,7 @@ def _rows(tensor: torch.Tensor, n: int, what: str) -> torch.Tensor:
 def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor | None,
                target_buffers: torch.Tensor, codes: torch.Tensor, *, start: str = "inversion", steps: int = 20,
                eta: float = 0.0, seed: int = 0, batch_size: int = 4,
-               callback: EditCallback | None = None) -> torch.Tensor:
+               callback: EditCallback | None = None, sampler: str = "ddim", cache_interval: int = 1) -> torch.Tensor:
     """Edited faces: DDIM from each face's inversion (or from seeded noise) under the target buffers.
 
     images [N,3,S,S] in [-1,1] and source_buffers [N,9,S,S] (rendered|normal|albedo of the
@@ -64,8 +69,13 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
     from `seed` for each row, so a face's frames share it and a batch equals its faces alone.
     Faces and rows are processed `batch_size` at a time. `callback(done, total, preview)`
     reports inversion and sampling as one count of face-steps.
+
+    sampler: "ddim" (official, the reference) or "dpmpp_2m" (DPM-Solver++(2M) with its matching
+    inversion: second order, about half the steps for DDIM's accuracy); cache_interval N > 1
+    reuses the UNet's deep features for N - 1 of every N calls (`feature_cache.FeatureCache`:
+    faster, drifts a little). `presets.SAMPLING_PRESETS` names measured combinations.
     """
-    check_edit_settings(start, steps, eta, batch_size)
+    check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
     if target_buffers.ndim != 4 or target_buffers.shape[0] == 0:
         raise ValueError(f"target_buffers must be a non-empty [N*F, 9, H, W] batch, got {tuple(target_buffers.shape)}")
     if codes.ndim != 2 or codes.shape[0] == 0:
@@ -90,8 +100,17 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
     frames = rows // n
     codes = _rows(codes, n, "codes")
     size = tuple(target_buffers.shape[-2:])
-    total = (n * steps if start == "inversion" else 0) + rows * steps
+    sample_fn, invert_fn = sampler_functions(sampler)
+    invert_steps, sample_steps = sampler_step_counts(model, sampler, steps)
+    total = (n * invert_steps if start == "inversion" else 0) + rows * sample_steps
     done = 0
+
+    def denoiser():  # a fresh feature cache per run: cached features never cross faces or runs
+        if cache_interval == 1:
+            return model
+        from .feature_cache import FeatureCache
+
+        return FeatureCache(model, cache_interval)
 
     def progress(count: int):
         def report(step, steps_total, x, x0):
@@ -107,8 +126,8 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
         for first in range(0, n, batch_size):
             part = slice(first, first + batch_size)
             count = len(range(n)[part])
-            starts.append(ddim_invert(model, images[part], source_buffers[part], codes[part], steps=steps,
-                                      callback=progress(count)))
+            starts.append(invert_fn(denoiser(), images[part], source_buffers[part], codes[part], steps=steps,
+                                    callback=progress(count)))
         x_start = torch.cat(starts)
     else:
         noise = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
@@ -118,7 +137,7 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
     for first in range(0, rows, batch_size):
         part = face_of_row[first:first + batch_size]
         generators = [torch.Generator(device).manual_seed(seed) for _ in part] if eta > 0 else None
-        outputs.append(ddim_sample(model, target_buffers[first:first + batch_size], codes[part.to(codes.device)],
-                                   x_start[part.to(x_start.device)], steps=steps, eta=eta, generator=generators,
-                                   callback=progress(len(part))).float().cpu())
+        outputs.append(sample_fn(denoiser(), target_buffers[first:first + batch_size], codes[part.to(codes.device)],
+                                 x_start[part.to(x_start.device)], steps=steps, eta=eta, generator=generators,
+                                 callback=progress(len(part))).float().cpu())
     return torch.cat(outputs)

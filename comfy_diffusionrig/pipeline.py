@@ -89,15 +89,17 @@ class EditResult:
 def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, seed: int = 0,
                start: str = "inversion", faces: str = "largest", detector: str = "hog",
                color_match: bool = False, batch_size: int = 4, eta: float = 0.0,
-               callback: Callable[[int, int], None] | None = None) -> EditResult:
+               callback: Callable[[int, int], None] | None = None, sampler: str = "ddim",
+               cache_interval: int = 1) -> EditResult:
     """Edit the face(s) of one photo; `edit` maps the fitted rig (one row per face) to the edited rig.
 
     An edit may return F rows per face (a sweep: face-major, as `rig.sweep` makes them), giving
     one output photo per frame. start "inversion" keeps the photo's background and details
     (each face DDIM-inverted under its own buffers), "noise" samples from seeded noise; the
-    denoising is `edit_faces`. callback(done, total) counts face-steps of inversion and sampling.
+    denoising is `edit_faces` (with its sampler and cache_interval). callback(done, total) counts
+    face-steps of inversion and sampling.
     """
-    check_edit_settings(start, steps, eta, batch_size)
+    check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
     seconds: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -127,7 +129,7 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
         code = model.encode(x.to(model.device)).cpu()
     lap("encode")
     result = edit_faces(model, x, source_buffers, target_buffers, code, start=start, steps=steps, eta=eta, seed=seed,
-                        batch_size=batch_size,
+                        batch_size=batch_size, sampler=sampler, cache_interval=cache_interval,
                         callback=None if callback is None else (lambda done, total, preview: callback(done, total)))
     lap("denoise")
     edited_faces = [tensor_to_pil(f) for f in result]

@@ -11,6 +11,16 @@ from pathlib import Path
 
 # Named lighting setups (portrait photography and film), as sh_from_direction arguments.
 # azimuth: + = from image right; elevation: + = from above; color: RGB in 0..1.
+# Samplers of an edit (diffusion.SAMPLERS holds their functions under these names).
+SAMPLER_NAMES = ("ddim", "dpmpp_2m")
+
+# Named sampler settings for callers that pick by name (nodes, CLI, demo); cache_interval > 1 wraps the
+# model in feature_cache.FeatureCache. Measured in benchmarks/bench_quality.py.
+SAMPLING_PRESETS: dict[str, dict] = {
+    "official": {"sampler": "ddim", "steps": 20, "cache_interval": 1},  # the paper's ddim20: 40 UNet calls per edit
+    "fast": {"sampler": "dpmpp_2m", "steps": 10, "cache_interval": 1},
+}
+
 LIGHT_PRESETS: dict[str, dict] = {
     "rembrandt": dict(azimuth=45.0, elevation=35.0, intensity=1.0, ambient=0.35, color=(1.0, 1.0, 1.0)),
     "loop": dict(azimuth=30.0, elevation=25.0, intensity=0.9, ambient=0.45, color=(1.0, 1.0, 1.0)),

@@ -152,3 +152,27 @@ def test_bad_shapes_say_what_to_do(model, faces):
         edit_faces(model, images, source, target, codes[:2], steps=1)
     with pytest.raises(ValueError, match="needs the source images"):
         edit_faces(model, None, None, target, codes, steps=1)
+
+
+def test_fast_samplers_keep_the_batch_rule_and_count_their_steps(model, faces):
+    """dpmpp_2m (with its inversion) and the feature cache go through the same path: a batch equals its
+    faces alone, the progress count matches the calls, and cache_interval 1 is exactly no cache."""
+    images, source, codes, target = faces
+    calls = []
+    fast = edit_faces(model, images, source, target, codes, steps=4, batch_size=4, sampler="dpmpp_2m",
+                      callback=lambda done, total, preview: calls.append((done, total)))
+    assert calls[-1][0] == calls[-1][1] == 3 * 3 + 6 * 4  # dpmpp_2m inverts in steps - 1
+    for i in range(3):
+        alone = edit_faces(model, images[i:i + 1], source[i:i + 1], target[2 * i:2 * i + 2], codes[i:i + 1], steps=4,
+                           batch_size=1, sampler="dpmpp_2m")
+        # the second-order steps extrapolate from two model calls: the round-off tail grows ~1.5x (3 of 1536 > 1e-3)
+        torch.testing.assert_close(fast[2 * i:2 * i + 2], alone, atol=2 * BATCH_ATOL, rtol=0)
+    ddim = edit_faces(model, images, source, target, codes, steps=4)
+    assert (fast - ddim).abs().mean() > 1e-4  # another sampler really ran
+    assert torch.equal(edit_faces(model, images, source, target, codes, steps=4, cache_interval=1), ddim)
+    cached = edit_faces(model, images, source, target, codes, steps=4, cache_interval=2)
+    assert 1e-6 < float((cached - ddim).abs().mean()) < 0.5  # cached: close to, but not, the full evaluation
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        edit_faces(model, images, source, target, codes, steps=4, sampler="euler")
+    with pytest.raises(ValueError, match="cache_interval must be a whole number"):
+        edit_faces(model, images, source, target, codes, steps=4, cache_interval=0)

@@ -12,6 +12,7 @@ import torch
 
 from comfy_diffusionrig import diffusion as D
 from comfy_diffusionrig.feature_cache import FeatureCache
+from comfy_diffusionrig.presets import SAMPLING_PRESETS
 
 MU, S = 0.2, 0.5  # data mean and std per pixel: inside [-1, 1] for |z| < 2.4
 ABAR = D.base_schedule().alphas_cumprod  # float64 [1000]
@@ -183,10 +184,10 @@ def test_registry():
     assert D.sampler_functions("dpmpp_2m") == (D.dpmpp_2m_sample, D.dpmpp_2m_invert)
     with pytest.raises(ValueError, match="'ddim', 'dpmpp_2m'"):
         D.sampler_functions("euler")
-    for name, preset in D.SAMPLING_PRESETS.items():
+    for name, preset in SAMPLING_PRESETS.items():
         assert set(preset) == {"sampler", "steps", "cache_interval"}, name
         D.sampler_functions(preset["sampler"])
-    assert D.SAMPLING_PRESETS["official"] == {"sampler": "ddim", "steps": 20, "cache_interval": 1}
+    assert SAMPLING_PRESETS["official"] == {"sampler": "ddim", "steps": 20, "cache_interval": 1}
 
 
 def test_solver_input_validation(tiny_model, dr_ref):
