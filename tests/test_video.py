@@ -158,3 +158,24 @@ def test_relight_video_clip_node_passes_faceless_frames_through_and_reports_them
     with pytest.raises(ValueError, match="Relight Video Clip"):
         RelightVideoClip().relight(dr, deca, frames[1:2], "sliders", 60.0, 20.0, 0.9, 0.5, "#FFFFFF", 0.0, 0.0, 2.0,
                                    0, 2, "inversion", "hog", 0, 3)
+
+
+def test_relight_video_cli_on_a_frames_folder(demo_models, tmp_path, capsys):
+    from comfy_diffusionrig.cli import main
+
+    clip = tmp_path / "clip"
+    clip.mkdir()
+    frames = _clip_frames()
+    for k, frame in enumerate(frames[:2]):
+        frame.save(clip / f"f{k}.png")
+    common = ["--models", str(demo_models), "--steps", "1", "--device", "cpu", "--precision", "fp32"]
+    assert main(["relight-video", str(clip), "--out", str(tmp_path / "bad"), "--smooth", "-1", *common]) == 2
+    assert "strength" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+    out = tmp_path / "relit"
+    code = main(["relight-video", str(clip), "--out", str(out), "--light-preset", "rembrandt", "--end-turn", "30",
+                 *common])
+    assert code == 1  # a frame without the face: written unchanged, reported, exit status 1
+    assert "1 of 2 frames" in capsys.readouterr().out
+    first, second = (np.asarray(Image.open(out / f"{k:05d}.png")) for k in range(2))
+    assert np.array_equal(second, np.asarray(frames[1]))
+    assert first.shape == np.asarray(frames[0]).shape and not np.array_equal(first, np.asarray(frames[0]))
