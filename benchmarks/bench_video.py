@@ -119,6 +119,7 @@ def main() -> None:
                            checkpoint_every=max(1, args.train_steps // 10))
     model, losses = train(model, TrainingData(photos, buffers), settings, checkpoint_path=work / "model.pt")
     trained = time.perf_counter() - started
+    last_loss = losses[-1] if losses else float("nan")
 
     light_a = sh_from_direction(**LIGHT_A).float()
     light_b = sh_from_direction(**LIGHT_B).float()
@@ -137,12 +138,13 @@ def main() -> None:
             ("clip mean shape, strength 0 (no smoothing)", fitted, True, 0.0)]
     rows += [(f"clip mean shape, strength {s:g}", fitted, True, s) for s in args.strengths]
     print(f"clip: {args.frames} frames at {config.size} px; model trained {args.train_steps} steps on "
-          f"{args.views} photos of the subject ({trained:.0f} s, last loss {losses[-1] if losses else float('nan'):.4f}); "
+          f"{args.views} photos of the subject ({trained:.0f} s, last loss {last_loss:.4f}); "
           f"ddim{args.steps} inversion A -> B")
     no_edit = (clip_a + 1) / 2
     no_edit_psnr = float(psnr(no_edit, truth01).mean())
     print(f"the clip under light A itself scores {no_edit_psnr:.2f} dB against the truth under B\n")
-    print("| codes | PSNR mean (dB) | PSNR min | temporal error (8-bit levels) | head pose error RMS / jitter (deg) | per-frame PSNR |")
+    print("| codes | PSNR mean (dB) | PSNR min | temporal error (8-bit levels) | head pose error RMS / jitter (deg) "
+          "| per-frame PSNR |")
     print("| --- | ---: | ---: | ---: | ---: | --- |")
     for name, codes, share, strength in rows:
         t0 = time.perf_counter()
@@ -157,7 +159,8 @@ def main() -> None:
         error = math.degrees(float((used["pose"][:, 0:3] - exact["pose"][:, 0:3]).pow(2).sum(1).mean().sqrt()))
         jitter = math.degrees(frame_jitter(used["pose"][:, 0:3] - exact["pose"][:, 0:3]))
         per_frame = " ".join(f"{float(v):.1f}" for v in scores)
-        print(f"| {name} | {float(scores.mean()):.2f} | {float(scores.min()):.2f} | {temporal:.2f} | {error:.2f} / {jitter:.2f} | "
+        print(f"| {name} | {float(scores.mean()):.2f} | {float(scores.min()):.2f} | {temporal:.2f} | "
+              f"{error:.2f} / {jitter:.2f} | "
               f"{per_frame} |  ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
