@@ -57,8 +57,10 @@ class RelightVideoClip:
                                   "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
             "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
                                     "tooltip": "Degrees; positive = from above."}),
-            "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05}),
-            "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05}),
+            "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05,
+                                    "tooltip": "Direct light strength (sliders)."}),
+            "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
+                                  "tooltip": "Light from everywhere (sliders): higher = softer shadows."}),
             "color": ("STRING", {"default": "#FFFFFF", "tooltip": "Light colour as hex (sliders)."}),
             "end_azimuth_turn": ("FLOAT", {"default": 0.0, "min": -360.0, "max": 360.0, "step": 1.0,
                                            "tooltip": "Keyframe: degrees the light has turned about the vertical by "
@@ -74,10 +76,13 @@ class RelightVideoClip:
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "DDIM steps (official 20)."}),
             "start": (["inversion", "noise"], {"default": "inversion",
                                                "tooltip": "inversion keeps each frame's background and details."}),
-            "detector": (DETECTORS, {"default": "hog"}),
+            "detector": (DETECTORS, {"default": "hog",
+                                     "tooltip": "hog: fast, frontal faces. cnn: turned or small faces. insightface: "
+                                                "needs the package and its models."}),
             "face_index": ("INT", {"default": 0, "min": 0, "max": 64,
                                    "tooltip": "Which face to follow, in the first frame with a face (0 = largest)."}),
-            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64}),
+            "batch_size": ("INT", {"default": 4, "min": 1, "max": 64,
+                                   "tooltip": "Frames denoised together; lower it if memory runs out."}),
         }, "optional": {
             "light_rig": ("FACE_RIG", {"tooltip": "Take the start light from this rig's first face instead (Relight, "
                                                   "Light from Environment, Load Rig Preset)."}),
