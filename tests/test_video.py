@@ -179,3 +179,16 @@ def test_relight_video_cli_on_a_frames_folder(demo_models, tmp_path, capsys):
     first, second = (np.asarray(Image.open(out / f"{k:05d}.png")) for k in range(2))
     assert np.array_equal(second, np.asarray(frames[1]))
     assert first.shape == np.asarray(frames[0]).shape and not np.array_equal(first, np.asarray(frames[0]))
+
+
+def test_relight_video_cli_refuses_a_video_without_ffmpeg_before_loading_models(tmp_path, capsys, monkeypatch):
+    from comfy_diffusionrig import cli, pipeline
+
+    monkeypatch.setattr(cli, "video_writer", lambda: None)
+    monkeypatch.setattr(pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded before the check"))
+    movie = tmp_path / "clip.mp4"
+    movie.write_bytes(b"not really a video")
+    assert cli.main(["relight-video", str(movie), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "needs ffmpeg on the PATH" in capsys.readouterr().err
+    assert cli.main(["relight-video", str(tmp_path / "nothing"), "--out", str(tmp_path / "out"), "--device", "cpu"]) == 2
+    assert "folder of frames or a video file" in capsys.readouterr().err
