@@ -372,15 +372,13 @@ def _clip_frames(source: Path, scratch: Path) -> list[Path]:
 def _cmd_relight_video(args) -> int:
     import tempfile
 
-    import torch
-
     from .alignment import load_image
     from .lighting import preset_light, rotate_sh
     from .pipeline import load_models
-    from .video import one_euro, relight_clip
+    from .video import check_strength, relight_clip
 
     _check_run(args)
-    one_euro(torch.zeros(0, 1), args.smooth)  # a bad --smooth is reported before the models load
+    check_strength(args.smooth)
     light = preset_light(args.light_preset, mirror=args.mirror) if args.light_preset else _slider_light(
         args.light or "", args.mirror)
     end = _slider_light(args.light_end) if args.light_end else None

@@ -40,6 +40,13 @@ def _alpha(cutoff: torch.Tensor) -> torch.Tensor:
     return 1.0 / (1.0 + tau)
 
 
+def check_strength(strength) -> None:
+    """A smoothing strength is a finite number >= 0 (frames); cheap: call it before loading models."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not math.isfinite(strength) \
+            or strength < 0:
+        raise ValueError(f"smoothing strength must be 0 (off) or more frames, got {strength!r}")
+
+
 def one_euro(x: torch.Tensor, strength: float, speed: float = SPEED, scale: torch.Tensor | None = None) -> torch.Tensor:
     """Causal One-Euro filter (Casiez et al., CHI 2012) over time, frames as the time unit.
 
@@ -49,8 +56,7 @@ def one_euro(x: torch.Tensor, strength: float, speed: float = SPEED, scale: torc
     filter reads codes of any unit alike. speed = 0 is a plain exponential moving average.
     -> [T, D] float64.
     """
-    if not math.isfinite(strength) or strength < 0:
-        raise ValueError(f"smoothing strength must be 0 (off) or more, got {strength!r}")
+    check_strength(strength)
     x = x.double()
     if strength == 0 or x.shape[0] < 2:
         return x.clone()
@@ -75,8 +81,8 @@ def smooth_sequence(x: torch.Tensor, strength: float, speed: float = SPEED) -> t
     The backward pass cancels the forward pass's lag (a clip is edited offline, so the future is
     known). strength 0 returns x unchanged (bit for bit); the result has x's dtype.
     """
+    check_strength(strength)
     if x.shape[0] < 2 or strength == 0:
-        one_euro(x[:0].reshape(0, 1), strength)  # checks strength
         return x.clone()
     flat = x.reshape(x.shape[0], -1)
     scale = (flat[1:] - flat[:-1]).double().abs().median(0).values
@@ -223,7 +229,7 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     from .rig import fit_faces, render_layers, render_rig, stack_buffers
 
     check_edit_settings(start, steps, eta, batch_size)
-    one_euro(torch.zeros(0, 1), strength)  # checks strength before any work
+    check_strength(strength)
     frames = list(frames)
     if not frames:
         raise ValueError("the clip has no frames")
