@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--strengths", type=float, nargs="+", default=[1.0, 2.0, 4.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--noise-seed", type=int, default=None, help="seed of the fitting noise (default: seed + 2)")
     args = parser.parse_args()
     work = Path(args.work)
     work.mkdir(exist_ok=True)
@@ -131,7 +132,7 @@ def main() -> None:
     with torch.no_grad():
         raw_codes = model.encode(clip_a)
     exact = true_codes(person, views_a)
-    fitted = jittered(exact, args.seed + 2)
+    fitted = jittered(exact, args.seed + 2 if args.noise_seed is None else args.noise_seed)
 
     rows = [("true codes (no fitting noise)", exact, False, 0.0),
             ("per-frame fits, each its own shape", fitted, False, 0.0),
