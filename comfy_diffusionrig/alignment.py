@@ -786,6 +786,14 @@ def paste_back(original, aligned: AlignedFace | Sequence[AlignedFace], edited, *
     return Image.fromarray(canvas, "RGB")
 
 
+def pasted_mask(original_size: tuple[int, int], aligned: Sequence[AlignedFace], feather: float = 0.08) -> np.ndarray:
+    """[H, W] float32 in [0, 1]: the blend weight `paste_back` gives each pixel of a (width, height) photo
+    (white faces pasted onto a black photo)."""
+    black = Image.new("RGB", tuple(original_size))
+    white = [Image.new("RGB", a.image.size, (255, 255, 255)) for a in aligned]
+    return np.asarray(paste_back(black, list(aligned), white, feather=feather))[..., 0].astype(np.float32) / 255.0
+
+
 def _paste_one(canvas: np.ndarray, face: AlignedFace, edited, color_match: bool, feather: float) -> None:
     from scipy.ndimage import map_coordinates
 

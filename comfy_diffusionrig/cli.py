@@ -332,12 +332,92 @@ def _reference_rig(models, path: str):
     return fit_photo(models, load_image(path))
 
 
+def _slider_light(text: str, mirror: bool = False):
+    """--light's text -> SH light [9, 3] (unset keys: the Relight node's slider defaults)."""
+    from .lighting import sh_from_direction
+
+    from .imaging import hex_color
+
+    light = _parse_light(text)
+    color = hex_color(light.pop("color", "#FFFFFF"))
+    azimuth = light.get("azimuth", 45.0)
+    return sh_from_direction(-azimuth if mirror else azimuth, light.get("elevation", 20.0),
+                             light.get("intensity", 0.8), light.get("ambient", 0.5), color)
+
+
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
+
+
+def _clip_frames(source: Path, scratch: Path) -> list[Path]:
+    """The frames of a clip: a folder's images in name order, or a video file split by ffmpeg into scratch."""
+    import subprocess
+
+    if source.is_dir():
+        return _photos(str(source))
+    if not source.is_file():
+        raise FileNotFoundError(f"clip {source} not found: give a folder of frames or a video file")
+    if source.suffix.lower() not in VIDEO_SUFFIXES:
+        raise ValueError(f"{source} is neither a folder of frames nor a video ({', '.join(VIDEO_SUFFIXES)})")
+    ffmpeg = video_writer()
+    if ffmpeg is None:
+        raise ValueError(f"reading the video {source} needs ffmpeg on the PATH; install it, or give a folder of "
+                         "frames (e.g. exported by your editor)")
+    done = subprocess.run([ffmpeg, "-loglevel", "error", "-i", str(source), str(scratch / "%06d.png")],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise ValueError(f"ffmpeg could not read {source}: {done.stderr.strip()[-300:]}")
+    return _photos(str(scratch))
+
+
+def _cmd_relight_video(args) -> int:
+    import tempfile
+
+    from .alignment import load_image
+    from .lighting import preset_light, rotate_sh
+    from .pipeline import load_models
+    from .video import check_strength, relight_clip
+
+    _check_run(args)
+    check_strength(args.smooth)
+    light = preset_light(args.light_preset, mirror=args.mirror) if args.light_preset else _slider_light(
+        args.light or "", args.mirror)
+    end = _slider_light(args.light_end) if args.light_end else None
+    if args.end_turn is not None:
+        end = rotate_sh(light[None].float(), yaw_deg=args.end_turn)[0]
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} should be a folder (the relit frames go there)")
+    with tempfile.TemporaryDirectory() as scratch:
+        paths = _clip_frames(Path(args.clip), Path(scratch))
+        frames = [load_image(p) for p in paths]
+        names = [out / f"{k:05d}.png" for k in range(len(frames))]
+        movie = out / "relit.mp4" if video_writer() else None
+        for path in [*names, movie]:
+            if path is not None:
+                _check_new(path, args.overwrite)
+        models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision)
+        bar = _Bar()
+        try:
+            result = relight_clip(models.diffusionrig, models.deca, frames, light, end, strength=args.smooth,
+                                  face=args.face_index, start=args.start, steps=args.steps, seed=args.seed,
+                                  detector=args.detector, color_match=args.color_match, models_dir=models.root,
+                                  progress=bar, sampler=args.sampler, cache_interval=args.cache)
+        finally:
+            bar.close()
+    out.mkdir(parents=True, exist_ok=True)
+    for path, frame in zip(names, result.frames):
+        _save_new(frame, path, args.overwrite)
+    if movie is not None:
+        _write_mp4(video_writer(), out / "%05d.png", movie, args.fps, args.overwrite)
+    print(f"wrote {len(names)} frames to {out}{' and ' + movie.name if movie else ''}; {result.report()}")
+    return 1 if result.missing else 0
+
+
 def _cmd_relight(args) -> int:
     if args.mirror and not (args.light_preset or args.light):
         raise ValueError("--mirror works with --light-preset and --light (turn an environment with --env-yaw)")
 
     def make_edit(models):
-        from .lighting import sh_from_direction
         from .rig import copy_from
 
         if args.light_from:
@@ -361,13 +441,7 @@ def _cmd_relight(args) -> int:
 
             document = load_preset(args.preset_file)
             return lambda rig: apply_preset(rig, document)
-        light = _parse_light(args.light)
-        from .imaging import hex_color
-
-        color = hex_color(light.pop("color", "#FFFFFF"))
-        azimuth = light.get("azimuth", 45.0)
-        sh = sh_from_direction(-azimuth if args.mirror else azimuth, light.get("elevation", 20.0),
-                               light.get("intensity", 0.8), light.get("ambient", 0.5), color)
+        sh = _slider_light(args.light, args.mirror)
         return lambda rig: rig.with_light(sh)
 
     if args.light:
@@ -544,6 +618,34 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--fps", type=int, default=12, help="GIF / MP4 frame rate")
     sweep.add_argument("--linear", action="store_true", help="constant speed (default: ease in and out)")
     sweep.set_defaults(func=_cmd_sweep)
+
+    video = sub.add_parser("relight-video", help="relight one person through a clip without flicker (a folder of "
+                                                 "frames, or a video file when ffmpeg is on the PATH)")
+    video.add_argument("clip", help="a folder of frames (in name order) or a video file (needs ffmpeg)")
+    video.add_argument("--out", required=True, help="output folder: 00000.png ... (+ relit.mp4 with ffmpeg)")
+    clip_light = video.add_mutually_exclusive_group()
+    clip_light.add_argument("--light", help="azimuth=..,elevation=..,intensity=..,ambient=..,color=#RRGGBB")
+    clip_light.add_argument("--light-preset", type=_preset_name, metavar="NAME",
+                            help=f"a named setup: {', '.join(LIGHT_PRESETS)}")
+    video.add_argument("--mirror", action="store_true", help="put the key light on image left")
+    keyframe = video.add_mutually_exclusive_group()
+    keyframe.add_argument("--light-end", help="the light at the last frame, as --light (cross-faded over the clip)")
+    keyframe.add_argument("--end-turn", type=float, help="degrees the light turns about the vertical by the last frame")
+    video.add_argument("--smooth", type=float, default=2.0, help="temporal smoothing of pose, jaw, expression and "
+                                                                 "camera in frames (0 = off; default 2)")
+    video.add_argument("--face-index", type=int, default=0, help="which face to follow in the first frame with a "
+                                                                 "face (0 = largest)")
+    video.add_argument("--fps", type=int, default=24, help="frame rate of relit.mp4")
+    for name, kwargs in (("--models", {"default": None}), ("--checkpoint", {"default": None}),
+                         ("--steps", {"type": int, "default": 20}), ("--seed", {"type": int, "default": 0}),
+                         ("--start", {"choices": ["inversion", "noise"], "default": "inversion"}),
+                         ("--detector", {"choices": ["hog", "cnn", "insightface"], "default": "hog"}),
+                         ("--device", {"choices": ["auto", "cpu", "cuda"], "default": "auto"}),
+                         ("--precision", {"choices": ["auto", "fp32", "bf16", "fp16"], "default": "auto"})):
+        video.add_argument(name, help="as for relight", **kwargs)
+    video.add_argument("--color-match", action="store_true", help="match the edit's colours to the original face")
+    video.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    video.set_defaults(func=_cmd_relight_video)
     return parser
 
 

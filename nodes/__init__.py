@@ -4,14 +4,14 @@ Imported relatively by the pack's root `__init__.py` (inside ComfyUI, a bare `im
 is ComfyUI's own module).
 """
 
-from . import face_nodes, light_nodes, model_nodes, train_nodes
+from . import face_nodes, light_nodes, model_nodes, train_nodes, video_nodes
 from .host import register_model_folders
 
 register_model_folders()
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}
-for _module in (face_nodes, light_nodes, model_nodes, train_nodes):
+for _module in (face_nodes, light_nodes, model_nodes, train_nodes, video_nodes):
     NODE_CLASS_MAPPINGS.update(_module.NODE_CLASS_MAPPINGS)
     NODE_DISPLAY_NAME_MAPPINGS.update(_module.NODE_DISPLAY_NAME_MAPPINGS)
 

@@ -390,11 +390,7 @@ class PasteFaceBack:
             check_interrupt()
             photo = photos[source]
             images.append(align_lib.paste_back(photo, faces, face_edits, color_match=color_match, feather=feather))
-            # the blend weights themselves: paste white faces onto a black photo
-            black = Image.new("RGB", photo.size)
-            white = [Image.new("RGB", e.size, (255, 255, 255)) for e in face_edits]
-            pasted = align_lib.paste_back(black, faces, white, feather=feather)
-            masks.append(np.asarray(pasted)[..., 0] / 255.0)
+            masks.append(align_lib.pasted_mask(photo.size, faces, feather))
         sizes = {im.size for im in images}
         if len(sizes) > 1:
             raise ValueError(f"{node}: the photos have different sizes {sorted(sizes)}, which one IMAGE batch cannot "

@@ -24,7 +24,8 @@ WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 def test_there_are_workflows_for_every_task():
     names = {p.stem for p in WORKFLOWS}
     assert {"relight_from_reference", "relight_sliders_lit_sphere", "expression_pose_transfer", "light_sweep_video",
-            "paste_back_upscale", "personalize_and_relight", "relight_preset", "relight_hdri_environment"} <= names
+            "paste_back_upscale", "personalize_and_relight", "relight_preset", "relight_hdri_environment",
+            "relight_video_clip"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -55,6 +56,8 @@ def _core(class_type, inputs, out_dir):
         image = inputs["image"].permute(0, 3, 1, 2)
         size = [round(s * inputs["scale_by"]) for s in image.shape[-2:]]
         return (torch.nn.functional.interpolate(image, size=size, mode="bilinear").permute(0, 2, 3, 1),)
+    if class_type == "RepeatImageBatch":
+        return (inputs["image"].repeat(inputs["amount"], 1, 1, 1),)
     if class_type == "SaveImage":
         torch.save(inputs["images"], out_dir / f"{inputs['filename_prefix']}.pt")
     return ()

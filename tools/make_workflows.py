@@ -209,6 +209,23 @@ def personalize_and_relight(mappings) -> dict:
     return g.to_json()
 
 
+def relight_video_clip(mappings) -> dict:
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load = g.add("DiffusionRigLoadPhoto", (0, 320), title="Stand-in clip: one photo (use a video loader's IMAGE "
+                 "output instead)", image=PHOTO)
+    frames = g.add("RepeatImageBatch", (340, 320), title="Frames", amount=3)
+    g.connect(load, "image", frames, "image")
+    clip = g.add("DiffusionRigRelightVideoClip", (700, 0), light="sliders", azimuth=-50.0, elevation=20.0,
+                 end_azimuth_turn=90.0, smoothing=2.0)
+    g.connect(model, "dr_model", clip, "dr_model")
+    g.connect(deca, "deca", clip, "deca")
+    g.connect(frames, "IMAGE", clip, "frames")
+    save = g.add("SaveImage", (1040, 0), filename_prefix="diffusionrig_relit_clip")
+    g.connect(clip, "frames", save, "images")
+    return g.to_json()
+
+
 WORKFLOWS = {
     "relight_from_reference": relight_from_reference,
     "relight_sliders_lit_sphere": relight_sliders,
@@ -218,6 +235,7 @@ WORKFLOWS = {
     "relight_preset": relight_preset,
     "relight_hdri_environment": relight_environment,
     "personalize_and_relight": personalize_and_relight,
+    "relight_video_clip": relight_video_clip,
 }
 
 

@@ -17,6 +17,9 @@ CORE_NODES = {
         "image": ("IMAGE",),
         "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "lanczos"],),
         "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})}}, "output": ("IMAGE",)},
+    "RepeatImageBatch": {"input": {"required": {"image": ("IMAGE",), "amount": ("INT", {"default": 1, "min": 1,
+                                                                                         "max": 4096})}},
+                         "output": ("IMAGE",)},
 }
 
 
