@@ -132,6 +132,17 @@ def inject_lora(model: DiffusionRig, rank: int, alpha: float | None = None, targ
     return [name for name, _ in chosen]
 
 
+def lora_numel(model: DiffusionRig, rank: int, targets=DEFAULT_TARGETS) -> int:
+    """How many adapter weights `inject_lora(model, rank, targets=targets)` would add (sizes checkpoints)."""
+    total = 0
+    for layer in model.denoisingUNet.modules():
+        if _target_of(layer) in targets:
+            fan_in = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels * math.prod(layer.kernel_size)
+            fan_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+            total += rank * (fan_in + fan_out)
+    return total
+
+
 def lora_info(model: DiffusionRig) -> LoRAInfo:
     """Rank, alpha, target groups and base config of the adapters injected in `model`."""
     layers = list(lora_layers(model).values())
@@ -200,13 +211,17 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRAInf
     if metadata.get("format") != LORA_FORMAT:
         raise CheckpointError(
             f"{path} is not a DiffusionRig LoRA (its metadata format is {metadata.get('format')!r}, expected "
-            f"{LORA_FORMAT!r}); a full DiffusionRig model loads with load_diffusionrig instead"
+            f"{LORA_FORMAT!r}); a full DiffusionRig model loads with load_diffusionrig instead", path
         )
     try:
         info = LoRAInfo(int(metadata["rank"]), float(metadata["alpha"]), tuple(json.loads(metadata["targets"])),
                         UNetConfig.from_dict(json.loads(metadata["base_config"])))
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path} has damaged LoRA metadata ({err}); save the LoRA again") from err
+        if info.rank < 1 or not math.isfinite(info.alpha) or not info.targets \
+                or not set(info.targets) <= set(_TARGET_TYPES):
+            raise ValueError(f"rank {info.rank}, alpha {info.alpha}, targets {list(info.targets)}")
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path} has damaged LoRA metadata ({str(err)[:200]}); save the LoRA again",
+                              path) from err
     return tensors, info
 
 
