@@ -201,6 +201,9 @@ def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
             while key.startswith(prefix):
                 key = key[len(prefix):]
         tensors[key] = value
+    if not tensors:
+        found = [str(k) for k in obj][:8]
+        raise CheckpointError(f"{path}: holds no tensors (found {found}); this is not a DiffusionRig checkpoint", path)
     return tensors
 
 

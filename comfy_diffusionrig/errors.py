@@ -102,16 +102,23 @@ def unreadable(error_type: type[ModelFileError], path: str | os.PathLike, proble
     return error_type(f"{path}: {problem}; the file is {kind}: {advice}", path)
 
 
-def check_finite(arrays: dict, path: str | os.PathLike, error_type: type[ModelFileError], advice: str) -> None:
-    """Raise `error_type` naming the tensors/arrays of `arrays` that hold NaN or infinite values."""
-    bad = []
-    for name, value in arrays.items():
-        if torch.is_tensor(value):
-            if value.is_floating_point() or value.is_complex():
-                if not bool(torch.isfinite(value).all()):
-                    bad.append(name)
-        elif isinstance(value, np.ndarray) and value.dtype.kind in "fc" and not np.isfinite(value).all():
-            bad.append(name)
+def check_finite(arrays: dict, path: str | os.PathLike, error_type: type[ModelFileError], advice: str,
+                 dtype: np.dtype | type | None = None) -> None:
+    """Raise `error_type` naming the tensors/arrays of `arrays` that hold NaN or infinite values (or,
+    with `dtype`, values that become infinite when cast to that float type, as float64 -> float32 does)."""
+    bad = [name for name, value in arrays.items() if not _finite(value, dtype)]
     if bad:
         raise error_type(f"{path}: {len(bad)} weight(s) hold NaN or infinite values (first: {bad[:3]}); the file "
                          f"is damaged or came from a run that diverged: {advice}", path)
+
+
+def _finite(value, dtype) -> bool:
+    if torch.is_tensor(value):
+        return not (value.is_floating_point() or value.is_complex()) or bool(torch.isfinite(value).all())
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "fc" or not value.size:
+        return True
+    if dtype is None:
+        return bool(np.isfinite(value).all())
+    limit = np.finfo(dtype).max
+    # min/max compare False on NaN; no temporary copy of a large array
+    return bool(value.min() >= -limit and value.max() <= limit)

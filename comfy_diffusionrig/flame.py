@@ -289,7 +289,8 @@ def read_flame_model(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if arrays["shapedirs"].shape[2] < _EXP_OFFSET + N_EXP:
         raise FlameAssetError(f"{path}: shapedirs has {arrays['shapedirs'].shape[2]} components, DECA needs "
                               f"{_EXP_OFFSET} shape + {N_EXP} expression ones (FLAME 2020 has 400)", path)
-    check_finite(arrays, path, FlameAssetError, f"download it again ({FLAME_SOURCE})")
+    # FLAME keeps float32 copies: a value beyond float32's range would become infinite there
+    check_finite(arrays, path, FlameAssetError, f"download it again ({FLAME_SOURCE})", dtype=np.float32)
     for key in ("f", "kintree_table"):
         if arrays[key].dtype.kind == "f" and not np.array_equal(arrays[key], np.round(arrays[key])):
             raise FlameAssetError(f"{path}: '{key}' holds fractional indices; not a FLAME model file", path)
@@ -363,9 +364,9 @@ def read_landmark_embedding(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             what = f"array of {value.dtype}" if isinstance(value, (np.ndarray, torch.Tensor)) else type(value).__name__
             raise FlameAssetError(f"{path}: '{key}' is a {what}, expected a numeric array or tensor; {advice}", path)
         value = torch.as_tensor(value)
-        if not bool(torch.isfinite(value.double()).all()):
-            raise FlameAssetError(f"{path}: '{key}' holds NaN or infinite values; the file is damaged: {advice}", path)
         out[name] = value.long() if name.endswith("faces") else value.float()
+        if not bool(torch.isfinite(value.double()).all() and torch.isfinite(out[name]).all()):
+            raise FlameAssetError(f"{path}: '{key}' holds NaN or infinite values; the file is damaged: {advice}", path)
     for name in ("full_faces", "full_bary"):
         if out[name].numel() != 68 * (3 if name == "full_bary" else 1):
             raise FlameAssetError(f"{path}: '{keys[name]}' has shape {tuple(out[name].shape)}, expected 68 landmarks; "
@@ -670,7 +671,8 @@ def load_flame_texture(path: str | os.PathLike, n_components: int = N_TEX) -> Fl
     if basis.shape[3] < n_components:
         raise FlameAssetError(f"{path}: tex_dir has {basis.shape[3]} components, {n_components} are needed", path)
     basis = basis[..., :n_components]
-    check_finite({"mean": mean, "tex_dir": basis}, path, FlameAssetError, f"download it again ({TEXTURE_SOURCE})")
+    check_finite({"mean": mean, "tex_dir": basis}, path, FlameAssetError, f"download it again ({TEXTURE_SOURCE})",
+                 dtype=np.float32)  # FlameTexture keeps float32
     return FlameTexture(mean, basis)
 
 
