@@ -79,7 +79,7 @@ def _checksum(state: dict) -> str:
                *sorted((f"codes.{k}", v) for k, v in state["codes"].items())]
     for name, tensor in tensors:
         digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -58,7 +58,8 @@ def file_kind(path: str | os.PathLike) -> str:
     if text.startswith((b"<!doctype html", b"<html", b"<head", b"<?xml")) or b"<html" in text[:200]:
         return WEB_PAGE
     if head.startswith(b"PK\x03\x04"):
-        return "a zip archive (PyTorch checkpoint or .npz)" if _ZIP_END in tail else "a zip archive cut short (truncated)"
+        complete = _ZIP_END in tail
+        return "a zip archive (PyTorch checkpoint or .npz)" if complete else "a zip archive cut short (truncated)"
     if head.startswith(b"\x93NUMPY"):
         return "a .npy array file"
     if head[:1] == b"\x80" and head[1:2] and 2 <= head[1] <= 5:

@@ -184,8 +184,8 @@ class _RestrictedUnpickler(pickle.Unpickler):
         found = self._allowed.get((module, name))
         if found is None:
             raise FlameAssetError(
-                f"{self._path}: refused (would run code): the pickle asks for '{module}.{name}'. Only numpy arrays, sparse "
-                "matrices and chumpy arrays are rebuilt from FLAME/DECA files, so this is not the official "
+                f"{self._path}: refused (would run code): the pickle asks for '{module}.{name}'. Only numpy arrays, "
+                "sparse matrices and chumpy arrays are rebuilt from FLAME/DECA files, so this is not the official "
                 f"{self._path.name} (or it was modified); nothing in it was run. Replace it with the original "
                 f"file ({FLAME_SOURCE}).", self._path
             )

@@ -137,9 +137,10 @@ def lora_numel(model: DiffusionRig, rank: int, targets=DEFAULT_TARGETS) -> int:
     total = 0
     for layer in model.denoisingUNet.modules():
         if _target_of(layer) in targets:
-            fan_in = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels * math.prod(layer.kernel_size)
-            fan_out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
-            total += rank * (fan_in + fan_out)
+            if isinstance(layer, nn.Linear):
+                total += rank * (layer.in_features + layer.out_features)
+            else:
+                total += rank * (layer.in_channels * math.prod(layer.kernel_size) + layer.out_channels)
     return total
 
 

@@ -212,8 +212,9 @@ def test_atomic_write_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
     target = tmp_path / "out.bin"
     atomic_write(target, lambda tmp: open(tmp, "wb").write(b"data"))
     assert len(synced) == 2
-    assert synced[0].startswith(str(tmp_path / ".out.bin.")) and synced[0].endswith(".tmp")  # the data, before the rename
-    assert synced[1] == str(tmp_path)  # the rename itself
+    # the data before the rename, then the rename itself
+    assert synced[0].startswith(str(tmp_path / ".out.bin.")) and synced[0].endswith(".tmp")
+    assert synced[1] == str(tmp_path)
 
 
 def test_atomic_write_without_overwrite_lets_one_of_two_racing_writers_win(tmp_path):
