@@ -171,12 +171,13 @@ def load_lora_state_dict(model: DiffusionRig, tensors: dict[str, torch.Tensor], 
     expected = lora_state_dict(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
-    mismatched = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in tensors and tensors[k].shape != v.shape]
+    mismatched = [f"{k} {tuple(tensors[k].shape)} {tensors[k].dtype} vs {tuple(v.shape)} {v.dtype}"
+                  for k, v in expected.items() if k in tensors and (tensors[k].shape != v.shape or (
+                      tensors[k].is_floating_point() != v.is_floating_point() and not k.endswith("num_batches_tracked")))]
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"{source} does not fit this model's adapters: {len(missing)} missing (first: {missing[:2]}), "
-            f"{len(unexpected)} unexpected (first: {unexpected[:2]}), {len(mismatched)} shape mismatches "
+            f"{len(unexpected)} unexpected (first: {unexpected[:2]}), {len(mismatched)} shape or type mismatches "
             f"(first: {mismatched[:2]}); it was made for a different rank, targets or base model"
         )
     with torch.no_grad():
