@@ -3,7 +3,10 @@
 Official stage-1 / stage-2 `.pt` files (a bare `state_dict()` of the official `DiffusionRig`)
 load key-for-key and strictly, through `torch.load(weights_only=True)` so that a file whose
 pickle would run code is refused without running it. Our own format is `.safetensors` with
-the model config in its metadata. Writes are atomic: a temporary file renamed into place.
+the model config in its metadata. Every unusable file raises `CheckpointError` naming it and
+saying what it looks like; NaN/inf weights are refused at load. Writes are atomic: a temporary
+file flushed to disk, then renamed into place (or linked, so that without `overwrite` the name
+is taken exclusively); a full disk raises `DiskFullError` saying how much to free.
 """
 
 from __future__ import annotations
@@ -34,6 +37,11 @@ WEIGHTS_HELP = (
     "DiffusionRig checkpoints (stage 1 'model.pt' from https://github.com/adobe-research/diffusion-rig, "
     "or your own stage-2 model) go in ComfyUI's models/diffusionrig/ folder"
 )
+TEMP_SUFFIX = ".tmp"
+# torch's zip writer reports a failed write (a full disk among others) as a RuntimeError
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+_MB = 1 << 20
+_MAX_SIZE = 1 << 16  # no config size of a trainable DiffusionRig comes near this
 
 
 class CheckpointError(ModelFileError):
@@ -44,13 +52,6 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
-
-
-TEMP_SUFFIX = ".tmp"
-# torch's zip writer reports a failed write (a full disk among others) as a RuntimeError
-_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
-_MB = 1 << 20
-_MAX_SIZE = 1 << 16  # no config size of a trainable DiffusionRig comes near this
 
 
 class DiskFullError(OSError):
