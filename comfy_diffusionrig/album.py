@@ -1,8 +1,16 @@
-"""A personal album: one person's aligned photos with their rendered buffers, ready for stage 2."""
+"""A personal album: one person's aligned photos with their rendered buffers, ready for stage 2.
+
+Built albums are cached on disk under a key of everything that changes the result (photos,
+names, settings, DECA and FLAME data). The cache is only a cache: an entry that cannot be
+read, or whose content does not match its checksum, is a miss that is rebuilt and replaced,
+and a cache write that fails only warns.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import json
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -12,9 +20,14 @@ import torch
 from PIL import Image
 
 from .checkpoints import atomic_write
+from .errors import ModelFileError, unreadable
 from .training import TrainingData
 
-ALBUM_FORMAT = "comfy-diffusionrig-album-v1"
+ALBUM_FORMAT = "comfy-diffusionrig-album-v2"
+
+
+class AlbumFileError(ModelFileError):
+    """An album file that cannot be used (not an album, damaged, or unreadable)."""
 
 
 @dataclass
@@ -41,30 +54,87 @@ class Album:
 MIN_PHOTOS = 8  # below this, personalization overfits quickly (the paper uses about 20)
 
 
-def album_key(photos: list[Image.Image], size: int, detector: str, deca) -> str:
-    """Content key of an album: the photos' pixels, the settings and the DECA weights."""
-    digest = hashlib.sha256(f"album-v1|{size}|{detector}|".encode())
+def album_key(photos: list[Image.Image], names: list[str], size: int, detector: str, check_identity: bool,
+              deca) -> str:
+    """Content key of an album: the photos' pixels and names, the settings, DECA's weights and its
+    FLAME data (mesh, landmarks, texture) and renderer backend."""
+    settings = {"size": size, "detector": detector, "check_identity": check_identity, "names": list(names),
+                "backend": getattr(getattr(deca, "renderer", None), "backend", None)}
+    digest = hashlib.sha256(f"album-v2|{json.dumps(settings, sort_keys=True)}|".encode())
     for photo in photos:
         rgb = photo.convert("RGB")
         digest.update(f"{rgb.size}".encode())
         digest.update(rgb.tobytes())
-    for value in deca.state_dict().values():
+    # named_buffers: the FLAME data is held in non-persistent buffers, outside state_dict()
+    for name, value in [*deca.state_dict().items(), *deca.named_buffers()]:
+        digest.update(name.encode())
         digest.update(value.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:24]
 
 
+def _checksum(state: dict) -> str:
+    """sha256 of everything an album file holds but the checksum itself."""
+    digest = hashlib.sha256(json.dumps([state["format"], state["names"], state["warnings"]]).encode())
+    tensors = [("images", state["images"]), ("buffers", state["buffers"]),
+               *sorted((f"codes.{k}", v) for k, v in state["codes"].items())]
+    for name, tensor in tensors:
+        digest.update(f"|{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_album(album: Album, path: str | Path) -> Path:
-    """Write an album atomically as a weights-only torch file (tensors, strings, lists)."""
+    """Write an album atomically as a weights-only torch file (tensors, strings, lists) with a checksum."""
     state = {"format": ALBUM_FORMAT, "images": album.images, "buffers": album.buffers, "names": list(album.names),
              "warnings": list(album.warnings), "codes": dict(album.codes)}
+    state["sha256"] = _checksum(state)
     return atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
 
 
 def read_album(path: str | Path) -> Album:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """An album written by `save_album`; `AlbumFileError` when the file is not one or is damaged."""
+    path = Path(path)
+    advice = "delete it; building the album again writes a new one"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, zero-length, garbage, another format
+        raise unreadable(AlbumFileError, path, f"not a readable album file ({type(err).__name__})", advice) from err
     if not isinstance(state, dict) or state.get("format") != ALBUM_FORMAT:
-        raise ValueError(f"{path} is not a face album written by comfy-diffusionrig; delete it to rebuild")
+        raise AlbumFileError(f"{path} is not a face album written by this version of comfy-diffusionrig; {advice}",
+                             path)
+    try:
+        valid = (all(isinstance(state[k], torch.Tensor) for k in ("images", "buffers"))
+                 and all(isinstance(state[k], list) and all(isinstance(t, str) for t in state[k])
+                         for k in ("names", "warnings"))
+                 and isinstance(state["codes"], dict)
+                 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state["codes"].items())
+                 and state.get("sha256") == _checksum(state))
+    except (KeyError, TypeError, RuntimeError) as err:
+        raise AlbumFileError(f"{path}: the album file is incomplete ({err}); {advice}", path) from err
+    if not valid:
+        raise AlbumFileError(f"{path}: the album's content does not match its checksum (the file is damaged); "
+                             f"{advice}", path)
     return Album(state["images"], state["buffers"], state["names"], state["warnings"], state["codes"])
+
+
+def _read_cached(path: Path) -> Album | None:
+    """The cached album at `path`, or None (a miss) when there is none or it cannot be used."""
+    if not path.is_file():
+        return None
+    try:
+        return read_album(path)
+    except (AlbumFileError, OSError) as err:
+        warnings.warn(f"album cache entry ignored and rebuilt: {err}", stacklevel=3)
+        return None
+
+
+def _write_cached(album: Album, path: Path) -> None:
+    """Best effort: a cache that cannot be written costs a rebuild next time, never this build."""
+    try:
+        save_album(album, path)
+    except (OSError, RuntimeError) as err:  # full disk, read-only folder, torch's writer errors
+        warnings.warn(f"could not write the album cache {path} ({err}); the album is fine and will be built "
+                      "again next time", stacklevel=3)
 
 
 def build_album(photos: list[Image.Image], deca, names: list[str] | None = None, size: int = 256,
@@ -76,7 +146,7 @@ def build_album(photos: list[Image.Image], deca, names: list[str] | None = None,
     Photos with no face, or (check_identity) whose face is not the album's person by the dlib
     identity score, are left out with a warning; so is an album too small to personalize.
     cache_dir: albums are stored there under a content key and reused when the same photos,
-    settings and DECA come again.
+    names, settings and DECA come again; an unreadable or damaged entry is rebuilt and replaced.
     """
     from .alignment import align_face
     from .identity import DLIB_DISTANCE_THRESHOLD, face_descriptor
@@ -89,9 +159,10 @@ def build_album(photos: list[Image.Image], deca, names: list[str] | None = None,
         raise ValueError("the album is empty: give the photos of one person (about 20 work best)")
     cached = None
     if cache_dir is not None:
-        cached = Path(cache_dir) / f"album_{album_key(photos, size, detector, deca)}.pt"
-        if cached.is_file():
-            return read_album(cached)
+        cached = Path(cache_dir) / f"album_{album_key(photos, names, size, detector, check_identity, deca)}.pt"
+        album = _read_cached(cached)
+        if album is not None:
+            return album
     report = progress or (lambda done, total: None)
     warnings, kept, aligned = [], [], []
     for i, (photo, name) in enumerate(zip(photos, names)):
@@ -126,5 +197,5 @@ def build_album(photos: list[Image.Image], deca, names: list[str] | None = None,
     report(len(photos) + 2, len(photos) + 2)
     album = Album(images * 2 - 1, buffers, [names[k] for k in kept], warnings, dict(rig.codes))
     if cached is not None:
-        save_album(album, cached)
+        _write_cached(album, cached)
     return album

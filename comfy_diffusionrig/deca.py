@@ -10,6 +10,8 @@ original image as the physical buffers rendered | normal | albedo.
 from __future__ import annotations
 
 import os
+import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffers import DECA_CROP_SIZE, Renderer, project
+from .errors import ModelFileError, check_finite, unreadable
 from .flame import FLAME, FlameTexture, load_flame, load_flame_texture, read_obj, require_file
 from .flame import ffhq_center as face_center
 from .resnet import resnet50
@@ -39,7 +42,7 @@ DECA_SOURCE = "https://github.com/yfeng95/DECA (deca_model.tar, DECA licence, no
 FLAME_FILES = ("generic_model.pkl", "landmark_embedding.npy", "head_template.obj", "FLAME_texture.npz")
 
 
-class DecaAssetError(ValueError):
+class DecaAssetError(ModelFileError):
     """A DECA checkpoint that cannot be used; the message names the file and what to do."""
 
 
@@ -262,26 +265,37 @@ class DECA(nn.Module):
 
 def _read_e_flame(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """E_flame weights of a `deca_model.tar` (a torch.save dict), checked key by key."""
+    advice = f"use deca_model.tar from {DECA_SOURCE}"
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # refused pickle, corrupt or truncated file
-        raise DecaAssetError(f"{path}: not a readable DECA checkpoint ({type(exc).__name__}: {exc}); "
-                             f"use deca_model.tar from {DECA_SOURCE}") from exc
-    state = checkpoint.get("E_flame") if isinstance(checkpoint, dict) else None
-    if not isinstance(state, dict):
-        found = list(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
-        raise DecaAssetError(f"{path}: no 'E_flame' weights (found {found}); use deca_model.tar from {DECA_SOURCE}")
+    except Exception as exc:  # refused pickle, corrupt or truncated file, absurd sizes (MemoryError)
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
+        if found:
+            raise DecaAssetError(f"{path}: refused (would run code): its pickle references {found.group(1)}, which "
+                                 f"DECA's checkpoint never does, so it was not unpickled; {advice}", path) from exc
+        problem = ("its data is not a valid pickle" if isinstance(exc, pickle.UnpicklingError)
+                   else f"{type(exc).__name__}: {str(exc)[:200]}")
+        raise unreadable(DecaAssetError, path, f"not a readable DECA checkpoint ({problem})", advice) from exc
+    if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
+        found = [str(k) for k in checkpoint][:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise DecaAssetError(f"{path}: no 'E_flame' weights (found {found}); {advice}", path)
+    state = checkpoint["E_flame"]
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        what = type(state).__name__ if not isinstance(state, dict) else "dict holding other things than named tensors"
+        raise DecaAssetError(f"{path}: 'E_flame' is a {what}, not the encoder's weights; {advice}", path)
     # BatchNorm counters do not affect inference; older checkpoints may lack them
     missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in expected]
-    mismatched = [f"{k} {tuple(getattr(state[k], 'shape', ()))} (expected {tuple(v.shape)})"
+    mismatched = [f"{k} {tuple(state[k].shape)} {state[k].dtype} (expected {tuple(v.shape)} {v.dtype})"
                   for k, v in expected.items()
-                  if k in state and (not torch.is_tensor(state[k]) or state[k].shape != v.shape)]
+                  if k in state and (state[k].shape != v.shape or (state[k].is_floating_point() != v.is_floating_point()
+                                                                    and not k.endswith("num_batches_tracked")))]
     if missing or unexpected or mismatched:
         problems = [f"{name} {len(keys)}: {keys[:5]}" for name, keys in
                     (("missing", missing), ("unexpected", unexpected), ("mismatched", mismatched)) if keys]
         raise DecaAssetError(f"{path}: E_flame is not DECA's ResNet-50 encoder with {N_PARAMS} outputs ("
-                             + "; ".join(problems) + f"); use deca_model.tar from {DECA_SOURCE}")
+                             + "; ".join(problems) + f"); {advice}", path)
+    check_finite(state, path, DecaAssetError, advice)
     return state
 
 
@@ -299,7 +313,8 @@ def load_deca(deca_model_tar: str | os.PathLike, flame_dir: str | os.PathLike, d
     pkl, lmk, obj, tex = (flame_dir / name for name in FLAME_FILES)
     flame = load_flame(pkl, lmk)
     texture = load_flame_texture(tex)
-    renderer = Renderer(*read_obj(obj), backend=backend)
+    renderer = Renderer(*read_obj(obj, n_vertices=flame.v_template.shape[0], n_faces=flame.faces.shape[0]),
+                        backend=backend)
     deca = DECA(flame, texture, renderer)
     state = _read_e_flame(deca_model_tar, deca.E_flame.state_dict())
     deca.E_flame.load_state_dict(state, strict=False)

@@ -132,6 +132,18 @@ def inject_lora(model: DiffusionRig, rank: int, alpha: float | None = None, targ
     return [name for name, _ in chosen]
 
 
+def lora_numel(model: DiffusionRig, rank: int, targets=DEFAULT_TARGETS) -> int:
+    """How many adapter weights `inject_lora(model, rank, targets=targets)` would add (sizes checkpoints)."""
+    total = 0
+    for layer in model.denoisingUNet.modules():
+        if _target_of(layer) in targets:
+            if isinstance(layer, nn.Linear):
+                total += rank * (layer.in_features + layer.out_features)
+            else:
+                total += rank * (layer.in_channels * math.prod(layer.kernel_size) + layer.out_channels)
+    return total
+
+
 def lora_info(model: DiffusionRig) -> LoRAInfo:
     """Rank, alpha, target groups and base config of the adapters injected in `model`."""
     layers = list(lora_layers(model).values())
@@ -159,12 +171,13 @@ def load_lora_state_dict(model: DiffusionRig, tensors: dict[str, torch.Tensor], 
     expected = lora_state_dict(model)
     missing = [k for k in expected if k not in tensors]
     unexpected = [k for k in tensors if k not in expected]
-    mismatched = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                  if k in tensors and tensors[k].shape != v.shape]
+    mismatched = [f"{k} {tuple(tensors[k].shape)} {tensors[k].dtype} vs {tuple(v.shape)} {v.dtype}"
+                  for k, v in expected.items() if k in tensors and (tensors[k].shape != v.shape or (
+                      tensors[k].is_floating_point() != v.is_floating_point() and not k.endswith("num_batches_tracked")))]
     if missing or unexpected or mismatched:
         raise CheckpointError(
             f"{source} does not fit this model's adapters: {len(missing)} missing (first: {missing[:2]}), "
-            f"{len(unexpected)} unexpected (first: {unexpected[:2]}), {len(mismatched)} shape mismatches "
+            f"{len(unexpected)} unexpected (first: {unexpected[:2]}), {len(mismatched)} shape or type mismatches "
             f"(first: {mismatched[:2]}); it was made for a different rank, targets or base model"
         )
     with torch.no_grad():
@@ -200,13 +213,17 @@ def read_lora(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], LoRAInf
     if metadata.get("format") != LORA_FORMAT:
         raise CheckpointError(
             f"{path} is not a DiffusionRig LoRA (its metadata format is {metadata.get('format')!r}, expected "
-            f"{LORA_FORMAT!r}); a full DiffusionRig model loads with load_diffusionrig instead"
+            f"{LORA_FORMAT!r}); a full DiffusionRig model loads with load_diffusionrig instead", path
         )
     try:
         info = LoRAInfo(int(metadata["rank"]), float(metadata["alpha"]), tuple(json.loads(metadata["targets"])),
                         UNetConfig.from_dict(json.loads(metadata["base_config"])))
-    except (KeyError, ValueError, TypeError) as err:
-        raise CheckpointError(f"{path} has damaged LoRA metadata ({err}); save the LoRA again") from err
+        if info.rank < 1 or not math.isfinite(info.alpha) or not info.targets \
+                or not set(info.targets) <= set(_TARGET_TYPES):
+            raise ValueError(f"rank {info.rank}, alpha {info.alpha}, targets {list(info.targets)}")
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{path} has damaged LoRA metadata ({str(err)[:200]}); save the LoRA again",
+                              path) from err
     return tensors, info
 
 

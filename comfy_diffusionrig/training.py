@@ -30,10 +30,12 @@ from typing import Callable
 
 import torch
 
-from .checkpoints import CheckpointError, atomic_write
+from .checkpoints import CheckpointError, DiskFullError, atomic_write, disk_full_error, free_bytes, \
+    remove_stale_temp_files
 from .devices import resolve_dtype
 from .diffusion import p2_loss
-from .lora import DEFAULT_TARGETS, inject_lora, lora_info, lora_layers, load_lora_state_dict, lora_state_dict
+from .lora import (DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_info, lora_layers, lora_numel,
+                   lora_state_dict)
 from .unet import AttentionBlock, DiffusionRig, ResBlock
 
 TRAIN_FORMAT = "comfy-diffusionrig-train"
@@ -146,7 +148,8 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
     _check_album(model, data, config)
     path = None if checkpoint_path is None else Path(checkpoint_path)
     if path is not None:
-        _check_writable(path)
+        remove_stale_temp_files(path)  # left by a run that was killed while writing
+        _check_writable(path, _checkpoint_bytes_estimate(model, config))
     with torch.inference_mode(False), torch.enable_grad(), _private_rng(config.seed + 1, device), \
             _checkpointing(model, config.gradient_checkpointing):
         params = _trainable_parameters(model, config)
@@ -340,34 +343,71 @@ def _restore(path: Path, model, opt, scaler, gen, config: TrainConfig, fingerpri
     return state["step"], list(state["losses"])
 
 
+def _kept(path: Path, saved: int | None) -> str:
+    """What a failed write or a stop leaves: the last checkpoint of this run, or the file as it was."""
+    if saved:
+        return f"the checkpoint of step {saved} is intact, and running again resumes from it"
+    if path.exists():
+        return f"{path} is unchanged"
+    return "no checkpoint has been written yet"
+
+
 def _write_error(path: Path, err: OSError, saved: int | None) -> OSError:
-    kept = ("no checkpoint has been written yet" if not saved
-            else f"the previous checkpoint (step {saved}) is intact, and running again resumes from it")
+    if isinstance(err, DiskFullError):
+        return DiskFullError(err.errno, f"{err.strerror}; {_kept(path, saved)}")
     message = (f"cannot write the training checkpoint {path} ({err.strerror or err}); free disk space or choose "
-               f"a writable folder; {kept}")
+               f"a writable folder; {_kept(path, saved)}")
     return OSError(err.errno, message) if err.errno else OSError(message)
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before training, not after the first checkpoint_every steps, when the folder is unwritable."""
+def _checkpoint_bytes_estimate(model: DiffusionRig, config: TrainConfig) -> int:
+    """About the size of a training checkpoint: weights (fp32), Adam's two moments of what trains, and
+    1 MB for the losses, RNG states and pickle framing."""
+    framing = 1 << 20
+    weights = sum(v.numel() * (4 if v.is_floating_point() else v.element_size()) for v in model.state_dict().values())
+    if config.lora_rank:
+        encoder = sum(b.numel() * 4 for b in model.encoder.buffers())
+        adapters = lora_numel(model, config.lora_rank, config.lora_targets)
+        return framing + encoder + 3 * 4 * adapters
+    trained = sum(p.numel() for p in model.denoisingUNet.parameters())
+    if config.train_encoder:
+        trained += sum(p.numel() for p in model.encoder.parameters())
+    return framing + weights + 2 * 4 * trained
+
+
+def _check_writable(path: Path, needed: int) -> None:
+    """Fail before training, not after the first checkpoint_every steps, when the folder is unwritable or
+    the disk cannot hold a checkpoint (needed: its estimated size in bytes)."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path.parent):
             pass
+        if free_bytes(path.parent) < needed:
+            raise disk_full_error(path, needed, " before training starts")
     except OSError as err:
         raise _write_error(path, err, None) from err
 
 
 def _write_checkpoint(path: Path, state: dict, saved: int) -> None:
     try:
-        atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True)
+        atomic_write(path, lambda tmp: torch.save(state, tmp), overwrite=True, size_hint=_tensor_bytes(state))
     except OSError as err:
         raise _write_error(path, err, saved) from err
 
 
+def _tensor_bytes(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
 def _diverged_message(value: float, step: int, config: TrainConfig, path: Path | None, saved: int) -> str:
     kept = (f"the last good checkpoint {path} (step {saved}) is kept" if path is not None and saved
-            else "no checkpoint was written")
+            else _kept(path, saved) if path is not None else "no checkpoint was written")
     return (f"the training loss became {value} at step {step} of {config.steps}, so training stopped; {kept}. "
             f"Lower lr (now {config.lr}), use precision 'bf16' or 'fp32' instead of 'fp16', or check the album "
             "for broken images or buffers")

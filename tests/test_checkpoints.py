@@ -1,13 +1,28 @@
 """Checkpoint loading/saving: official layout, wrappers, safetensors, and refusing bad files."""
 
+import errno
+import json
 import os
 import pickle
+import shutil
+import stat
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from comfy_diffusionrig import load_diffusionrig, save_diffusionrig
-from comfy_diffusionrig.checkpoints import CheckpointError, atomic_write, infer_encoder_type, read_state_dict
+from comfy_diffusionrig.checkpoints import (
+    CheckpointError,
+    DiskFullError,
+    atomic_write,
+    infer_encoder_type,
+    read_state_dict,
+    remove_stale_temp_files,
+)
 from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
 
 from conftest import reference_file
@@ -177,7 +192,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     with open(tmp_path / "evil_plain.pt", "wb") as f:  # a legacy plain pickle too
         pickle.dump(_Payload(marker), f, protocol=2)
     for name in ("evil.pt", "evil_plain.pt"):
-        with pytest.raises(CheckpointError, match="refused to load"):
+        with pytest.raises(CheckpointError, match=r"refused to load .* \(would run code\).*system"):
             load_diffusionrig(tmp_path / name)
         assert not marker.exists()
 
@@ -188,3 +203,159 @@ def test_encoder_type_inferred_from_keys():
         r18 = DiffusionRig(UNetConfig(**TINY_CFG)).state_dict()
     assert infer_encoder_type(r50) == "resnet50"
     assert infer_encoder_type(r18) == "resnet18"
+
+
+def test_atomic_write_flushes_the_file_and_its_folder(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    target = tmp_path / "out.bin"
+    atomic_write(target, lambda tmp: open(tmp, "wb").write(b"data"))
+    assert len(synced) == 2
+    # the data before the rename, then the rename itself
+    assert synced[0].startswith(str(tmp_path / ".out.bin.")) and synced[0].endswith(".tmp")
+    assert synced[1] == str(tmp_path)
+
+
+def test_atomic_write_without_overwrite_lets_one_of_two_racing_writers_win(tmp_path):
+    target = tmp_path / "out.bin"
+    both_written = threading.Barrier(2)
+    results = {}
+
+    def writer(name):
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                f.write(name.encode())
+            both_written.wait(timeout=10)  # both passed the up-front existence check
+        try:
+            atomic_write(target, write)
+            results[name] = "written"
+        except FileExistsError as err:
+            results[name] = str(err)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert sorted(results.values())[-1] == "written"
+    loser = next(n for n, r in results.items() if r != "written")
+    assert "already exists" in results[loser]
+    winner = next(n for n, r in results.items() if r == "written")
+    assert target.read_bytes() == winner.encode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_atomic_overwrite_keeps_symlinks_and_modes(tmp_path):
+    real = tmp_path / "store" / "model.bin"
+    real.parent.mkdir()
+    real.write_bytes(b"old")
+    os.chmod(real, 0o640)
+    link = tmp_path / "model.bin"
+    link.symlink_to(real)
+    atomic_write(link, lambda tmp: open(tmp, "wb").write(b"new"), overwrite=True)
+    assert link.is_symlink() and os.readlink(link) == str(real)  # written through, the link is kept
+    assert real.read_bytes() == b"new"
+    assert stat.S_IMODE(real.stat().st_mode) == 0o640
+    with pytest.raises(FileExistsError):
+        atomic_write(link, lambda tmp: open(tmp, "wb").write(b"other"))
+    fresh = atomic_write(tmp_path / "fresh.bin", lambda tmp: open(tmp, "wb").write(b"x"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(fresh.stat().st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+
+
+def test_atomic_write_names_a_full_disk(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"previous")
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=3 << 20))
+
+    def torch_full_disk(tmp):
+        with open(tmp, "wb") as f:
+            f.write(b"\0" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3584 vs 3478")
+
+    with pytest.raises(DiskFullError, match=r"disk full: writing .*out.bin needs about 10 MB and 3 MB are free; "
+                                            r"free 23 MB") as err:
+        atomic_write(target, torch_full_disk, overwrite=True, size_hint=10 << 20)
+    assert err.value.errno == errno.ENOSPC
+    assert target.read_bytes() == b"previous" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+    # the same torch error with room to spare is not called a full disk
+    with pytest.raises(RuntimeError, match="unexpected pos"):
+        atomic_write(target, torch_full_disk, overwrite=True, size_hint=1 << 20)
+
+
+def test_stale_temp_files_are_removed(tmp_path):
+    target = tmp_path / "m.safetensors"
+    stale, fresh = tmp_path / ".m.safetensors.x1.tmp", tmp_path / ".m.safetensors.x2.tmp"
+    for p in (stale, fresh):
+        p.write_bytes(b"half")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    assert remove_stale_temp_files(target) == [stale]
+    assert not stale.exists() and fresh.exists()
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def test_files_that_are_not_checkpoints_say_what_they_are(tmp_path, small_model):
+    lfs = _write(tmp_path / "lfs.pt", b"version https://git-lfs.github.com/spec/v1\noid sha256:" + b"0" * 64
+                 + b"\nsize 50940399\n")
+    html = _write(tmp_path / "page.pt", b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head></html>\n")
+    save_diffusionrig(small_model, tmp_path / "m.safetensors")
+    renamed = _write(tmp_path / "renamed.pt", (tmp_path / "m.safetensors").read_bytes())
+    torch.save(small_model.state_dict(), tmp_path / "good.pt")
+    data = (tmp_path / "good.pt").read_bytes()
+    cut = _write(tmp_path / "cut.pt", data[: len(data) // 3])
+    flipped = bytearray(data)
+    flipped[len(data) // 2:len(data) // 2 + 64] = b"\xff" * 64
+    expected = {
+        lfs: r"the file is a Git LFS pointer.*git lfs pull",
+        html: r"the file is a web page.*download it again",
+        renamed: r"the file is a safetensors file: rename it to \.safetensors",
+        cut: r"the file is a zip archive cut short \(truncated\)",
+        _write(tmp_path / "empty.pt", b""): r"the file is empty \(0 bytes\)",
+    }
+    for path, message in expected.items():
+        with pytest.raises(CheckpointError, match=message) as err:
+            load_diffusionrig(path)
+        assert str(path) in str(err.value) and err.value.path == path
+        assert "would run code" not in str(err.value)
+
+
+def test_weights_that_cannot_be_a_model_are_refused(tmp_path, small_model):
+    state = small_model.state_dict()
+    key = "denoisingUNet.out.2.weight"
+    for name, bad in (("nan", float("nan")), ("inf", float("inf"))):
+        broken = dict(state, **{key: state[key].clone().fill_(bad)})
+        torch.save(broken, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=rf"{name}.pt: 1 weight\(s\) hold NaN or infinite.*{key}"):
+            read_state_dict(tmp_path / f"{name}.pt")
+        save_file({k: v.contiguous() for k, v in broken.items()}, tmp_path / f"{name}.safetensors")
+        with pytest.raises(CheckpointError, match=r"NaN or infinite"):
+            read_state_dict(tmp_path / f"{name}.safetensors")
+    torch.save({**state, 7: torch.zeros(1)}, tmp_path / "intkey.pt")
+    with pytest.raises(CheckpointError, match=r"intkey.pt: a tensor is stored under the key 7"):
+        load_diffusionrig(tmp_path / "intkey.pt", config=UNetConfig(**TINY_CFG))
+    for dtype in (torch.int64, torch.bool):
+        torch.save(dict(state, **{key: state[key].to(dtype)}), tmp_path / "int.pt")
+        with pytest.raises(CheckpointError, match=rf"1 tensors of the wrong type .*{key} {dtype}"):
+            load_diffusionrig(tmp_path / "int.pt", config=UNetConfig(**TINY_CFG))
+
+
+@pytest.mark.parametrize("config,message", [
+    ("{not json", "metadata is damaged"),
+    ('["a list"]', "metadata is damaged"),
+    ('{"num_channels": "32"}', "metadata is damaged"),
+    (None, "implausible values num_channels=-32"),
+])
+def test_damaged_config_metadata(tmp_path, small_model, config, message):
+    tensors = {k: v.contiguous() for k, v in small_model.state_dict().items()}
+    if config is None:
+        config = json.dumps({**small_model.config.to_dict(), "num_channels": -32})
+    save_file(tensors, tmp_path / "m.safetensors", metadata={"format": "comfy-diffusionrig", "config": config})
+    with pytest.raises(CheckpointError, match=message) as err:
+        load_diffusionrig(tmp_path / "m.safetensors")
+    assert err.value.path == tmp_path / "m.safetensors"

@@ -123,6 +123,27 @@ def test_checkpoint_of_another_architecture(tmp_path, flame_dir):
     torch.save({"model": {}}, tar)
     with pytest.raises(DecaAssetError, match=r"no 'E_flame' weights \(found \['model'\]\)"):
         load_deca(tar, flame_dir)
+    for value, what in ((torch.zeros(3), "Tensor"), ({"w": [1, 2]}, "dict holding other things than named tensors")):
+        torch.save({"E_flame": value}, tar)  # there, but not weights: the message must not say it is missing
+        with pytest.raises(DecaAssetError, match=rf"'E_flame' is a {what}, not the encoder's weights") as err:
+            load_deca(tar, flame_dir)
+        assert "no 'E_flame'" not in str(err.value)
+
+
+def test_nan_weights_and_a_cut_mesh_are_refused_at_load(tmp_path, flame_dir):
+    torch.manual_seed(0)
+    state = DecaEncoder().state_dict()
+    tar = tmp_path / "deca_model.tar"
+    _official_checkpoint(tar, dict(state, **{"layers.2.bias": torch.full((236,), float("nan"))}))
+    with pytest.raises(DecaAssetError, match=r"deca_model\.tar: 1 weight\(s\) hold NaN or infinite.*layers\.2\.bias"):
+        load_deca(tar, flame_dir)
+    _official_checkpoint(tar, state)
+    obj = flame_dir / "head_template.obj"
+    lines = obj.read_text().splitlines()
+    obj.unlink()  # a symlink to the fixture: replace it, never write through it
+    obj.write_text("\n".join(lines[: len(lines) * 3 // 4]) + "\n")
+    with pytest.raises(ValueError, match=r"head_template\.obj: \d+ faces, FLAME has 2116"):
+        load_deca(tar, flame_dir)
 
 
 def test_checkpoint_that_runs_code_is_refused(tmp_path, flame_dir):
@@ -134,7 +155,7 @@ def test_checkpoint_that_runs_code_is_refused(tmp_path, flame_dir):
 
     tar = tmp_path / "deca_model.tar"
     tar.write_bytes(pickle.dumps({"E_flame": RunsShell()}, protocol=2))
-    with pytest.raises(DecaAssetError, match=r"deca_model\.tar: not a readable DECA checkpoint"):
+    with pytest.raises(DecaAssetError, match=r"deca_model\.tar: refused \(would run code\).*system"):
         load_deca(tar, flame_dir)
     assert not sentinel.exists()
 

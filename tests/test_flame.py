@@ -190,3 +190,83 @@ def test_obj_errors(tmp_path):
     path.write_text("vt 0 0\nf 1/1 2/2 3/3\n")
     with pytest.raises(FlameAssetError, match=r"indices out of range"):
         read_obj(path)
+
+
+def test_flame_pickle_resaved_with_protocol_5_loads(tmp_path):
+    """Today's pickle default (protocol 5) stores arrays through numpy's _frombuffer; still nothing runs."""
+    sparse = pytest.importorskip("scipy.sparse")  # only to write the test file
+    model = read_flame_model(reference_file("flame", "flame_synthetic.pkl"))
+    resaved = dict(model, J_regressor=sparse.csc_matrix(model["J_regressor"]),
+                   posedirs=np.asfortranarray(model["posedirs"]))
+    pkl = tmp_path / "generic_model.pkl"
+    pkl.write_bytes(pickle.dumps(resaved, protocol=5))
+    assert b"_frombuffer" in pkl.read_bytes()
+    reread = read_flame_model(pkl)
+    assert all(np.array_equal(reread[k], model[k]) for k in model)
+    # _frombuffer rebuilds numbers only: an object array through it is refused
+    evil = pickle.dumps({"f": np.array([_RunsShell("true")], dtype=object)}, protocol=5)
+    pkl.write_bytes(evil)
+    with pytest.raises(FlameAssetError, match=r"generic_model\.pkl"):
+        read_flame_model(pkl)
+
+
+def test_flame_values_that_are_not_numbers_are_refused(tmp_path):
+    model = read_flame_model(reference_file("flame", "flame_synthetic.pkl"))
+    pkl = tmp_path / "generic_model.pkl"
+    for bad in (np.nan, np.inf, 1e300):  # 1e300 is finite in float64 but inf in FLAME's float32 buffers
+        shapedirs = model["shapedirs"].copy()
+        shapedirs[5, 1, 2] = bad
+        pkl.write_bytes(pickle.dumps(dict(model, shapedirs=shapedirs), protocol=2))
+        with pytest.raises(FlameAssetError, match=r"generic_model\.pkl: 1 weight\(s\) hold NaN or infinite.*shapedirs"):
+            read_flame_model(pkl)
+    pkl.write_bytes(b"version https://git-lfs.github.com/spec/v1\noid sha256:00\nsize 53022\n")
+    with pytest.raises(FlameAssetError, match=r"generic_model\.pkl: could not be read.*Git LFS pointer.*git lfs pull"):
+        read_flame_model(pkl)
+
+
+def test_texture_header_claiming_terabytes_is_refused_before_allocating(tmp_path):
+    path = tmp_path / "FLAME_texture.npz"
+    np.savez(path, mean=np.zeros((4, 4, 3)), tex_dir=np.zeros((4, 4, 3, 50)))
+    raw = path.read_bytes()
+    # a header edited in place (same length, padding absorbs it): 4.4e9 float64 values, numpy asks for 33 GiB
+    edited = raw.replace(b"(4, 4, 3, 50), }", b"(44000, 99999),}", 1)
+    assert len(edited) == len(raw)
+    path.write_bytes(edited)
+    with pytest.raises(FlameAssetError, match=r"FLAME_texture\.npz: not a readable \.npz .*'tex_dir' claims shape"):
+        load_flame_texture(path)
+    path.write_bytes(raw[: len(raw) * 2 // 3])  # cut: no zip end record
+    with pytest.raises(FlameAssetError, match=r"FLAME_texture\.npz: not a readable \.npz.*zip archive cut short"):
+        load_flame_texture(path)
+    np.savez(path, mean=np.full((4, 4, 3), np.nan), tex_dir=np.zeros((4, 4, 3, 50)))
+    with pytest.raises(FlameAssetError, match=r"NaN or infinite.*mean"):
+        load_flame_texture(path)
+
+
+def test_npy_cut_inside_its_header(tmp_path):
+    npy = tmp_path / "landmark_embedding.npy"
+    data = reference_file("flame", "landmark_embedding_synthetic.npy").read_bytes()
+    for cut in (7, 9, 40):  # inside the version, the header length, the header text
+        npy.write_bytes(data[:cut])
+        with pytest.raises(FlameAssetError, match=r"landmark_embedding\.npy"):
+            read_landmark_embedding(npy)
+
+
+def test_obj_is_checked_against_flames_counts(tmp_path, flame):
+    n_vertices, n_faces = flame.v_template.shape[0], flame.faces.shape[0]
+    text = reference_file("flame", "head_template_synthetic.obj").read_text()
+    lines = text.splitlines()
+    face_lines = [i for i, line in enumerate(lines) if line.startswith("f ")]
+    path = tmp_path / "head_template.obj"
+    path.write_text("\n".join(lines[: face_lines[len(face_lines) // 2]]) + "\n")  # half the faces
+    with pytest.raises(FlameAssetError, match=rf"head_template\.obj: {n_faces // 2} faces, FLAME has {n_faces}"):
+        read_obj(path, n_vertices=n_vertices, n_faces=n_faces)
+    past = lines.copy()
+    past[face_lines[0]] = f"f {n_vertices + 1}/1 1/2 2/3"
+    path.write_text("\n".join(past) + "\n")
+    read_obj(path)  # on its own the file is a mesh
+    with pytest.raises(FlameAssetError, match=rf"vertex indices out of range .*1\.\.{n_vertices} for FLAME"):
+        read_obj(path, n_vertices=n_vertices, n_faces=n_faces)
+    past[face_lines[0]] = "f 99999999999999999999999/1 1/2 2/3"  # used to overflow int64 in torch.tensor
+    path.write_text("\n".join(past) + "\n")
+    with pytest.raises(FlameAssetError, match=r"out of range"):
+        read_obj(path)

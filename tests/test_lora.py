@@ -185,3 +185,27 @@ def test_full_model_file_is_not_a_lora(tmp_path):
 def test_unsupported_layer_is_refused():
     with pytest.raises(TypeError, match="LoRA supports"):
         LoRALayer(nn.Conv2d(4, 4, 3, groups=2), rank=2, alpha=2)
+
+
+def test_damaged_lora_files_are_refused_with_the_path(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = base_model()
+    inject_lora(model, rank=2)
+    path = save_lora(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    damaged = tmp_path / "damaged.safetensors"
+    for change, message in (({"rank": "0"}, "rank 0"), ({"alpha": "nan"}, "alpha nan"),
+                            ({"targets": '["everything"]'}, "everything"), ({"base_config": "{"}, "Expecting property name")):
+        save_file(tensors, damaged, metadata={**metadata, **change})
+        with pytest.raises(CheckpointError, match=rf"damaged\.safetensors has damaged LoRA metadata.*{message}"):
+            load_lora(base_model(), damaged)
+    key = next(k for k in tensors if k.endswith("lora_down.weight"))
+    save_file({**tensors, key: tensors[key].to(torch.int64)}, damaged, metadata=metadata)
+    with pytest.raises(CheckpointError, match=rf"shape or type mismatches .*{key}.*torch.int64"):
+        load_lora(base_model(), damaged)
+    save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, damaged, metadata=metadata)
+    with pytest.raises(CheckpointError, match=rf"damaged\.safetensors: 1 weight\(s\) hold NaN.*{key}"):
+        load_lora(base_model(), damaged)

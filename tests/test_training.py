@@ -4,14 +4,19 @@ Everything runs on a 32 px model and a 4-image random album on the CPU in fp32, 
 loop is deterministic, so resumed and uninterrupted runs are compared bit for bit.
 """
 
+import errno
 import math
+import os
+import shutil
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from comfy_diffusionrig import load_diffusionrig
 from comfy_diffusionrig import training as training_module
-from comfy_diffusionrig.checkpoints import CheckpointError
+from comfy_diffusionrig.checkpoints import CheckpointError, DiskFullError
 from comfy_diffusionrig.diffusion import p2_loss
 from comfy_diffusionrig.lora import lora_layers
 from comfy_diffusionrig.training import TrainConfig, TrainingData, TrainingError, train
@@ -21,6 +26,9 @@ from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
 TINY = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),
                   num_head_channels=16, dropout=0.1)
 FAST = dict(precision="fp32", batch_size=2)
+
+
+real_load = torch.load
 
 
 def tiny_model() -> DiffusionRig:
@@ -227,24 +235,83 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert torch.load(path, weights_only=True)["step"] == 2
 
 
-def test_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failure", ["enospc", "torch_unexpected_pos"])
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    """A disk that fills up during the second checkpoint: clear message, step-2 checkpoint intact, no temp file."""
     path = tmp_path / "ckpt.pt"
     real_save = torch.save
+    free = {"bytes": 1 << 40}
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=free["bytes"]))
 
     def disk_full_after_first(obj, f, *args, **kwargs):
         if path.exists():
             with open(f, "wb") as out:  # a partial file, as a full disk leaves it
                 out.write(b"partial")
-            raise OSError(28, "No space left on device")
+            free["bytes"] = 0
+            if failure == "enospc":
+                raise OSError(28, "No space left on device")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3584 vs 3478")
         return real_save(obj, f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "save", disk_full_after_first)
-    with pytest.raises(OSError, match=r"cannot write the training checkpoint .*ckpt.pt \(No space left on device\)"
-                                      r".*previous checkpoint \(step 2\) is intact") as err:
+    with pytest.raises(DiskFullError, match=r"disk full: writing .*ckpt.pt needs about \d+ MB and 0 MB are free; "
+                                            r"free \d+ MB.*the checkpoint of step 2 is intact") as err:
         train(tiny_model(), album(), TrainConfig(steps=6, checkpoint_every=2, **FAST), checkpoint_path=path)
-    assert err.value.errno == 28
+    assert err.value.errno == errno.ENOSPC
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
-    assert torch.load(path, weights_only=True)["step"] == 2
+    assert real_load(path)["step"] == 2
+
+
+def test_other_write_failures_keep_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    real_save = torch.save
+
+    def fails_after_first(obj, f, *args, **kwargs):
+        if path.exists():
+            raise OSError(errno.EIO, "Input/output error")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fails_after_first)
+    with pytest.raises(OSError, match=r"cannot write the training checkpoint .*ckpt.pt \(Input/output error\)"
+                                      r".*checkpoint of step 2 is intact") as err:
+        train(tiny_model(), album(), TrainConfig(steps=4, checkpoint_every=2, **FAST), checkpoint_path=path)
+    assert err.value.errno == errno.EIO and not isinstance(err.value, DiskFullError)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt.pt"]
+
+
+def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
+    """The writability check also asks for room for one checkpoint (a 100 % full disk passes mkstemp)."""
+    measured = tmp_path / "measured" / "ckpt.pt"
+    train(tiny_model(), album(), TrainConfig(steps=1, **FAST), checkpoint_path=measured)
+    needed = training_module._checkpoint_bytes_estimate(tiny_model(), TrainConfig(**FAST))
+    assert measured.stat().st_size <= needed <= 1.1 * measured.stat().st_size  # the estimate holds a real one
+    shutil.rmtree(measured.parent)
+    path = tmp_path / "ckpt.pt"
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: SimpleNamespace(free=needed - 1))
+    steps = []
+    with pytest.raises(DiskFullError, match=r"disk full: writing .*ckpt.pt needs about \d+ MB and \d+ MB are free; "
+                                            r"free \d+ MB.*before training starts; no checkpoint has been written"):
+        train(tiny_model(), album(), TrainConfig(steps=1, **FAST), checkpoint_path=path,
+              callback=lambda *args: steps.append(1))
+    assert not steps and list(tmp_path.iterdir()) == []
+    path.write_bytes(b"an earlier run's checkpoint")
+    with pytest.raises(DiskFullError, match=r"ckpt.pt is unchanged"):
+        train(tiny_model(), album(), TrainConfig(steps=1, **FAST), checkpoint_path=path)
+    assert path.read_bytes() == b"an earlier run's checkpoint"
+
+
+def test_stale_temp_files_are_removed_at_start(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    stale, fresh, other = (tmp_path / ".ckpt.pt.dead1.tmp", tmp_path / ".ckpt.pt.live2.tmp",
+                           tmp_path / ".other.pt.dead3.tmp")
+    for p in (stale, fresh, other):
+        p.write_bytes(b"half a checkpoint")
+    an_hour_ago = time.time() - 3600
+    os.utime(stale, (an_hour_ago, an_hour_ago))
+    os.utime(other, (an_hour_ago, an_hour_ago))
+    train(tiny_model(), album(), TrainConfig(steps=1, **FAST), checkpoint_path=path)
+    # the killed run's file goes; one still being written (recent) and other checkpoints' files stay
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, fresh.name, other.name])
 
 
 def test_unwritable_folder_fails_before_training(tmp_path):
