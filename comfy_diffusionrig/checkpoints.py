@@ -372,6 +372,11 @@ def for_inference(model: DiffusionRig, device="cpu", dtype: torch.dtype | str = 
     The UNet is stored channels_last; the small encoder stays float32.
     """
     unet_dtype = resolve_dtype(dtype, device)
+    if unet_dtype == torch.float16:  # fp16 tops out at 65504: a larger weight would become inf
+        big = [name for name, p in model.denoisingUNet.named_parameters() if bool((p.detach().abs() > 65504).any())]
+        if big:
+            raise ValueError(f"the model has weights beyond fp16's range (65504) in {', '.join(big[:3])}; load it "
+                             "with precision bf16 or fp32")
     model.to(device=device)
     # channels_last: oneDNN / cuDNN convolutions run 15-35 % faster (see benchmarks/bench_sample.py)
     model.denoisingUNet.to(dtype=unet_dtype, memory_format=torch.channels_last)

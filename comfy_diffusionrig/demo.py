@@ -70,7 +70,8 @@ class World:
     def __init__(self, flame_dir: Path, size: int, seed: int):
         self.flame = load_flame(flame_dir / "generic_model.pkl", flame_dir / "landmark_embedding.npy")
         self.texture = load_flame_texture(flame_dir / "FLAME_texture.npz")
-        faces, uvcoords, uvfaces = read_obj(flame_dir / "head_template.obj")
+        faces, uvcoords, uvfaces = read_obj(flame_dir / "head_template.obj", n_vertices=self.flame.v_template.shape[0],
+                                            n_faces=self.flame.faces.shape[0])
         self.renderer = Renderer(faces, uvcoords, uvfaces, backend="torch")
         self.size = size
         self.gen = torch.Generator().manual_seed(seed)

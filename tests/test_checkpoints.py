@@ -359,3 +359,17 @@ def test_damaged_config_metadata(tmp_path, small_model, config, message):
     with pytest.raises(CheckpointError, match=message) as err:
         load_diffusionrig(tmp_path / "m.safetensors")
     assert err.value.path == tmp_path / "m.safetensors"
+
+
+def test_fp16_refuses_weights_beyond_its_range():
+    """A weight above 65504 would become inf in fp16: refused with what to use instead (checked before any
+    device work, so this runs without a GPU)."""
+    from comfy_diffusionrig.checkpoints import for_inference
+    from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+
+    model = DiffusionRig(UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+                                    attention_resolutions=(8,), num_head_channels=16, dropout=0.0))
+    with torch.no_grad():
+        next(model.denoisingUNet.parameters()).view(-1)[0] = 1e5
+    with pytest.raises(ValueError, match="beyond fp16's range .* bf16 or fp32"):
+        for_inference(model, device="cuda", dtype="fp16")
