@@ -495,8 +495,18 @@ def _cmd_sweep(args) -> int:
 
 
 def _edit_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
+    """Arguments of the photo commands (relight, edit, sweep): photo(s), output, faces, buffers, then the run's."""
     parser.add_argument("photo", help="a photo, or a folder of photos")
     parser.add_argument("--out", required=True, help=out_help)
+    parser.add_argument("--faces", choices=["largest", "all"], default="largest", help="which faces to edit")
+    parser.add_argument("--save-buffers", action="store_true",
+                        help="also write, next to each output, the edited buffers (<name>_buffers.png: shaded | "
+                             "normals | albedo) and the light on a sphere (<name>_light.png)")
+    _run_arguments(parser)
+
+
+def _run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Models, sampler, device and output options shared by every editing command (photos and clips)."""
     parser.add_argument("--models", default=None, help="ComfyUI-style models folder with diffusionrig/, deca/, flame/ "
                                                        "(default: $COMFY_DIFFUSIONRIG_MODELS or ./models)")
     parser.add_argument("--checkpoint", default=None, help="file in models/diffusionrig/ (default: a real checkpoint "
@@ -517,14 +527,10 @@ def _edit_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
                                                             "face and frame); default 0")
     parser.add_argument("--start", choices=["inversion", "noise"], default="inversion",
                         help="inversion keeps background and details (default)")
-    parser.add_argument("--faces", choices=["largest", "all"], default="largest", help="which faces to edit")
     parser.add_argument("--detector", choices=["hog", "cnn", "insightface"], default="hog",
                         help="face detector: hog (dlib, official), cnn (dlib, profiles and small or dark faces), "
                              "insightface (needs the package and models/insightface/)")
     parser.add_argument("--color-match", action="store_true", help="match the edit's colours to the original face")
-    parser.add_argument("--save-buffers", action="store_true",
-                        help="also write, next to each output, the edited buffers (<name>_buffers.png: shaded | "
-                             "normals | albedo) and the light on a sphere (<name>_light.png)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: a CUDA GPU when torch sees one, else the CPU")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
@@ -636,15 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     video.add_argument("--face-index", type=int, default=0, help="which face to follow in the first frame with a "
                                                                  "face (0 = largest)")
     video.add_argument("--fps", type=int, default=24, help="frame rate of relit.mp4")
-    for name, kwargs in (("--models", {"default": None}), ("--checkpoint", {"default": None}),
-                         ("--steps", {"type": int, "default": 20}), ("--seed", {"type": int, "default": 0}),
-                         ("--start", {"choices": ["inversion", "noise"], "default": "inversion"}),
-                         ("--detector", {"choices": ["hog", "cnn", "insightface"], "default": "hog"}),
-                         ("--device", {"choices": ["auto", "cpu", "cuda"], "default": "auto"}),
-                         ("--precision", {"choices": ["auto", "fp32", "bf16", "fp16"], "default": "auto"})):
-        video.add_argument(name, help="as for relight", **kwargs)
-    video.add_argument("--color-match", action="store_true", help="match the edit's colours to the original face")
-    video.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    _run_arguments(video)
     video.set_defaults(func=_cmd_relight_video)
     return parser
 
