@@ -9,7 +9,8 @@ from comfy_diffusionrig import ddim_invert, ddim_sample, load_diffusionrig
 from comfy_diffusionrig.checkpoints import for_inference
 from comfy_diffusionrig.lora import load_lora, merge_lora
 
-from .host import Progress, check_interrupt, image_to_model, model_files, model_path, model_to_image, torch_device
+from .host import (Progress, check_interrupt, image_to_model, managed, model_files, model_fingerprint, model_path,
+                   model_to_image, torch_device, use_model)
 
 CATEGORY = "DiffusionRig"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -45,10 +46,16 @@ class LoadDiffusionRigModel:
         node = "Load DiffusionRig Model"
         path = model_path("diffusionrig", ckpt_name, node)
         if lora_name == "none":
-            return (load_diffusionrig(path, device=torch_device(), dtype=precision),)
+            return (managed(load_diffusionrig(path, device=torch_device(), dtype=precision)),)
         lora = model_path("diffusionrig", lora_name, node)
         model = load_lora(load_diffusionrig(path, device=torch_device()), lora)  # adapters merge in fp32
-        return (for_inference(merge_lora(model, lora_strength), torch_device(), precision),)
+        return (managed(for_inference(merge_lora(model, lora_strength), torch_device(), precision)),)
+
+    @classmethod
+    def IS_CHANGED(cls, ckpt_name, lora_name="none", **_):
+        # a file replaced under the same name must be loaded again (ComfyUI caches by input values)
+        lora = model_fingerprint("diffusionrig", lora_name) if lora_name != "none" else "no lora"
+        return model_fingerprint("diffusionrig", ckpt_name, sidecar=".json") + "\n" + lora
 
 
 def _to_model_size(image: torch.Tensor, model, node: str) -> torch.Tensor:
@@ -80,8 +87,9 @@ class EncodeGlobalCode:
 
     def encode(self, dr_model, aligned_image):
         image = _to_model_size(image_to_model(aligned_image, "Encode Global Code"), dr_model, "Encode Global Code")
+        device = use_model(dr_model)
         with torch.no_grad():
-            return (dr_model.encode(image.to(dr_model.device)).cpu(),)
+            return (dr_model.encode(image.to(device)).cpu(),)
 
 
 class DiffusionRigSampler:
@@ -123,7 +131,7 @@ class DiffusionRigSampler:
     def sample(self, dr_model, rig_buffers, global_code, seed, steps, eta, start, batch_size,
                source_image=None, source_buffers=None):
         node = "DiffusionRig Sampler"
-        device = dr_model.device
+        device = use_model(dr_model)
         buffers = rig_buffers.to(device)
         size = buffers.shape[-2:]
         if global_code.shape[0] not in (1, buffers.shape[0]):
