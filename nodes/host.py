@@ -83,13 +83,13 @@ def folder_hint(folder: str) -> str:
 
 
 def _find_model(folder: str, name: str) -> Path | None:
+    """The file `name` in the first directory of `folder` that has it."""
     if not name:
         return None
     if IN_COMFYUI:
         full = _folder_paths.get_full_path(folder, name)
         return Path(full) if full else None
-    candidate = _fallback_models_dir() / folder / name
-    return candidate if candidate.is_file() else None
+    return next((d / name for d in model_dirs(folder) if (d / name).is_file()), None)
 
 
 def model_path(folder: str, name: str, node: str) -> Path:
