@@ -6,6 +6,8 @@ workflow against the nodes' INPUT_TYPES and runs them headless through ComfyUI's
 
 from __future__ import annotations
 
+from comfy_diffusionrig.synthetic import DEMO_UPSCALER_NAME
+
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 # the few core ComfyUI nodes our workflows use, as their INPUT_TYPES / RETURN_TYPES (ComfyUI 0.3.x)
@@ -17,6 +19,10 @@ CORE_NODES = {
         "image": ("IMAGE",),
         "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "lanczos"],),
         "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})}}, "output": ("IMAGE",)},
+    # the combo lists ComfyUI's models/upscale_models/; here only the demo-assets stand-in is known
+    "UpscaleModelLoader": {"input": {"required": {"model_name": ([DEMO_UPSCALER_NAME],)}}, "output": ("UPSCALE_MODEL",)},
+    "ImageUpscaleWithModel": {"input": {"required": {"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)}},
+                              "output": ("IMAGE",)},
 }
 
 
