@@ -9,6 +9,7 @@ models stay where they were loaded, and progress/cancel are no-ops.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -223,6 +224,12 @@ class _Held(torch.nn.Module):
         self.held = model
 
 
+@functools.cache
+def _held_class(model_class: type) -> type:
+    # ComfyUI's log names the class of what it loads and unloads: "Requested to load DiffusionRig"
+    return type(model_class.__name__, (_Held,), {"__module__": __name__})
+
+
 class _PatcherSlot:
     """Carries a model's ModelPatcher. A deep copy of the model (Train copies its base model) gets an
     empty slot: the copy is a model of its own and gets its own patcher on first use."""
@@ -244,8 +251,9 @@ def _patcher(model: torch.nn.Module):
 
         # all parameters and buffers: DECA's FLAME and renderer tensors are buffers outside its state_dict
         size = sum(t.nelement() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        held = _held_class(type(model))(model)
         slot = _PatcherSlot(comfy.model_patcher.ModelPatcher(
-            _Held(model), load_device=_mm.get_torch_device(), offload_device=_mm.unet_offload_device(), size=size))
+            held, load_device=_mm.get_torch_device(), offload_device=_mm.unet_offload_device(), size=size))
         model.__dict__[_SLOT] = slot
     return slot.patcher
 
