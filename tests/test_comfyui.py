@@ -13,8 +13,8 @@ polled on /history until done (COMFYUI_WORKFLOW_TIMEOUT seconds each, default 60
 and every SaveImage/PreviewImage node must have produced images (the upscaling workflow's at the
 photo's size). The workflows' "examples/..." photos are the pack's example_images/ (resolved by
 nodes/host.py). Then: POST /free releases our models (read from ComfyUI's own log), an uploaded
-photo runs, our host helpers work against comfy.model_management in-process, and a second server
-with --lowvram runs the upscaling workflow.
+photo runs, our host helpers work against comfy.model_management in-process, and, on a machine with
+a GPU, servers with --lowvram and --gpu-only run the upscaling workflow.
 
 Run it (tested with ComfyUI commit a125cd84, October 2025, on 2 CPU cores: about 3 minutes):
 
@@ -123,6 +123,7 @@ def _comfyui(base: Path, demo_models: Path, *flags: str):
     env = dict(os.environ)
     for name in ("COMFY_DIFFUSIONRIG_MODELS", "COMFY_DIFFUSIONRIG_INPUT"):  # only used outside ComfyUI
         env.pop(name, None)
+    env["PYTHONUNBUFFERED"] = "1"  # the tests read the log while the server runs
     port = _free_port()
     log = base / "server.log"
     with open(log, "w") as out:
@@ -385,14 +386,16 @@ print("ok")
 """
 
 
-def test_workflow_runs_with_lowvram(tmp_path_factory, demo_models):
-    """--lowvram (ComfyUI ignores it on a CPU-only machine: the CPU has no VRAM state) must not break the pack;
-    the upscaling workflow also runs ComfyUI's own upscaler next to our models."""
-    flags = ["--lowvram"] if _has_gpu() else ["--cpu", "--lowvram"]
-    with _comfyui(tmp_path_factory.mktemp("comfyui_lowvram"), demo_models, *flags) as (url, log):
+@pytest.mark.parametrize("flag", ["--lowvram", "--gpu-only"])
+def test_workflow_runs_with_gpu_memory_flags(tmp_path_factory, demo_models, flag):
+    """On a GPU: our models loaded whole under --lowvram (ComfyUI would otherwise split them) and kept on the GPU
+    with --gpu-only; the upscaling workflow also runs ComfyUI's own upscaler next to them."""
+    if not _has_gpu():
+        pytest.skip(f"{flag} needs a GPU: ComfyUI refuses it together with --cpu, and without --cpu it needs CUDA")
+    with _comfyui(tmp_path_factory.mktemp("comfyui_flags"), demo_models, flag) as (url, log):
         prompt = _prompt("paste_back_upscale")
-        entry, seconds = _run(url, log, prompt, f"paste_back_upscale with {' '.join(flags)}")
-        print(f"\npaste_back_upscale with {' '.join(flags)}: {seconds:.1f} s")
+        entry, seconds = _run(url, log, prompt, f"paste_back_upscale with {flag}")
+        print(f"\npaste_back_upscale with {flag}: {seconds:.1f} s")
         _check_pasted_upscale(prompt, _check_outputs(url, prompt, entry, "paste_back_upscale"))
 
 
