@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     assets = sub.add_parser("demo-assets", help="write synthetic stand-ins for FLAME, DECA and DiffusionRig "
                                                 "files and a 4x upscaler so every workflow runs without the "
                                                 "licensed ones")
-    assets.add_argument("--out", required=True, help="folder to fill with flame/, deca/, diffusionrig/ and upscale_models/")
+    assets.add_argument("--out", required=True,
+                        help="folder to fill with flame/, deca/, diffusionrig/ and upscale_models/")
     assets.add_argument("--seed", type=int, default=0)
     assets.add_argument("--overwrite", action="store_true", help="replace files already there")
     assets.set_defaults(func=_cmd_demo_assets)

@@ -58,7 +58,6 @@ import pytest
 
 import nodes
 from comfy_diffusionrig.deca import FLAME_FILES
-from comfy_diffusionrig.synthetic import DEMO_UPSCALER_NAME
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from workflow_format import to_api  # noqa: E402

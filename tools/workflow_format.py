@@ -20,7 +20,8 @@ CORE_NODES = {
         "upscale_method": (["nearest-exact", "bilinear", "area", "bicubic", "lanczos"],),
         "scale_by": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 8.0, "step": 0.01})}}, "output": ("IMAGE",)},
     # the combo lists ComfyUI's models/upscale_models/; here only the demo-assets stand-in is known
-    "UpscaleModelLoader": {"input": {"required": {"model_name": ([DEMO_UPSCALER_NAME],)}}, "output": ("UPSCALE_MODEL",)},
+    "UpscaleModelLoader": {"input": {"required": {"model_name": ([DEMO_UPSCALER_NAME],)}},
+                           "output": ("UPSCALE_MODEL",)},
     "ImageUpscaleWithModel": {"input": {"required": {"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)}},
                               "output": ("IMAGE",)},
 }
