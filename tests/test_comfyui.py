@@ -16,7 +16,7 @@ nodes/host.py). Then: POST /free releases our models (read from ComfyUI's own lo
 photo runs, our host helpers work against comfy.model_management in-process, and, on a machine with
 a GPU, servers with --lowvram and --gpu-only run the upscaling workflow.
 
-Run it (tested with ComfyUI commit a125cd84, October 2025, on 2 CPU cores: about 3 minutes):
+Run it (tested with ComfyUI commit a125cd84, October 2025, on 2 CPU cores shared with other jobs: about 7 minutes):
 
     # a ComfyUI checkout, e.g. git clone https://github.com/Comfy-Org/ComfyUI /tmp/ComfyUI
     python3 -m venv /tmp/comfyenv
