@@ -89,11 +89,12 @@ def _cmd_demo_assets(args) -> int:
 
     out = Path(args.out)
     written = write_demo_assets(out, seed=args.seed, overwrite=args.overwrite)
-    print(f"wrote synthetic stand-ins (not FLAME, not DECA, not DiffusionRig weights) into {out}:")
+    print(f"wrote synthetic stand-ins (not FLAME, not DECA, not DiffusionRig weights, not a trained upscaler) "
+          f"into {out}:")
     for path in written.values():
         print(f"  {path}")
-    print(f"copy (or point extra_model_paths.yaml at) {out}/flame, {out}/deca and {out}/diffusionrig as "
-          "ComfyUI/models/flame, models/deca and models/diffusionrig")
+    print(f"copy (or point extra_model_paths.yaml at) {out}/flame, {out}/deca, {out}/diffusionrig and "
+          f"{out}/upscale_models as ComfyUI/models/flame, models/deca, models/diffusionrig and models/upscale_models")
     return 0
 
 
@@ -576,8 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     assets = sub.add_parser("demo-assets", help="write synthetic stand-ins for FLAME, DECA and DiffusionRig "
-                                                "files so every workflow runs without the licensed ones")
-    assets.add_argument("--out", required=True, help="folder to fill with flame/, deca/ and diffusionrig/")
+                                                "files and a 4x upscaler so every workflow runs without the "
+                                                "licensed ones")
+    assets.add_argument("--out", required=True,
+                        help="folder to fill with flame/, deca/, diffusionrig/ and upscale_models/")
     assets.add_argument("--seed", type=int, default=0)
     assets.add_argument("--overwrite", action="store_true", help="replace files already there")
     assets.set_defaults(func=_cmd_demo_assets)

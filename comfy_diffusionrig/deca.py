@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -299,18 +300,19 @@ def _read_e_flame(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
     return state
 
 
-def load_deca(deca_model_tar: str | os.PathLike, flame_dir: str | os.PathLike, device="cpu",
-              backend: str = "auto") -> DECA:
+def load_deca(deca_model_tar: str | os.PathLike, flame_dir: str | os.PathLike | Mapping[str, str | os.PathLike],
+              device="cpu", backend: str = "auto") -> DECA:
     """DECA from `deca_model.tar` (models/deca/) and the FLAME files in `flame_dir` (models/flame/):
-    generic_model.pkl, landmark_embedding.npy, head_template.obj, FLAME_texture.npz.
+    generic_model.pkl, landmark_embedding.npy, head_template.obj, FLAME_texture.npz. flame_dir may
+    also map each of those names (FLAME_FILES) to its path, for files kept in different folders.
 
     The checkpoint is read with `torch.load(weights_only=True)`; its E_detail / D_detail are not
     used (DiffusionRig renders the coarse model).  backend: rasterizer backend of `Renderer`.
     Returns the model in eval mode on `device`.
     """
     deca_model_tar = require_file(deca_model_tar, "deca", DECA_SOURCE)
-    flame_dir = Path(flame_dir)
-    pkl, lmk, obj, tex = (flame_dir / name for name in FLAME_FILES)
+    files = flame_dir if isinstance(flame_dir, Mapping) else {name: Path(flame_dir) / name for name in FLAME_FILES}
+    pkl, lmk, obj, tex = (Path(files[name]) for name in FLAME_FILES)
     flame = load_flame(pkl, lmk)
     texture = load_flame_texture(tex)
     renderer = Renderer(*read_obj(obj, n_vertices=flame.v_template.shape[0], n_faces=flame.faces.shape[0]),

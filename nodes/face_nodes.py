@@ -11,14 +11,14 @@ from PIL import Image
 from comfy_diffusionrig import alignment as align_lib
 from comfy_diffusionrig import identity
 from comfy_diffusionrig.buffers import buffer_images
-from comfy_diffusionrig.deca import load_deca
+from comfy_diffusionrig.deca import FLAME_FILES, load_deca
 from comfy_diffusionrig.imaging import hex_color
 from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
                                     sweep, sweep_values)
 
-from .host import (check_interrupt, input_files, input_path, model_dir, model_files, model_path, models_root,
-                   torch_device)
+from .host import (check_interrupt, file_fingerprint, find_model_files, input_files, input_path, managed,
+                   model_files, model_fingerprint, model_path, models_root, torch_device, use_model)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(align_lib.DETECTORS)
@@ -64,16 +64,17 @@ class LoadFacePhoto:
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"image": (input_files(), {"tooltip": "A file of ComfyUI/input/ or one of the pack's "
-                                                                  "example images (examples/...)."})}}
+        return {"required": {"image": (input_files(), {"image_upload": True,
+                                                       "tooltip": "A file of ComfyUI/input/ (upload one with the "
+                                                                  "button) or one of the pack's example images "
+                                                                  "(examples/...)."})}}
 
     def load(self, image):
         return (pil_to_image([align_lib.load_image(input_path(image, "Load Face Photo"))]),)
 
     @classmethod
     def IS_CHANGED(cls, image):
-        path = input_path(image, "Load Face Photo")
-        return f"{path}:{path.stat().st_mtime_ns}"
+        return file_fingerprint([input_path(image, "Load Face Photo")])
 
 
 class LoadDECA:
@@ -97,8 +98,15 @@ class LoadDECA:
         }}
 
     def load(self, deca_model, rasterizer):
-        path = model_path("deca", deca_model, "Load DECA")
-        return (load_deca(path, model_dir("flame"), device=torch_device(), backend=rasterizer),)
+        node = "Load DECA"
+        path = model_path("deca", deca_model, node)
+        flame = find_model_files("flame", FLAME_FILES, node)
+        return (managed(load_deca(path, flame, device=torch_device(), backend=rasterizer)),)
+
+    @classmethod
+    def IS_CHANGED(cls, deca_model, **_):
+        # DECA and FLAME files replaced under the same names must be loaded again
+        return model_fingerprint("deca", deca_model) + "\n" + model_fingerprint("flame", *FLAME_FILES)
 
 
 class DetectAlignFace:
@@ -173,6 +181,7 @@ class DECAFit:
                                      "of Detect & Align Face, or check the image")
                 landmarks.append(found[0].landmarks)
             landmarks = np.stack(landmarks)
+        use_model(deca)
         return (fit_faces(deca, _chw(aligned), landmarks),)
 
 
@@ -307,6 +316,7 @@ class RenderBuffers:
         }}
 
     def render(self, deca, rig):
+        use_model(deca)
         layers = render_layers(deca, rig)
         buffers, alpha = stack_buffers(layers), layers["alpha"]
         shaded, normal, albedo = (x.permute(0, 2, 3, 1).contiguous() for x in buffer_images(buffers, alpha))

@@ -1,13 +1,17 @@
-"""What the nodes need from ComfyUI: model folders, device, progress, cancel, IMAGE conversion.
+"""What the nodes need from ComfyUI: model folders, caches, file fingerprints, model memory
+management, device, progress, cancel, IMAGE conversion.
 
 Every ComfyUI import is guarded so the nodes' functions also run (and are tested) without
 ComfyUI; outside ComfyUI, model folders live under $COMFY_DIFFUSIONRIG_MODELS (default
-./models) and progress/cancel are no-ops.
+./models), caches under $COMFY_DIFFUSIONRIG_CACHE (default ~/.cache/comfy-diffusionrig),
+models stay where they were loaded, and progress/cancel are no-ops.
 """
 
 from __future__ import annotations
 
+import functools
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -58,14 +62,22 @@ def register_model_folders() -> None:
         _folder_paths.add_model_folder_path(name, os.path.join(_folder_paths.models_dir, name))
 
 
+# subfolders of model folders that hold no models: album caches written there by older versions
+# (now under `cache_dir`), and Train's resumable checkpoints
+NOT_MODEL_SUBFOLDERS = ("albums", "training")
+
+
 def model_files(folder: str, suffixes: tuple[str, ...] = ()) -> list[str]:
-    """File names in a model folder (for a combo input), filtered by suffix."""
+    """File names in a model folder (for a combo input), filtered by suffix; files under
+    NOT_MODEL_SUBFOLDERS are never listed."""
     if IN_COMFYUI:
         names = _folder_paths.get_filename_list(folder)
     else:
         root = _fallback_models_dir() / folder
-        names = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    return [n for n in names if not suffixes or n.lower().endswith(suffixes)]
+        names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
+            if root.is_dir() else []
+    return [n for n in names if (not suffixes or n.lower().endswith(suffixes))
+            and n.replace("\\", "/").split("/")[0] not in NOT_MODEL_SUBFOLDERS]
 
 
 def folder_hint(folder: str) -> str:
@@ -77,18 +89,32 @@ def folder_hint(folder: str) -> str:
     return f"{what} go in {place}; get them from {where}"
 
 
+def _find_model(folder: str, name: str) -> Path | None:
+    """The file `name` in the first directory of `folder` that has it."""
+    if not name:
+        return None
+    if IN_COMFYUI:
+        full = _folder_paths.get_full_path(folder, name)
+        return Path(full) if full else None
+    return next((d / name for d in model_dirs(folder) if (d / name).is_file()), None)
+
+
 def model_path(folder: str, name: str, node: str) -> Path:
     """Full path of a model file, or a FileNotFoundError naming the node, file, folder and source."""
-    if name:
-        if IN_COMFYUI:
-            full = _folder_paths.get_full_path(folder, name)
-            if full:
-                return Path(full)
-        else:
-            candidate = _fallback_models_dir() / folder / name
-            if candidate.is_file():
-                return candidate
-    raise FileNotFoundError(f"{node}: model file {name!r} not found. {folder_hint(folder)}")
+    path = _find_model(folder, name)
+    if path is None:
+        raise FileNotFoundError(f"{node}: model file {name!r} not found. {folder_hint(folder)}")
+    return path
+
+
+def model_fingerprint(folder: str, *names: str, sidecar: str | None = None) -> str:
+    """`file_fingerprint` of model files chosen by name (and of each one's `sidecar` suffix file next
+    to it, e.g. a checkpoint's .json config), for IS_CHANGED; a missing file gives a value of its own."""
+    paths = []
+    for name in names:
+        path = _find_model(folder, name) or Path(folder) / name
+        paths += [path] + ([path.with_suffix(sidecar)] if sidecar else [])
+    return file_fingerprint(paths)
 
 
 def models_root() -> Path:
@@ -96,11 +122,53 @@ def models_root() -> Path:
     return Path(_folder_paths.models_dir) if IN_COMFYUI else _fallback_models_dir()
 
 
-def model_dir(folder: str) -> Path:
-    """The first directory of a model folder (where FLAME's set of files is looked up)."""
+def model_dirs(folder: str) -> list[Path]:
+    """Every directory of a model folder, in ComfyUI's search order (extra_model_paths.yaml may add several)."""
     if IN_COMFYUI:
-        return Path(_folder_paths.get_folder_paths(folder)[0])
-    return _fallback_models_dir() / folder
+        return [Path(p) for p in _folder_paths.get_folder_paths(folder)]
+    return [_fallback_models_dir() / folder]
+
+
+def model_dir(folder: str) -> Path:
+    """The first directory of a model folder (where the nodes write: trained models, training checkpoints)."""
+    return model_dirs(folder)[0]
+
+
+def find_model_files(folder: str, names: Iterable[str], node: str) -> dict[str, Path]:
+    """Each named file from the first directory of `folder` that has it (a set of files such as
+    FLAME's may be spread over the directories), or a FileNotFoundError naming the missing ones."""
+    found = {name: _find_model(folder, name) for name in names}
+    missing = [name for name, path in found.items() if path is None]
+    if missing:
+        searched = ", ".join(str(d) for d in model_dirs(folder))
+        raise FileNotFoundError(f"{node}: {', '.join(missing)} not found in {searched}. {folder_hint(folder)}")
+    return found
+
+
+def cache_dir(name: str) -> Path:
+    """A folder for our caches (e.g. "albums"), outside every model folder so that no model dropdown lists
+    its files: inside ComfyUI its temp directory (emptied when ComfyUI starts), elsewhere
+    $COMFY_DIFFUSIONRIG_CACHE or ~/.cache/comfy-diffusionrig."""
+    if IN_COMFYUI:
+        root = Path(_folder_paths.get_temp_directory()) / "comfy-diffusionrig"
+    else:
+        default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfy-diffusionrig"
+        root = Path(os.environ.get("COMFY_DIFFUSIONRIG_CACHE") or default)
+    return root / name
+
+
+def file_fingerprint(paths: Iterable[Path]) -> str:
+    """Name, size and modification time of each file, for a node's IS_CHANGED: replacing a file under
+    the same name changes it, so ComfyUI runs the node again instead of reusing its cached output.
+    A missing file gives a value of its own (the node itself then reports it)."""
+    parts = []
+    for path in paths:
+        try:
+            stat = Path(path).stat()
+            parts.append(f"{path}|{stat.st_size}|{stat.st_mtime_ns}")
+        except OSError:
+            parts.append(f"{path}|missing")
+    return "\n".join(parts)
 
 
 EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
@@ -150,6 +218,73 @@ def photo_folder(text: str, node: str) -> Path:
 
 def torch_device() -> torch.device:
     return _mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+
+
+class _Held(torch.nn.Module):
+    """What ComfyUI's ModelPatcher holds: our model as a submodule. ModelPatcher writes its bookkeeping
+    (`device`, `model_loaded_weight_memory`, ...) onto this holder, so our model's own `device`
+    property keeps reading where its weights are, wherever ComfyUI moves them."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.held = model
+
+
+@functools.cache
+def _held_class(model_class: type) -> type:
+    # ComfyUI's log names the class of what it loads and unloads: "Requested to load DiffusionRig"
+    return type(model_class.__name__, (_Held,), {"__module__": __name__})
+
+
+class _PatcherSlot:
+    """Carries a model's ModelPatcher. A deep copy of the model (Train copies its base model) gets an
+    empty slot: the copy is a model of its own and gets its own patcher on first use."""
+
+    def __init__(self, patcher=None):
+        self.patcher = patcher
+
+    def __deepcopy__(self, memo):
+        return _PatcherSlot()
+
+
+_SLOT = "_comfy_patcher_slot"
+
+
+def _patcher(model: torch.nn.Module):
+    slot = model.__dict__.get(_SLOT)
+    if slot is None or slot.patcher is None:
+        import comfy.model_patcher
+
+        # all parameters and buffers: DECA's FLAME and renderer tensors are buffers outside its state_dict
+        size = sum(t.nelement() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        held = _held_class(type(model))(model)
+        slot = _PatcherSlot(comfy.model_patcher.ModelPatcher(
+            held, load_device=_mm.get_torch_device(), offload_device=_mm.unet_offload_device(), size=size))
+        model.__dict__[_SLOT] = slot
+    return slot.patcher
+
+
+def managed(model: torch.nn.Module) -> torch.nn.Module:
+    """Hand a freshly loaded model to ComfyUI's model management and move it to ComfyUI's offload device
+    (where idle models wait); `use_model` loads it before each use. Returns the model itself, which the
+    nodes pass around as before. Outside ComfyUI: the model, untouched."""
+    if IN_COMFYUI:
+        model.to(_patcher(model).offload_device)
+    return model
+
+
+def use_model(model: torch.nn.Module) -> torch.device:
+    """Call before running a model; returns the device to run it on (where its weights are).
+
+    Inside ComfyUI: `comfy.model_management.load_models_gpu` loads it onto the GPU, offloading other
+    models as needed, and lists it among ComfyUI's loaded models, so the Free-memory button, --lowvram,
+    --gpu-only and --cpu apply to it like to ComfyUI's own. It is loaded whole (force_full_load): our
+    layers are plain torch modules, which ComfyUI cannot run half on the GPU; with --novram ComfyUI
+    keeps the weights on the CPU and the model runs there. A model not yet managed (a copy made by
+    Train) is taken under management here."""
+    if IN_COMFYUI:
+        _mm.load_models_gpu([_patcher(model)], force_full_load=True)
+    return next(model.parameters()).device
 
 
 def check_interrupt() -> None:

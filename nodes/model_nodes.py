@@ -12,7 +12,8 @@ from comfy_diffusionrig.presets import SAMPLER_NAMES, SAMPLING_PRESETS
 from comfy_diffusionrig.editing import check_edit_settings
 from comfy_diffusionrig.lora import load_lora, merge_lora
 
-from .host import Progress, check_interrupt, image_to_model, model_files, model_path, model_to_image, torch_device
+from .host import (Progress, check_interrupt, image_to_model, managed, model_files, model_fingerprint, model_path,
+                   model_to_image, torch_device, use_model)
 
 CATEGORY = "DiffusionRig"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -48,10 +49,16 @@ class LoadDiffusionRigModel:
         node = "Load DiffusionRig Model"
         path = model_path("diffusionrig", ckpt_name, node)
         if lora_name == "none":
-            return (load_diffusionrig(path, device=torch_device(), dtype=precision),)
+            return (managed(load_diffusionrig(path, device=torch_device(), dtype=precision)),)
         lora = model_path("diffusionrig", lora_name, node)
         model = load_lora(load_diffusionrig(path, device=torch_device()), lora)  # adapters merge in fp32
-        return (for_inference(merge_lora(model, lora_strength), torch_device(), precision),)
+        return (managed(for_inference(merge_lora(model, lora_strength), torch_device(), precision)),)
+
+    @classmethod
+    def IS_CHANGED(cls, ckpt_name, lora_name="none", **_):
+        # a file replaced under the same name must be loaded again (ComfyUI caches by input values)
+        lora = model_fingerprint("diffusionrig", lora_name) if lora_name != "none" else "no lora"
+        return model_fingerprint("diffusionrig", ckpt_name, sidecar=".json") + "\n" + lora
 
 
 def _to_model_size(image: torch.Tensor, model, node: str) -> torch.Tensor:
@@ -83,8 +90,9 @@ class EncodeGlobalCode:
 
     def encode(self, dr_model, aligned_image):
         image = _to_model_size(image_to_model(aligned_image, "Encode Global Code"), dr_model, "Encode Global Code")
+        device = use_model(dr_model)
         with torch.no_grad():
-            return (dr_model.encode(image.to(dr_model.device)).cpu(),)
+            return (dr_model.encode(image.to(device)).cpu(),)
 
 
 SAMPLER_TIP = ("ddim: the official sampler and inversion (the reference; 20 steps = 40 UNet calls per edit). "
@@ -152,6 +160,7 @@ class DiffusionRigSampler:
             check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
+        use_model(dr_model)
         images = None
         if start == "inversion":
             if source_image is None or source_buffers is None:

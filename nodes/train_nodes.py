@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from comfy_diffusionrig.plotting import loss_curve
 from comfy_diffusionrig.training import TrainConfig, train
 
 from .face_nodes import image_to_pil
-from .host import IMAGE_SUFFIXES, Progress, check_interrupt, model_dir, photo_folder
+from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, model_dir,
+                   photo_folder, use_model)
 
 CATEGORY = "DiffusionRig/personalize"
 TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
@@ -34,6 +36,10 @@ def _checked_name(name: str, node: str) -> str:
         raise ValueError(f"{node}: save name {name!r} is not usable as a file name; use letters, digits, spaces, "
                          "'_', '-' or '.' (no folders), e.g. 'anna_personalized'")
     return name
+
+
+def _folder_photos(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 class BuildFaceAlbum:
@@ -72,8 +78,7 @@ class BuildFaceAlbum:
             photos += image_to_pil(images)
             names += [f"image {i + 1}" for i in range(images.shape[0])]
         if folder.strip():
-            root = photo_folder(folder, node)
-            for path in sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            for path in _folder_photos(photo_folder(folder, node)):
                 try:
                     photos.append(load_image(path))
                     names.append(path.name)
@@ -87,14 +92,25 @@ class BuildFaceAlbum:
             check_interrupt()
             progress.update(done)
 
+        use_model(deca)
         album = build_album(photos, deca, names, size=size, detector=detector, check_identity=check_identity,
-                            cache_dir=model_dir("diffusionrig") / "albums", progress=report)
+                            cache_dir=cache_dir("albums"), progress=report)
         text = (f"{len(album)} photo(s) in the album: {', '.join(album.names)}"
                 + "".join(f"\nwarning: {w}" for w in album.warnings))
         for warning in album.warnings:
             log.warning("%s: %s", node, warning)
         preview = ((album.images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
         return {"ui": {"text": [text]}, "result": (album, preview, text)}
+
+    @classmethod
+    def IS_CHANGED(cls, folder="", **_):
+        # photos added, removed or replaced in the folder must rebuild the album
+        if not folder.strip():
+            return ""
+        try:
+            return file_fingerprint(_folder_photos(photo_folder(folder, "Build Face Album")))
+        except FileNotFoundError as err:
+            return str(err)
 
 
 class TrainDiffusionRig:
@@ -181,6 +197,7 @@ class TrainDiffusionRig:
 
         with torch.inference_mode(False):
             model = copy.deepcopy(dr_model)  # the loader's cached model must stay the base
+            use_model(model)
             model, losses = train(model, data, config, checkpoint_path=checkpoint, callback=on_step,
                                   resume=not restart, preview=preview)
         curve = torch.from_numpy(np.asarray(loss_curve(losses), dtype=np.float32) / 255.0)[None]

@@ -454,3 +454,20 @@ def test_the_sampler_uses_each_of_its_settings(pipe):
     for bad, message in ((dict(steps=0), "steps must be"), (dict(eta=float("nan")), "eta must be")):
         with pytest.raises(ValueError, match=f"DiffusionRig Sampler: {message}"):
             run(**bad)
+
+
+def test_paste_face_back_takes_the_edited_face_at_any_size(pipe):
+    """An upscaler's 4x output lands where the 256 px face does: both pastes agree within resampling."""
+    big = torch.nn.functional.interpolate(pipe.aligned.permute(0, 3, 1, 2), scale_factor=4, mode="bicubic",
+                                          align_corners=False).clamp(0, 1).permute(0, 2, 3, 1)
+    node = fn.PasteFaceBack()
+    small_out, small_mask = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08)
+    big_out, big_mask = node.paste(pipe.photo, pipe.alignment, big, False, 0.08)
+    assert big_out.shape == small_out.shape == pipe.photo.shape
+    assert torch.allclose(big_mask, small_mask, atol=1 / 255)
+    inside = small_mask[0] > 0.5
+    diff = (big_out[0] - small_out[0]).abs()[inside]
+    assert float(diff.mean()) < 2 / 255 and float(diff.quantile(0.99)) < 12 / 255
+    shifted = torch.roll(big, shifts=8, dims=2)  # a 2 px (256 px scale) offset would show
+    moved, _ = node.paste(pipe.photo, pipe.alignment, shifted, False, 0.08)
+    assert float((moved[0] - small_out[0]).abs()[inside].mean()) > 2 * float(diff.mean())

@@ -12,8 +12,8 @@ import torch
 from comfy_diffusionrig import load_deca, load_flame
 from comfy_diffusionrig.deca import CODE_SLICES, FLAME_FILES, crop_from_landmarks, warp_crop
 from comfy_diffusionrig.flame import read_flame_model, read_landmark_embedding
-from comfy_diffusionrig.synthetic import (deca_camera, make_head, write_demo_assets,
-                                          write_flame_files)
+from comfy_diffusionrig.synthetic import (DEMO_UPSCALER_NAME, deca_camera, make_head, write_demo_assets,
+                                          write_demo_upscaler, write_flame_files)
 
 from conftest import reference_file
 
@@ -136,3 +136,50 @@ def test_an_existing_model_file_stops_everything_before_any_write(tmp_path):
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "diffusionrig", "diffusionrig/synthetic_random_diffusionrig.pt"]
     assert (tmp_path / "diffusionrig" / "synthetic_random_diffusionrig.pt").read_text() == "mine"
+
+
+def compact_upscale(state: dict, image: torch.Tensor) -> torch.Tensor:
+    """Real-ESRGAN's compact model (SRVGGNetCompact) written out from its paper/code: conv + PReLU pairs, a last
+    conv to 3 x scale^2 channels, pixel shuffle, plus the nearest-neighbour enlargement. image [B, 3, H, W]."""
+    import torch.nn.functional as F
+
+    last = max(int(k.split(".")[1]) for k in state)
+    x = image
+    for i in range(last + 1):
+        weight = state[f"body.{i}.weight"]
+        x = F.conv2d(x, weight, state[f"body.{i}.bias"], padding=1) if weight.ndim == 4 else F.prelu(x, weight)
+    scale = int(round((x.shape[1] / 3) ** 0.5))
+    return F.pixel_shuffle(x, scale) + F.interpolate(image, scale_factor=scale, mode="nearest")
+
+
+def test_the_demo_upscaler_has_the_compact_layout_that_comfyui_recognises(tmp_path):
+    from safetensors.torch import load_file
+
+    path = write_demo_upscaler(tmp_path)
+    assert path.name == DEMO_UPSCALER_NAME and "random" in path.name and "synthetic" in path.name
+    with pytest.raises(FileExistsError):
+        write_demo_upscaler(tmp_path)
+    state = load_file(path)
+    # spandrel's Compact detection: body.0 and body.1 weights; body.<last> bias gives 3 x scale^2 channels
+    assert {"body.0.weight", "body.1.weight"} <= set(state)
+    last = max(int(k.split(".")[1]) for k in state)
+    assert state[f"body.{last}.bias"].shape == (3 * 4 * 4,) and state["body.0.weight"].shape[1] == 3
+    assert all(state[f"body.{i}.weight"].ndim == (4 if i % 2 == 0 else 1) for i in range(last + 1))
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    out = compact_upscale(state, image)
+    nearest = torch.nn.functional.interpolate(image, scale_factor=4, mode="nearest")
+    assert out.shape == (1, 3, 64, 64)
+    assert 0 < float((out - nearest).abs().max()) < 0.05  # random, but close to a plain enlargement
+    try:
+        from spandrel import ModelLoader
+    except ImportError:  # ComfyUI's loader; the ComfyUI integration test loads the file with it
+        return
+    model = ModelLoader().load_from_state_dict(state).eval()
+    assert model.architecture.id == "Compact" and model.scale == 4
+    with torch.no_grad():  # spandrel's call clamps to the image range
+        assert torch.allclose(model(image), out.clamp(0, 1), atol=1e-5)
+
+
+def test_demo_assets_include_the_upscaler_with_its_readme(demo_models):
+    assert (demo_models / "upscale_models" / DEMO_UPSCALER_NAME).is_file()
+    assert "RANDOM weights" in (demo_models / "upscale_models" / "SYNTHETIC_README.txt").read_text()

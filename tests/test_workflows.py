@@ -9,8 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import nodes
+from nodes import host
+from test_synthetic import compact_upscale
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -52,6 +55,12 @@ def test_the_checker_catches_broken_workflows():
 
 
 def _core(class_type, inputs, out_dir):
+    """Stand-ins for the core ComfyUI nodes the workflows use."""
+    if class_type == "UpscaleModelLoader":  # ComfyUI: spandrel; here the compact layout of the demo upscaler
+        return (load_file(host.model_dirs("upscale_models")[0] / inputs["model_name"]),)
+    if class_type == "ImageUpscaleWithModel":
+        image = inputs["image"].permute(0, 3, 1, 2)
+        return (compact_upscale(inputs["upscale_model"], image).clamp(0, 1).permute(0, 2, 3, 1),)
     if class_type == "ImageScaleBy":
         image = inputs["image"].permute(0, 3, 1, 2)
         size = [round(s * inputs["scale_by"]) for s in image.shape[-2:]]
@@ -100,3 +109,19 @@ def test_workflow_runs_on_the_demo_assets(path, demo_models, tmp_path, monkeypat
         image = torch.load(file, weights_only=True)
         assert image.ndim == 4 and image.shape[-1] == 3 and bool(torch.isfinite(image).all())
         assert 0 <= float(image.min()) and float(image.max()) <= 1
+
+
+def test_the_upscaled_face_is_pasted_into_the_full_size_photo(demo_models, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_models))
+    prompt = to_api(json.loads((ROOT / "workflows" / "paste_back_upscale.json").read_text()), nodes.NODE_CLASS_MAPPINGS)
+    for spec in prompt.values():
+        if "steps" in spec["inputs"]:
+            spec["inputs"]["steps"] = 2
+    results = run_prompt(prompt, tmp_path)
+    by_type = {spec["class_type"]: results[node_id] for node_id, spec in prompt.items()}
+    photo, edit = by_type["DiffusionRigLoadPhoto"][0], by_type["DiffusionRigSampler"][0]
+    upscaled, (pasted, mask) = by_type["ImageUpscaleWithModel"][0], by_type["DiffusionRigPasteBack"]
+    assert edit.shape[1:3] == (256, 256) and upscaled.shape[1:3] == (1024, 1024)
+    assert pasted.shape == photo.shape  # the photo's own resolution, not the upscaler's
+    outside = mask[0] == 0
+    assert torch.equal(pasted[0][outside], photo[0][outside]) and not torch.equal(pasted, photo)

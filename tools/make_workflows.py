@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
 from comfy_diffusionrig.synthetic import DEMO_MODEL_NAME as DR_MODEL  # noqa: E402
+from comfy_diffusionrig.synthetic import DEMO_UPSCALER_NAME as UPSCALER  # noqa: E402
 from workflow_format import Graph  # noqa: E402
 
 DECA_FILE = "deca_model.tar"
@@ -167,6 +168,7 @@ def light_sweep_video(mappings) -> dict:
 
 
 def paste_back_upscale(mappings) -> dict:
+    """Relight, upscale the 256 px edit with ComfyUI's model upscaler, paste it into the full-size photo."""
     g = Graph(mappings)
     deca, model = _models(g, 0, 0)
     load, align = _front(g, PHOTO, 0, 320, "Photo")
@@ -174,15 +176,18 @@ def paste_back_upscale(mappings) -> dict:
     relight = g.add("DiffusionRigRelight", (1040, 320), mode="rotate fitted light", azimuth=-40.0, elevation=10.0)
     g.connect(fit, "rig", relight, "rig")
     sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
-    paste = g.add("DiffusionRigPasteBack", (2060, 320), color_match=True)
+    upscaler = g.add("UpscaleModelLoader", (1720, 620), title="Load Upscale Model (pick a trained one)",
+                     model_name=UPSCALER)
+    upscale = g.add("ImageUpscaleWithModel", (2060, 620))
+    g.connect(upscaler, "UPSCALE_MODEL", upscale, "upscale_model")
+    g.connect(sample, "image", upscale, "image")
+    paste = g.add("DiffusionRigPasteBack", (2400, 320), color_match=True)
     g.connect(load, "image", paste, "original")
     g.connect(align, "alignment", paste, "alignment")
-    g.connect(sample, "image", paste, "edited")
-    upscale = g.add("ImageScaleBy", (2400, 320), upscale_method="lanczos", scale_by=2.0)
-    g.connect(paste, "image", upscale, "image")
+    g.connect(upscale, "IMAGE", paste, "edited")
     save = g.add("SaveImage", (2740, 320), filename_prefix="diffusionrig_upscaled")
-    g.connect(upscale, "IMAGE", save, "images")
-    identity = g.add("DiffusionRigIdentity", (2060, 620), title="Did the edit keep the person?")
+    g.connect(paste, "image", save, "images")
+    identity = g.add("DiffusionRigIdentity", (2740, 620), title="Did the edit keep the person?")
     g.connect(load, "image", identity, "image_a")
     g.connect(paste, "image", identity, "image_b")
     return g.to_json()

@@ -6,6 +6,8 @@ workflow against the nodes' INPUT_TYPES and runs them headless through ComfyUI's
 
 from __future__ import annotations
 
+from comfy_diffusionrig.synthetic import DEMO_UPSCALER_NAME
+
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 # the few core ComfyUI nodes our workflows use, as their INPUT_TYPES / RETURN_TYPES (ComfyUI 0.3.x)
@@ -20,6 +22,11 @@ CORE_NODES = {
     "RepeatImageBatch": {"input": {"required": {"image": ("IMAGE",), "amount": ("INT", {"default": 1, "min": 1,
                                                                                          "max": 4096})}},
                          "output": ("IMAGE",)},
+    # the combo lists ComfyUI's models/upscale_models/; here only the demo-assets stand-in is known
+    "UpscaleModelLoader": {"input": {"required": {"model_name": ([DEMO_UPSCALER_NAME],)}},
+                           "output": ("UPSCALE_MODEL",)},
+    "ImageUpscaleWithModel": {"input": {"required": {"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)}},
+                              "output": ("IMAGE",)},
 }
 
 

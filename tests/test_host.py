@@ -1,0 +1,145 @@
+"""nodes/host.py without ComfyUI: fresh results after a file is replaced (IS_CHANGED), caches kept out of the
+model folders, FLAME files found across several folders, and models left alone outside ComfyUI.
+(Inside ComfyUI, model management and the Free-memory button are checked by test_comfyui.py.)"""
+
+import os
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+from comfy_diffusionrig import save_diffusionrig
+from comfy_diffusionrig.deca import FLAME_FILES
+from comfy_diffusionrig.unet import DiffusionRig
+from nodes import face_nodes, host, model_nodes, train_nodes
+
+from test_nodes import SMALL, models_dir  # noqa: F401  (fixture)
+
+LOADER = model_nodes.LoadDiffusionRigModel
+
+
+def _bump_mtime(path, seconds=5):
+    stat = path.stat()
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + seconds * 10**9))
+
+
+def test_replacing_the_checkpoint_changes_is_changed_and_the_loaded_weights(models_dir):
+    path = models_dir / "diffusionrig" / "small.safetensors"
+    before = LOADER.IS_CHANGED(ckpt_name="small.safetensors", precision="fp32")
+    assert LOADER.IS_CHANGED(ckpt_name="small.safetensors", precision="fp32") == before, "must not always re-run"
+    (old,) = LOADER().load("small.safetensors", "fp32")
+    torch.manual_seed(1)
+    save_diffusionrig(DiffusionRig(SMALL), path, overwrite=True)  # another model, same name
+    _bump_mtime(path)  # file systems with coarse timestamps: the replacement must look newer
+    assert LOADER.IS_CHANGED(ckpt_name="small.safetensors", precision="fp32") != before
+    (new,) = LOADER().load("small.safetensors", "fp32")
+    assert not torch.equal(old.encoder.conv1.weight, new.encoder.conv1.weight)
+
+
+def test_is_changed_follows_same_size_rewrites_the_config_sidecar_and_the_lora(models_dir):
+    folder = models_dir / "diffusionrig"
+    (folder / "model.pt").write_bytes(b"a" * 100)
+    (folder / "lora.safetensors").write_bytes(b"l" * 10)
+    value = lambda: LOADER.IS_CHANGED(ckpt_name="model.pt", lora_name="lora.safetensors")  # noqa: E731
+    first = value()
+    (folder / "model.pt").write_bytes(b"b" * 100)  # same size: only the modification time tells
+    _bump_mtime(folder / "model.pt")
+    second = value()
+    assert second != first
+    (folder / "model.json").write_text("{}")  # a .pt's training kwargs live next to it
+    third = value()
+    assert third != second
+    (folder / "lora.safetensors").write_bytes(b"m" * 11)
+    assert value() != third
+    assert LOADER.IS_CHANGED(ckpt_name="model.pt", lora_name="none") != value()
+
+
+def test_deca_is_changed_follows_the_deca_and_flame_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(tmp_path))
+    (tmp_path / "deca").mkdir()
+    (tmp_path / "flame").mkdir()
+    (tmp_path / "deca" / "deca_model.tar").write_bytes(b"d")
+    for name in FLAME_FILES:
+        (tmp_path / "flame" / name).write_bytes(b"f")
+    value = lambda: face_nodes.LoadDECA.IS_CHANGED(deca_model="deca_model.tar", rasterizer="auto")  # noqa: E731
+    first = value()
+    assert value() == first
+    (tmp_path / "flame" / "FLAME_texture.npz").write_bytes(b"ff")
+    second = value()
+    assert second != first
+    (tmp_path / "deca" / "deca_model.tar").write_bytes(b"dd")
+    assert value() != second
+
+
+def test_album_folder_is_changed_follows_the_photos_in_it(tmp_path):
+    def photo(name, color):
+        Image.new("RGB", (8, 8), color).save(tmp_path / name)
+
+    photo("a.png", (255, 0, 0))
+    (tmp_path / "notes.txt").write_text("not a photo")
+    value = lambda: train_nodes.BuildFaceAlbum.IS_CHANGED(folder=str(tmp_path), size=256)  # noqa: E731
+    first = value()
+    assert value() == first
+    (tmp_path / "notes.txt").write_text("still not a photo, longer")
+    assert value() == first, "only the photos count"
+    photo("b.png", (0, 255, 0))
+    second = value()
+    assert second != first
+    photo("b.png", (0, 0, 255))
+    _bump_mtime(tmp_path / "b.png")
+    assert value() != second
+    assert train_nodes.BuildFaceAlbum.IS_CHANGED(folder="") == ""
+    assert "does not exist" in train_nodes.BuildFaceAlbum.IS_CHANGED(folder=str(tmp_path / "gone"))
+
+
+def test_model_dropdowns_never_list_cache_or_training_folders(models_dir):
+    folder = models_dir / "diffusionrig"
+    for name in ("albums/album_0123.pt", "training/anna.pt", "people/anna.safetensors"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    choices = LOADER.INPUT_TYPES()["required"]["ckpt_name"][0]
+    assert choices == ["people/anna.safetensors", "small.safetensors"]
+
+
+def test_the_album_cache_is_outside_every_model_folder(tmp_path, monkeypatch, demo_models):
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_models))
+    monkeypatch.delenv("COMFY_DIFFUSIONRIG_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    albums = host.cache_dir("albums")
+    assert albums == tmp_path / "cache" / "comfy-diffusionrig" / "albums"
+    (deca,) = face_nodes.LoadDECA().load("deca_model.tar", "torch")
+    out = train_nodes.BuildFaceAlbum().build(deca, size=64, detector="hog", check_identity=False, folder="examples")
+    assert len(out["result"][0]) >= 2
+    assert len(list(albums.glob("album_*.pt"))) == 1, "the album was not cached in cache_dir('albums')"
+    assert not list(demo_models.rglob("album_*")), "an album was written into a model folder"
+
+
+def test_flame_files_are_found_across_every_flame_folder(tmp_path, monkeypatch, demo_models):
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_models))
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    for i, name in enumerate(FLAME_FILES):  # half of the files in each folder
+        shutil.copy(demo_models / "flame" / name, (first if i < 2 else second) / name)
+    (second / FLAME_FILES[0]).write_bytes(b"not FLAME")  # the first folder that has a file wins
+    dirs = {"flame": [first, second]}
+    monkeypatch.setattr(host, "model_dirs", lambda folder: dirs.get(folder, [demo_models / folder]))
+    (deca,) = face_nodes.LoadDECA().load("deca_model.tar", "torch")
+    assert deca.flame is not None
+    os.remove(first / FLAME_FILES[1])
+    with pytest.raises(FileNotFoundError) as err:
+        face_nodes.LoadDECA().load("deca_model.tar", "torch")
+    message = str(err.value)
+    assert f"Load DECA: {FLAME_FILES[1]} not found in {first}, {second}" in message
+
+
+def test_outside_comfyui_models_stay_where_they_were_loaded(models_dir):
+    (model,) = LOADER().load("small.safetensors", "fp32")
+    assert host.managed(model) is model
+    assert host.use_model(model) == torch.device("cpu") == model.device
+
+
+def test_load_face_photo_has_the_upload_button():
+    spec = face_nodes.LoadFacePhoto.INPUT_TYPES()["required"]["image"]
+    assert spec[1]["image_upload"] is True
