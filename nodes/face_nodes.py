@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
 
 from comfy_diffusionrig import alignment as align_lib
 from comfy_diffusionrig import identity
@@ -17,8 +16,9 @@ from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light,
 from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
                                     sweep, sweep_values)
 
-from .host import (check_interrupt, file_fingerprint, find_model_files, input_files, input_path, managed,
-                   model_files, model_fingerprint, model_path, models_root, torch_device, use_model)
+from .host import (check_interrupt, file_fingerprint, find_model_files, image_to_pil, image_to_unit, input_files,
+                   input_path, managed, model_files, model_fingerprint, model_path, models_root, pil_to_image,
+                   torch_device, use_model)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(align_lib.DETECTORS)
@@ -33,24 +33,6 @@ class FaceAlignments:
 
     def __len__(self) -> int:
         return len(self.faces)
-
-
-def pil_to_image(pictures: list[Image.Image]) -> torch.Tensor:
-    """PIL images of one size -> ComfyUI IMAGE [B, H, W, 3] float 0..1."""
-    return torch.from_numpy(np.stack([np.asarray(p.convert("RGB"), dtype=np.float32) / 255.0 for p in pictures]))
-
-
-def image_to_pil(image: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE [B, H, W, C] -> RGB PIL images."""
-    array = (image[..., :3].clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    if array.shape[-1] == 1:
-        array = np.repeat(array, 3, axis=-1)
-    return [Image.fromarray(a, "RGB") for a in array]
-
-
-def _chw(image: torch.Tensor) -> torch.Tensor:
-    """IMAGE [B, H, W, C] 0..1 -> [B, 3, H, W] 0..1."""
-    return image[..., :3].permute(0, 3, 1, 2).float()
 
 
 class LoadFacePhoto:
@@ -137,7 +119,7 @@ class DetectAlignFace:
     def align(self, image, faces, index, detector, size):
         node = "Detect & Align Face"
         aligned, sources = [], []
-        for i, photo in enumerate(image_to_pil(image)):
+        for i, photo in enumerate(image_to_pil(image, node)):
             check_interrupt()
             try:
                 found = align_lib.align_faces(photo, mode=faces, index=index, size=size, detector=detector,
@@ -174,7 +156,7 @@ class DECAFit:
             landmarks = np.stack([a.landmarks for a in alignment.faces])
         else:
             landmarks = []
-            for i, face in enumerate(image_to_pil(aligned)):
+            for i, face in enumerate(image_to_pil(aligned, node)):
                 found = align_lib.detect_faces(face, models_dir=str(models_root()))
                 if not found:
                     raise ValueError(f"{node}: no face found in aligned image {i + 1}; connect the alignment output "
@@ -182,7 +164,7 @@ class DECAFit:
                 landmarks.append(found[0].landmarks)
             landmarks = np.stack(landmarks)
         use_model(deca)
-        return (fit_faces(deca, _chw(aligned), landmarks),)
+        return (fit_faces(deca, image_to_unit(aligned, node), landmarks),)
 
 
 def parse_color(text: str, node: str) -> tuple[float, float, float]:
@@ -383,7 +365,7 @@ class PasteFaceBack:
 
     def paste(self, original, alignment, edited, color_match, feather):
         node = "Paste Face Back"
-        photos, edits = image_to_pil(original), image_to_pil(edited)
+        photos, edits = image_to_pil(original, f"{node} (original)"), image_to_pil(edited, f"{node} (edited)")
         if len(alignment) == 1 and len(edits) > 1:  # frames of one face: one output photo per frame
             jobs = [(alignment.sources[0], [alignment.faces[0]], [e]) for e in edits]
         elif len(edits) == len(alignment):
@@ -433,7 +415,8 @@ class FaceIdentitySimilarity:
         }}
 
     def compare(self, image_a, image_b, backend):
-        a, b = image_to_pil(image_a), image_to_pil(image_b)
+        node = "Face Identity Similarity"
+        a, b = image_to_pil(image_a, f"{node} (image_a)"), image_to_pil(image_b, f"{node} (image_b)")
         if len(a) not in (1, len(b)):
             raise ValueError(f"Face Identity Similarity: {len(a)} images against {len(b)}; give one image_a or as "
                              "many as image_b")

@@ -14,8 +14,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
 import torch
+
+from comfy_diffusionrig.imaging import pil_to_tensor, tensor_to_pil
 
 try:  # inside ComfyUI
     import comfy.model_management as _mm
@@ -306,29 +307,47 @@ class Progress:
             return
         image = None
         if preview is not None:
-            from PIL import Image
-
-            image = ("JPEG", Image.fromarray(to_uint8(preview)), 512)
+            image = ("JPEG", tensor_to_pil(preview), 512)
         self._bar.update_absolute(value, self.total, image)
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    """[3, H, W] in [-1, 1] -> HxWx3 uint8."""
-    return ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy()
+def image_to_unit(image: torch.Tensor, node: str) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] in 0..1 -> [B, 3, H, W] float32 in 0..1 (alpha dropped, grey expanded).
 
-
-def image_to_model(image: torch.Tensor, node: str) -> torch.Tensor:
-    """ComfyUI IMAGE [B, H, W, C] in 0..1 -> [B, 3, H, W] in [-1, 1] (alpha dropped, grey expanded)."""
-    if image.ndim != 4:
-        raise ValueError(f"{node}: expected an IMAGE batch [B, H, W, C], got shape {tuple(image.shape)}")
+    One clear error, naming the node, for what an IMAGE cannot be: another rank, an empty batch,
+    2 or 5+ channels, NaN or infinite values.
+    """
+    if not isinstance(image, torch.Tensor) or image.ndim != 4:
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"{node}: expected an IMAGE batch [B, H, W, C], got {shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise ValueError(f"{node}: the IMAGE batch is empty ({tuple(image.shape)}); connect a node that gives at "
+                         "least one image")
     channels = image.shape[-1]
     if channels == 1:
         image = image.expand(-1, -1, -1, 3)
     elif channels == 4:
         image = image[..., :3]
     elif channels != 3:
-        raise ValueError(f"{node}: expected 1, 3 or 4 colour channels, got {channels}")
-    return image.permute(0, 3, 1, 2).float() * 2 - 1
+        raise ValueError(f"{node}: expected 1 (grey), 3 (RGB) or 4 (RGBA) colour channels, got {channels}")
+    if not bool(torch.isfinite(image).all()):
+        raise ValueError(f"{node}: the IMAGE holds NaN or infinite values; re-run the node that produced it")
+    return image.permute(0, 3, 1, 2).float()
+
+
+def image_to_model(image: torch.Tensor, node: str) -> torch.Tensor:
+    """ComfyUI IMAGE [B, H, W, C] in 0..1 -> [B, 3, H, W] in [-1, 1] (see `image_to_unit`)."""
+    return image_to_unit(image, node) * 2 - 1
+
+
+def image_to_pil(image: torch.Tensor, node: str) -> list:
+    """ComfyUI IMAGE -> RGB PIL images (see `image_to_unit`)."""
+    return [tensor_to_pil(x, low=0.0) for x in image_to_unit(image, node)]
+
+
+def pil_to_image(pictures) -> torch.Tensor:
+    """PIL images of one size -> ComfyUI IMAGE [B, H, W, 3] float32 in 0..1."""
+    return pil_to_tensor(pictures).permute(0, 2, 3, 1).contiguous()
 
 
 def model_to_image(x: torch.Tensor) -> torch.Tensor:

@@ -18,8 +18,7 @@ from comfy_diffusionrig.lora import lora_layers, save_lora
 from comfy_diffusionrig.plotting import loss_curve
 from comfy_diffusionrig.training import TrainConfig, train
 
-from .face_nodes import image_to_pil
-from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, model_dir,
+from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, image_to_pil, model_dir,
                    photo_folder, use_model)
 
 CATEGORY = "DiffusionRig/personalize"
@@ -75,7 +74,7 @@ class BuildFaceAlbum:
         node = "Build Face Album"
         photos, names = [], []
         if images is not None:
-            photos += image_to_pil(images)
+            photos += image_to_pil(images, node)
             names += [f"image {i + 1}" for i in range(images.shape[0])]
         if folder.strip():
             for path in _folder_photos(photo_folder(folder, node)):

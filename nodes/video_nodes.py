@@ -7,8 +7,8 @@ import torch
 from comfy_diffusionrig.lighting import LIGHT_PRESETS, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.video import relight_clip
 
-from .face_nodes import CATEGORY, DETECTORS, image_to_pil, parse_color, pil_to_image
-from .host import Progress, check_interrupt, models_root
+from .face_nodes import CATEGORY, DETECTORS, parse_color
+from .host import Progress, check_interrupt, image_to_pil, models_root, pil_to_image
 
 LIGHTS = ["sliders", *LIGHT_PRESETS]
 
@@ -106,7 +106,7 @@ class RelightVideoClip:
                 bar[0].update(done)
 
         try:
-            result = relight_clip(dr_model, deca, image_to_pil(frames), start_light, end_light, strength=smoothing,
+            result = relight_clip(dr_model, deca, image_to_pil(frames, node), start_light, end_light, strength=smoothing,
                                   face=face_index, start=start, steps=steps, seed=seed, batch_size=batch_size,
                                   detector=detector, models_dir=str(models_root()), progress=progress)
         except ValueError as err:

@@ -38,7 +38,7 @@ def two_face_photo() -> torch.Tensor:
     canvas = Image.new("RGB", (560, 330), (128, 128, 128))
     canvas.paste(astronaut, (10, 50))
     canvas.paste(grace, (270, 15))
-    return fn.pil_to_image([canvas])
+    return host.pil_to_image([canvas])
 
 
 def _halves(shaded: torch.Tensor, covered: torch.Tensor) -> tuple[float, float]:
@@ -471,3 +471,22 @@ def test_paste_face_back_takes_the_edited_face_at_any_size(pipe):
     shifted = torch.roll(big, shifts=8, dims=2)  # a 2 px (256 px scale) offset would show
     moved, _ = node.paste(pipe.photo, pipe.alignment, shifted, False, 0.08)
     assert float((moved[0] - small_out[0]).abs()[inside].mean()) > 2 * float(diff.mean())
+
+
+def test_bad_images_get_one_clear_line_naming_the_node(pipe):
+    """An empty batch, 2 or 5 channels, another rank or NaN pixels: the node says which input and what to do."""
+    paste, detect = fn.PasteFaceBack(), fn.DetectAlignFace()
+    cases = [(torch.zeros(0, 64, 64, 3), "the IMAGE batch is empty"),
+             (torch.zeros(1, 64, 64, 2), "expected 1 \\(grey\\), 3 \\(RGB\\) or 4 \\(RGBA\\) colour channels, got 2"),
+             (torch.zeros(64, 64, 3), "expected an IMAGE batch \\[B, H, W, C\\]")]
+    for image, message in cases:
+        with pytest.raises(ValueError, match=f"^Detect & Align Face: {message}"):
+            detect.align(image, "largest", 0, "hog", 256)
+    nan_edit = pipe.aligned.clone()
+    nan_edit[0, 100, 100, 0] = float("nan")  # a NaN edit is refused, not pasted back as a black face
+    with pytest.raises(ValueError, match=r"^Paste Face Back \(edited\): the IMAGE holds NaN or infinite values"):
+        paste.paste(pipe.photo, pipe.alignment, nan_edit, False, 0.08)
+    grey = pipe.aligned.mean(-1, keepdim=True)  # grey and RGBA images are fine
+    assert host.image_to_unit(grey, "x").shape == (1, 3, 256, 256)
+    rgba = torch.cat([pipe.aligned, torch.ones_like(pipe.aligned[..., :1])], -1)
+    assert torch.equal(host.image_to_unit(rgba, "x"), host.image_to_unit(pipe.aligned, "x"))

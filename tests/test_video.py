@@ -137,11 +137,10 @@ def clip_nodes(demo_models):
 
 
 def test_relight_video_clip_node_passes_faceless_frames_through_and_reports_them(clip_nodes):
-    from nodes import face_nodes as fn
     from nodes.video_nodes import RelightVideoClip
 
     deca, dr = clip_nodes
-    frames = fn.pil_to_image(_clip_frames())
+    frames = host.pil_to_image(_clip_frames())
     frames[1] += 0.001 * torch.rand(frames[1].shape, generator=torch.Generator().manual_seed(0))  # off the 8-bit grid
     out, masks, report = RelightVideoClip().relight(
         dr, deca, frames, "sliders", 60.0, 20.0, 0.9, 0.5, "#FFFFFF", 40.0, 0.0, 2.0, 0, 2, "inversion", "hog", 0, 3)
