@@ -996,6 +996,14 @@ DEMO_ASSET_README = (
 )
 
 
+DEMO_MODEL_NOTE = (
+    f"{DEMO_MODEL_NAME} in this folder is a small DiffusionRig with RANDOM weights in the official checkpoint "
+    "format, written by `comfy-diffusionrig demo-assets`: it lets every node, workflow and command run, but its "
+    "pictures are noise, not edits. Put the official stage-1 model.pt (or your personalized model) next to it; "
+    "a real checkpoint is picked before the synthetic one, and you may delete this file and the .pt/.json pair.\n"
+)
+
+
 def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[str, Path]:
     """Write out_dir/flame/ (four FLAME files) and out_dir/deca/deca_model.tar, each folder with a
     SYNTHETIC_README.txt (which also tells our code that they are not the licensed files), and
@@ -1010,7 +1018,8 @@ def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[s
     targets = [out_dir / "flame" / n for n in (*FLAME_FILES, "SYNTHETIC_README.txt")]
     targets += [out_dir / "deca" / "deca_model.tar", out_dir / "deca" / "SYNTHETIC_README.txt"]
     model = out_dir / "diffusionrig" / DEMO_MODEL_NAME
-    targets += [model, model.with_suffix(".json"), out_dir / "SYNTHETIC_README.txt"]
+    targets += [model, model.with_suffix(".json"), out_dir / "diffusionrig" / "SYNTHETIC_README.txt",
+                out_dir / "SYNTHETIC_README.txt"]
     targets += [out_dir / "upscale_models" / n for n in (DEMO_UPSCALER_NAME, "SYNTHETIC_README.txt")]
     if not overwrite:
         existing = [str(p.relative_to(out_dir)) for p in targets if p.exists()]
@@ -1023,6 +1032,9 @@ def write_demo_assets(out_dir, seed: int = 0, overwrite: bool = False) -> dict[s
         out_dir / "deca" / "SYNTHETIC_README.txt", lambda tmp: Path(tmp).write_text(SYNTHETIC_NOTE), overwrite=True)
     written[f"diffusionrig/{DEMO_MODEL_NAME}"] = write_demo_model(out_dir / "diffusionrig", seed, overwrite=True)
     written[f"diffusionrig/{model.with_suffix('.json').name}"] = model.with_suffix(".json")
+    written["diffusionrig/SYNTHETIC_README.txt"] = atomic_write(
+        out_dir / "diffusionrig" / "SYNTHETIC_README.txt", lambda tmp: Path(tmp).write_text(DEMO_MODEL_NOTE),
+        overwrite=True)
     written[f"upscale_models/{DEMO_UPSCALER_NAME}"] = write_demo_upscaler(out_dir / "upscale_models", seed, True)
     written["upscale_models/SYNTHETIC_README.txt"] = atomic_write(
         out_dir / "upscale_models" / "SYNTHETIC_README.txt", lambda tmp: Path(tmp).write_text(DEMO_UPSCALER_NOTE),

@@ -183,3 +183,16 @@ def test_the_demo_upscaler_has_the_compact_layout_that_comfyui_recognises(tmp_pa
 def test_demo_assets_include_the_upscaler_with_its_readme(demo_models):
     assert (demo_models / "upscale_models" / DEMO_UPSCALER_NAME).is_file()
     assert "RANDOM weights" in (demo_models / "upscale_models" / "SYNTHETIC_README.txt").read_text()
+
+
+def test_every_stand_in_folder_says_it_is_synthetic(demo_models):
+    """The README promises a SYNTHETIC_README.txt in each stand-in folder, diffusionrig/ included."""
+    for folder in ("flame", "deca", "diffusionrig", "upscale_models"):
+        note = (demo_models / folder / "SYNTHETIC_README.txt").read_text()
+        assert "demo-assets" in note or "NOT" in note or "RANDOM" in note, folder
+    assert "RANDOM weights" in (demo_models / "diffusionrig" / "SYNTHETIC_README.txt").read_text()
+    from nodes.host import model_files
+
+    with pytest.MonkeyPatch.context() as mp:  # the note never shows as a checkpoint
+        mp.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_models))
+        assert all(not name.endswith(".txt") for name in model_files("diffusionrig", (".pt", ".safetensors")))
