@@ -178,6 +178,21 @@ def _sphere_image(light: torch.Tensor) -> torch.Tensor:
     return lit_sphere(light.float(), size=256).permute(0, 2, 3, 1).contiguous()
 
 
+# The light sliders of Relight and Relight Video Clip (widget order matters to saved workflows).
+LIGHT_SLIDERS = {
+    "azimuth": ("FLOAT", {"default": 45.0, "min": -180.0, "max": 180.0, "step": 1.0,
+                          "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
+    "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
+                            "tooltip": "Degrees; positive = from above."}),
+    "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05,
+                            "tooltip": "Direct light strength (sliders mode)."}),
+    "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
+                          "tooltip": "Light from everywhere (sliders mode): higher = softer shadows."}),
+    "color": ("STRING", {"default": "#FFFFFF",
+                         "tooltip": "Light colour as hex, e.g. #FFD8A8 for warm (sliders mode)."}),
+}
+
+
 class Relight:
     DESCRIPTION = ("Changes the light of a face rig: set a light with sliders, pick a named lighting setup "
                    "(Rembrandt, split, rim, golden hour...), rotate the fitted light, or copy the light of a "
@@ -196,15 +211,7 @@ class Relight:
                      {"default": "sliders", "tooltip": "sliders: a new directional + ambient light. preset: a named "
                                                        "lighting setup (see 'preset'). rotate: turn the photo's own "
                                                        "light by azimuth/elevation. copy: the reference rig's light."}),
-            "azimuth": ("FLOAT", {"default": 45.0, "min": -180.0, "max": 180.0, "step": 1.0,
-                                  "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
-            "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
-                                    "tooltip": "Degrees; positive = from above."}),
-            "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05,
-                                    "tooltip": "Direct light strength (sliders mode)."}),
-            "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
-                                  "tooltip": "Light from everywhere (sliders mode): higher = softer shadows."}),
-            "color": ("STRING", {"default": "#FFFFFF", "tooltip": "Light colour as hex, e.g. #FFD8A8 for warm."}),
+            **LIGHT_SLIDERS,
             "preset": (list(LIGHT_PRESETS), {"default": "rembrandt",
                                              "tooltip": "Lighting setup of preset mode: rembrandt, loop, split, "
                                                         "butterfly, flat, rim (from behind), under, golden hour, "

@@ -7,7 +7,7 @@ import torch
 from comfy_diffusionrig.lighting import LIGHT_PRESETS, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.video import relight_clip
 
-from .face_nodes import CATEGORY, DETECTORS, parse_color
+from .face_nodes import CATEGORY, DETECTORS, LIGHT_SLIDERS, parse_color
 from .host import Progress, check_interrupt, image_to_pil, models_root, pil_to_image
 
 LIGHTS = ["sliders", *LIGHT_PRESETS]
@@ -53,15 +53,7 @@ class RelightVideoClip:
                                             "IMAGE output)."}),
             "light": (LIGHTS, {"default": "sliders", "tooltip": "sliders: the light set by azimuth ... color; or a "
                                                                 "named lighting setup."}),
-            "azimuth": ("FLOAT", {"default": 45.0, "min": -180.0, "max": 180.0, "step": 1.0,
-                                  "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
-            "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
-                                    "tooltip": "Degrees; positive = from above."}),
-            "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05,
-                                    "tooltip": "Direct light strength (sliders)."}),
-            "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
-                                  "tooltip": "Light from everywhere (sliders): higher = softer shadows."}),
-            "color": ("STRING", {"default": "#FFFFFF", "tooltip": "Light colour as hex (sliders)."}),
+            **LIGHT_SLIDERS,
             "end_azimuth_turn": ("FLOAT", {"default": 0.0, "min": -360.0, "max": 360.0, "step": 1.0,
                                            "tooltip": "Keyframe: degrees the light has turned about the vertical by "
                                                       "the last frame (cross-faded in between). 0 = one light."}),

@@ -66,8 +66,7 @@ def _dlib_missing(error: BaseException | None) -> bool:
     return isinstance(error, ImportError) and str(error).startswith("face detection needs dlib")
 
 
-@pytest.hookimpl(wrapper=True)
-def pytest_runtest_setup(item):
+def _skipping_missing_dlib():
     try:
         return (yield)
     except ImportError as error:
@@ -77,10 +76,10 @@ def pytest_runtest_setup(item):
 
 
 @pytest.hookimpl(wrapper=True)
-def pytest_runtest_call(item):
-    try:
-        return (yield)
-    except ImportError as error:
-        if _dlib_missing(error):
-            pytest.skip(NO_DLIB)
-        raise
+def pytest_runtest_setup(item):  # fixtures that detect faces
+    return (yield from _skipping_missing_dlib())
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):  # the tests themselves
+    return (yield from _skipping_missing_dlib())
