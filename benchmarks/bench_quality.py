@@ -11,6 +11,9 @@ Every figure is also given as the difference to the official ddim20 (40 UNet cal
 
     python benchmarks/bench_quality.py                 # train (once) and score every setting
     python benchmarks/bench_quality.py --work /tmp/q   # where the trained model is cached
+
+On a shared machine run it with OMP_NUM_THREADS=1: two OpenMP threads on two busy cores
+trained ~10x slower here (the training took 18.5 min single-threaded under that load).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from bench_sample import Counted
 from comfy_diffusionrig import diffusion as D
 from comfy_diffusionrig.demo import DemoConfig, World, _flame_dir
 from comfy_diffusionrig.feature_cache import FeatureCache
@@ -105,19 +109,6 @@ SETTINGS = {
 }
 
 
-class Counted:
-    """Counts denoiser calls (full UNet evaluations unless wrapped around a FeatureCache)."""
-
-    def __init__(self, model):
-        self.model, self.calls = model, 0
-        self.config, self.device = model.config, model.device
-        self.check_image_size = model.check_image_size
-
-    def denoise(self, *args):
-        self.calls += 1
-        return self.model.denoise(*args)
-
-
 def score(model, data: dict, setting: tuple) -> dict:
     """Reconstruction and edit PSNR (dB, images in [0, 1]) and UNet calls per edit of one setting."""
     sample, invert, steps, interval = setting
@@ -138,21 +129,20 @@ def score(model, data: dict, setting: tuple) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/bench_quality"))
-    parser.add_argument("--train-only", action="store_true")
+    parser.add_argument("--train-only", action="store_true", help="train and cache the model, score nothing")
     args = parser.parse_args()
     model, data = trained_model(args.work)
     if args.train_only:
         return
-    torch.manual_seed(0)
     print(f"{len(data['source'])} held-out edits at {CONFIG.size} px; PSNR in dB (images in [0, 1]); "
           "calls = UNet calls per edit (inversion + sampling), full = of which full (not cached)")
-    print(f"{'setting':36} {'calls':>5} {'full':>5} {'recon':>6} {'d recon':>7} {'edit':>6} {'d edit':>6}")
+    print(f"{'setting':40} {'calls':>5} {'full':>5} {'recon':>6} {'d recon':>7} {'edit':>6} {'d edit':>6}")
     reference = None
     for name, setting in SETTINGS.items():
         r = score(model, data, setting)
         reference = reference or r
-        print(f"{name:36} {r['calls']:5d} {r['full_calls']:5.0f} {r['recon']:6.2f} {r['recon'] - reference['recon']:+7.2f} "
-              f"{r['edit']:6.2f} {r['edit'] - reference['edit']:+6.2f}", flush=True)
+        print(f"{name:40} {r['calls']:5d} {r['full_calls']:5.0f} {r['recon']:6.2f} "
+              f"{r['recon'] - reference['recon']:+7.2f} {r['edit']:6.2f} {r['edit'] - reference['edit']:+6.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -31,10 +31,10 @@ SETTINGS = {
     "ddim20": ("ddim", 20, 1, "auto"),
     "ddim20 + cache 2": ("ddim", 20, 2, "auto"),
     "dpmpp_2m 12": ("dpmpp_2m", 12, 1, "auto"),
-    "dpmpp_2m 10": ("dpmpp_2m", 10, 1, "auto"),
-    "dpmpp_2m 8": ("dpmpp_2m", 8, 1, "auto"),
+    "dpmpp_2m 10 (fast)": ("dpmpp_2m", 10, 1, "auto"),
+    "dpmpp_2m 8 (faster)": ("dpmpp_2m", 8, 1, "auto"),
+    "dpmpp_2m 12 + cache 2": ("dpmpp_2m", 12, 2, "auto"),
     "dpmpp_2m 10 + cache 2": ("dpmpp_2m", 10, 2, "auto"),
-    "dpmpp_2m 8 + cache 2": ("dpmpp_2m", 8, 2, "auto"),
 }
 
 
@@ -130,7 +130,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--device", nargs="+", default=None, help="cpu and/or cuda (default: all available)")
     parser.add_argument("--precision", default="auto", help="precision of the fast settings: auto, bf16, fp16, fp32")
-    parser.add_argument("--settings", nargs="+", default=None, help=f"subset of {list(SETTINGS)} (the first always runs)")
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help=f"subset of {list(SETTINGS)} (the first always runs)")
     parser.add_argument("--one", nargs=6, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:

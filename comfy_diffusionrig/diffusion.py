@@ -281,9 +281,9 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
     (when clip), as `ddim_sample`. Each step reuses the previous step's x0 prediction to cancel
     DDIM's first-order error: about half the steps for DDIM's accuracy. An int `steps` takes
     timesteps evenly spaced in log-SNR ("logsnrN", from t = 950 down to 0: integer timesteps the
-    model was trained on); any `respace` spacing string works too ("ddim10" is the official
-    stride, where the uneven log-SNR steps cost most of the second order). x0 is clipped as
-    DDIM's `clip`. The first step and the last (to the clean image) are DDIM steps. eta as
+    model was trained on); any `respace` spacing string works too ("ddim10", the official
+    stride, has uneven log-SNR steps and edits 2 dB worse in benchmarks/bench_quality.py).
+    x0 is clipped as DDIM's `clip`. The first step and the last (to the clean image) are DDIM steps. eta as
     DDIM's (0 deterministic; 1 the DDPM noise level, drawn from `generator`); with eta > 0 the
     correction applies to the data term only (the midpoint SDE form).
     `callback(step, total, x, x0)` after each step.
@@ -320,7 +320,7 @@ def dpmpp_2m_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: tor
     official DDIM inversion does) to the last kept timestep, where sampling starts: steps - 1
     UNet calls (the official DDIM inversion takes one more step, to abar = 0).
     order 1 (default, for edits): DDIM steps. order 2: DPM-Solver++(2M) run backwards, a far
-    more exact inverse (reconstruction 43 dB instead of 28 at 10 steps in
+    more exact inverse (reconstruction 43 dB instead of 34 at 10 steps in
     benchmarks/bench_quality.py) that edits worse (about -1 dB against the true photo): an
     exact x_T keeps the source's light and pose, and the edited buffers move it less.
     `callback(step, total, x, x0)` after each of the steps - 1 steps.

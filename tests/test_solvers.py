@@ -73,7 +73,8 @@ def test_dpmpp_2m_first_and_last_steps_are_ddim_steps():
     for eta in (0.0, 1.0):
         ours = D.dpmpp_2m_sample(gaussian_denoiser, *cond(), z, steps="ddim2", eta=eta,
                                  generator=torch.Generator().manual_seed(3))
-        ddim = D.ddim_sample(gaussian_denoiser, *cond(), z, steps=2, eta=eta, generator=torch.Generator().manual_seed(3))
+        ddim = D.ddim_sample(gaussian_denoiser, *cond(), z, steps=2, eta=eta,
+                             generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(ours, ddim, atol=1e-5, rtol=0)  # float32 round-off of other arithmetic
     three = D.dpmpp_2m_sample(gaussian_denoiser, *cond(), z, steps="ddim3")
     assert not torch.allclose(three, D.ddim_sample(gaussian_denoiser, *cond(), z, steps=3), atol=1e-3)
