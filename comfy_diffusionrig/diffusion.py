@@ -293,9 +293,9 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
     (when clip), as `ddim_sample`. Each step reuses the previous step's x0 prediction to cancel
     DDIM's first-order error: about half the steps for DDIM's accuracy. An int `steps` takes
     timesteps evenly spaced in log-SNR ("logsnrN", from t = 950 down to 0: integer timesteps the
-    model was trained on); any `respace` spacing string works too ("ddim10" is the official
-    stride, where the uneven log-SNR steps cost most of the second order). x0 is clipped as
-    DDIM's `clip`. The first step and the last (to the clean image) are DDIM steps. eta as
+    model was trained on); any `respace` spacing string works too ("ddim10", the official
+    stride, has uneven log-SNR steps and edits 2 dB worse in benchmarks/bench_quality.py).
+    x0 is clipped as DDIM's `clip`. The first step and the last (to the clean image) are DDIM steps. eta as
     DDIM's (0 deterministic; 1 the DDPM noise level, drawn from `generator`); with eta > 0 the
     correction applies to the data term only (the midpoint SDE form).
     `callback(step, total, x, x0)` after each step.
@@ -324,15 +324,21 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
 
 @torch.no_grad()
 def dpmpp_2m_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: torch.Tensor, steps: int | str = 10,
-                    clip: bool = True, callback: Callback | None = None) -> torch.Tensor:
-    """DPM-Solver++(2M) run backwards: a clean image to the x_T that `dpmpp_2m_sample` starts from.
+                    clip: bool = True, callback: Callback | None = None, order: int = 1) -> torch.Tensor:
+    """The inversion paired with `dpmpp_2m_sample`: a clean image to the x_T that sampling starts from.
 
-    image [B|1,3,H,W] in [-1,1] -> x_T [B,3,H,W]. Second order, steps - 1 UNet calls: it climbs
-    from the image (taken as x at the first kept timestep, as the official DDIM inversion does)
-    to the last kept timestep, where sampling starts. (The official DDIM inversion takes one
-    more step, to abar = 0.) `steps` as `dpmpp_2m_sample` (use the same value for both).
+    image [B|1,3,H,W] in [-1,1] -> x_T [B,3,H,W]; `steps` as `dpmpp_2m_sample` (use the same
+    value for both). It climbs from the image (taken as x at the first kept timestep, as the
+    official DDIM inversion does) to the last kept timestep, where sampling starts: steps - 1
+    UNet calls (the official DDIM inversion takes one more step, to abar = 0).
+    order 1 (default, for edits): DDIM steps. order 2: DPM-Solver++(2M) run backwards, a far
+    more exact inverse (reconstruction 43 dB instead of 34 at 10 steps in
+    benchmarks/bench_quality.py) that edits worse (about -1 dB against the true photo): an
+    exact x_T keeps the source's light and pose, and the edited buffers move it less.
     `callback(step, total, x, x0)` after each of the steps - 1 steps.
     """
+    if order not in (1, 2):
+        raise ValueError(f"order must be 1 (DDIM steps, for edits) or 2 (DPM-Solver++(2M)), got {order}")
     buffers, code, x = _prepare(model, buffers, code, image, "image")
     sched = _dpm_schedule(model, steps)
     abar = sched.alphas_cumprod
@@ -344,7 +350,7 @@ def dpmpp_2m_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: tor
         x0, _ = _predict_x0_eps(denoise, x, t_model, buffers, code, _f32(np.sqrt(1 / abar[i]), dev),
                                 _f32(np.sqrt(1 / abar[i] - 1), dev), clip)
         x = _data_step(x, x0, x0_prev, abar[i], abar[i + 1], lam[i], lam[i + 1], lam[i - 1] if i else None, 0.0, dev)
-        x0_prev = x0
+        x0_prev = x0 if order == 2 else None
         if callback is not None:
             callback(i, total, x, x0)
     return x
@@ -423,8 +429,9 @@ def sampler_functions(name: str) -> tuple[Callable, Callable]:
     """(sample_fn, invert_fn) of a sampler name in SAMPLERS.
 
     "ddim": the official sampler and inversion (first order; 20 steps, 40 UNet calls per
-    edit, is the reference). "dpmpp_2m": DPM-Solver++(2M), second order, on log-SNR-spaced
-    timesteps; about half the steps for the same accuracy (steps + steps - 1 UNet calls per edit).
+    edit, is the reference). "dpmpp_2m": DPM-Solver++(2M) sampling, second order, on
+    log-SNR-spaced timesteps, with DDIM-step inversion on the same timesteps; 10 steps (19 UNet
+    calls per edit) edit as well as ddim20 and reconstruct better (see SAMPLING_PRESETS).
     """
     try:
         return SAMPLERS[name]

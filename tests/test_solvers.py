@@ -74,7 +74,8 @@ def test_dpmpp_2m_first_and_last_steps_are_ddim_steps():
     for eta in (0.0, 1.0):
         ours = D.dpmpp_2m_sample(gaussian_denoiser, *cond(), z, steps="ddim2", eta=eta,
                                  generator=torch.Generator().manual_seed(3))
-        ddim = D.ddim_sample(gaussian_denoiser, *cond(), z, steps=2, eta=eta, generator=torch.Generator().manual_seed(3))
+        ddim = D.ddim_sample(gaussian_denoiser, *cond(), z, steps=2, eta=eta,
+                             generator=torch.Generator().manual_seed(3))
         torch.testing.assert_close(ours, ddim, atol=1e-5, rtol=0)  # float32 round-off of other arithmetic
     three = D.dpmpp_2m_sample(gaussian_denoiser, *cond(), z, steps="ddim3")
     assert not torch.allclose(three, D.ddim_sample(gaussian_denoiser, *cond(), z, steps=3), atol=1e-3)
@@ -106,7 +107,7 @@ def invert_error(invert, steps):
     sched = D.respace(D.base_schedule(), f"logsnr{steps}")
     z = z_field(3)
     a_first, a_top = ABAR[sched.timesteps[0]], ABAR[sched.timesteps[-1]]
-    x_t = invert(gaussian_denoiser, flow(z, a_first).float(), *cond(), steps=f"logsnr{steps}", clip=False)
+    x_t = invert(gaussian_denoiser, flow(z, a_first).float(), *cond(), steps=f"logsnr{steps}", clip=False, order=2)
     return (x_t.double() - flow(z, a_top)).abs().max().item()
 
 
@@ -123,15 +124,25 @@ def reconstruction_error(invert, sample, steps, **kw):
 
 
 def test_inversion_then_sampling_reconstructs():
-    # max abs error, images in [-1, 1]; measured: DPM++(2M) 0.028 (10 steps, 19 calls), 0.0013
+    # max abs error, images in [-1, 1]; measured: second-order DPM++(2M) 0.028 (10 steps, 19 calls), 0.0013
     # (20 steps, 39 calls); DDIM 20 steps with k fixed-point iterations 0.297, 0.050, 0.0085,
     # 0.0018 for k = 0..3 (39 + 19 k calls): per UNet call the second-order inversion wins
-    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 10) < 0.04
-    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 20) < 0.002
+    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 10, order=2) < 0.04
+    assert reconstruction_error(D.dpmpp_2m_invert, D.dpmpp_2m_sample, 20, order=2) < 0.002
     plain = reconstruction_error(D.ddim_invert_fixed_point, D.ddim_sample, 20, iterations=0)
     refined = reconstruction_error(D.ddim_invert_fixed_point, D.ddim_sample, 20, iterations=3)
     assert plain > 0.2  # DDIM's inversion is not DDIM sampling's inverse...
     assert refined < 0.003  # ...but its fixed point is
+
+
+def test_first_order_dpmpp_2m_inversion_is_ddim_inversion_on_its_timesteps():
+    image = flow(z_field(5), ABAR[0]).float()
+    ours = D.dpmpp_2m_invert(gaussian_denoiser, image, *cond(), steps=8)
+    ddim = D.ddim_invert_fixed_point(gaussian_denoiser, image, *cond(), steps="logsnr8", iterations=0)
+    torch.testing.assert_close(ours, ddim, atol=1e-5, rtol=1e-5)  # x_T grows to ~14: float32 round-off
+    assert not torch.allclose(ours, D.dpmpp_2m_invert(gaussian_denoiser, image, *cond(), steps=8, order=2), atol=1e-3)
+    with pytest.raises(ValueError, match="order"):
+        D.dpmpp_2m_invert(gaussian_denoiser, image, *cond(), steps=8, order=3)
 
 
 def test_fixed_point_inversion_with_no_iterations_is_ddim_inversion():
