@@ -368,7 +368,7 @@ def test_paste_back_every_face_of_a_photo_and_frames_of_one_face(pipe):
     assert means[0] < means[1] < means[2]  # each photo holds its own frame
     with pytest.raises(ValueError, match=r"Paste Face Back: 3 edited image\(s\) for 2 aligned face\(s\)"):
         paste.paste(two, alignment, frames, False, 0.08)
-    with pytest.raises(ValueError, match="Paste Face Back: the alignment came from 1 photos but 0 original"):
+    with pytest.raises(ValueError, match=r"Paste Face Back \(original\): the IMAGE batch is empty"):
         paste.paste(two[:0], alignment, inverted, False, 0.08)
 
 
