@@ -555,6 +555,13 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     convert.set_defaults(func=_cmd_convert)
 
+    from . import train as train_command
+
+    train = sub.add_parser("train", help="train stage 1 or 2 on a prepared dataset (one process, or under "
+                                         "torchrun -m comfy_diffusionrig.train)")
+    train_command.add_arguments(train)
+    train.set_defaults(func=train_command.run)
+
     demo = sub.add_parser("demo", help="offline demo: train, personalize and score a small DiffusionRig on "
                                        "synthetic faces (about 7 minutes on 2 CPU cores)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
