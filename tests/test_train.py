@@ -166,3 +166,18 @@ def test_dataset_round_trip_and_errors(tmp_path):
     (tmp_path / "data" / "shard-00001.safetensors").write_bytes(b"broken")
     with pytest.raises(DatasetError, match="shard-00001.safetensors.*run prepare-data again"):
         load_dataset(tmp_path / "data")
+
+
+def test_cli_train_from_scratch_and_stage_two_needs_a_model(tmp_path, run_inputs, capsys):
+    from comfy_diffusionrig.cli import main
+
+    config = tmp_path / "tiny.json"  # official create_model_and_diffusion kwargs
+    config.write_text('{"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2", '
+                      '"attention_resolutions": "8", "num_head_channels": 16, "dropout": 0.0}')
+    assert main(["train", "--data", run_inputs[1], "--stage", "1", "--config", str(config), "--out",
+                 str(tmp_path / "s1"), "--steps", "2", "--batch", "2", "--precision", "fp32"]) == 0
+    state = torch.load(tmp_path / "s1" / "train.pt", weights_only=True)
+    assert state["train_config"]["lr"] == 1e-4 and state["train_config"]["train_encoder"]  # official stage 1
+    assert load_diffusionrig(tmp_path / "s1" / "model.safetensors").config.num_channels == 32
+    assert main(["train", "--data", run_inputs[1], "--stage", "2", "--out", str(tmp_path / "s2")]) == 2
+    assert "stage 2 fine-tunes a trained model: pass --init" in capsys.readouterr().err
