@@ -157,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="comfy_diffusionrig.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    try:
+        return run(parser.parse_args(argv))
+    except (FileNotFoundError, ValueError) as err:  # as the comfy-diffusionrig CLI reports them
+        print(f"comfy_diffusionrig.train: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
