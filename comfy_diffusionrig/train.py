@@ -96,7 +96,8 @@ def run(args) -> int:
                              checkpoint_every=args.checkpoint_every, train_encoder=defaults["train_encoder"],
                              grad_accum=args.grad_accum, ema_rate=args.ema)
         out = Path(args.out)
-        log = _LossLog(out / "loss.csv") if rank == 0 else None
+        checkpoint = out / "train.pt"
+        log = _LossLog(out / "loss.csv", checkpoint) if rank == 0 else None
 
         def callback(step, total, loss, model):
             if log is not None:
@@ -109,7 +110,6 @@ def run(args) -> int:
             if int(asked):
                 raise Stopped(int(asked))
 
-        checkpoint = out / "train.pt"
         try:
             model, _ = train(model, data, config, checkpoint_path=checkpoint, callback=callback,
                              resume=not args.fresh)
@@ -137,18 +137,21 @@ def run(args) -> int:
 
 
 class _LossLog:
-    """step,loss lines; a resumed run first drops the lines of steps it will redo."""
+    """step,loss lines. A resumed run rewrites the file from the checkpoint's losses (the log can lag the
+    checkpoint by a step when a run is killed between the two writes)."""
 
-    def __init__(self, path: Path):
-        self.path, self.started = path, False
+    def __init__(self, path: Path, checkpoint: Path):
+        self.path, self.checkpoint, self.started = path, checkpoint, False
 
     def write(self, step: int, loss: float) -> None:
         if not self.started:
+            import torch
+
             self.started = True
-            kept = []
-            if self.path.exists():
-                kept = [line for line in self.path.read_text().splitlines()[1:] if int(line.split(",")[0]) < step]
-            self.path.write_text("\n".join(["step,loss", *kept]) + "\n")
+            done = []
+            if step > 1:  # mmap: only the losses are read, not the weights
+                done = torch.load(self.checkpoint, map_location="cpu", weights_only=True, mmap=True)["losses"]
+            self.path.write_text("".join(["step,loss\n", *(f"{i},{v:.8g}\n" for i, v in enumerate(done[:step - 1], 1))]))
         with open(self.path, "a") as f:
             f.write(f"{step},{loss:.8g}\n")
 

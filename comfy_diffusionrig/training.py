@@ -65,7 +65,9 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainingData:
-    """A personal album: images [N, 3, H, W] float in [-1, 1] and buffers [N, 9, H, W] (rendered|normal|albedo)."""
+    """Training faces: images [N, 3, H, W] float in [-1, 1] (or uint8 0..255, read as x / 127.5 - 1) and
+    buffers [N, 9, H, W] float (rendered|normal|albedo). The loop converts each batch to float32 on
+    the model's device, so a large dataset can stay in uint8 / fp16 on the CPU."""
 
     images: torch.Tensor
     buffers: torch.Tensor
@@ -77,15 +79,27 @@ class TrainingData:
         if buffers.ndim != 4 or buffers.shape[0] != images.shape[0] or buffers.shape[2:] != images.shape[2:]:
             raise ValueError(f"album buffers must be [N, 9, H, W] matching the images {tuple(images.shape)}, "
                              f"got shape {tuple(buffers.shape)}")
+        if not buffers.is_floating_point() or not (images.is_floating_point() or images.dtype == torch.uint8):
+            raise ValueError(f"album images must be float or uint8 and buffers float, got {images.dtype} and "
+                             f"{buffers.dtype}")
         for name, tensor in (("images", images), ("buffers", buffers)):
+            if not tensor.is_floating_point():
+                continue
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"album {name} contain NaN or infinite values; rebuild the album (a face fit failed?)")
-        if float(images.min()) < -1.001 or float(images.max()) > 1.001:
+        if images.is_floating_point() and (float(images.min()) < -1.001 or float(images.max()) > 1.001):
             raise ValueError(f"album images must be in [-1, 1], got [{float(images.min()):.3g}, "
                              f"{float(images.max()):.3g}]; convert 0..1 images with x * 2 - 1")
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B, 3, H, W] float32 in [-1, 1], buffers [B, 9, H, W] float32) of rows idx, on device."""
+        images = self.images[idx.to(self.images.device)].to(device, torch.float32)
+        if self.images.dtype == torch.uint8:
+            images = images / 127.5 - 1
+        return images, self.buffers[idx.to(self.buffers.device)].to(device, torch.float32)
 
     def fingerprint(self) -> list[float]:
         """Size and absolute sums: tells whether a checkpoint was trained on this album."""
@@ -194,8 +208,6 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
                      "rng": rng}
             _on_rank_zero(lambda: _write_checkpoint(path, state, saved), rank, world)
 
-        images = data.images.to(device, torch.float32, copy=True)  # copies: also frees them from inference mode
-        buffers = data.buffers.to(device, torch.float32, copy=True)
         batch, saved = config.batch_size, step
         micro = batch // (world * config.grad_accum)
         loss_fn = _LossModule(model)
@@ -204,9 +216,9 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
                 loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
         model.train()  # official: batch-statistics BatchNorm in the frozen encoder, dropout in the UNet
         while step < config.steps:
-            idx = torch.randperm(len(data), generator=gen)[:batch].to(device)
+            idx = torch.randperm(len(data), generator=gen)[:batch]
             t = torch.randint(0, model.config.diffusion_steps, (batch,), generator=gen).to(device)
-            noise = torch.randn((batch, *images.shape[1:]), generator=gen).to(device)
+            noise = torch.randn((batch, *data.images.shape[1:]), generator=gen).to(device)
             opt.zero_grad(set_to_none=True)
             total = None
             for k in range(config.grad_accum):
@@ -214,7 +226,7 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
                 last = k == config.grad_accum - 1
                 with loss_fn.no_sync() if world > 1 and not last else nullcontext():
                     with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                        loss = loss_fn(images[idx[part]], buffers[idx[part]], t[part], noise[part]).mean()
+                        loss = loss_fn(*data.batch(idx[part], device), t[part], noise[part]).mean()
                     scaler.scale(loss / config.grad_accum).backward()
                 share = loss.detach() / config.grad_accum
                 total = share if total is None else total + share

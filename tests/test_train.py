@@ -156,11 +156,13 @@ def test_dataset_round_trip_and_errors(tmp_path):
     images, buffers = torch.rand(5, 3, 16, 16, generator=g) * 2 - 1, torch.rand(5, 9, 16, 16, generator=g)
     write_dataset(tmp_path / "data", images, buffers, shard_size=2)
     data = load_dataset(tmp_path / "data")
+    assert (data.images.dtype, data.buffers.dtype) == (torch.uint8, torch.float16)  # converted per batch
+    images_back, buffers_back = data.batch(torch.arange(5), torch.device("cpu"))
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "index.json", "shard-00000.safetensors", "shard-00001.safetensors", "shard-00002.safetensors"]
     # uint8 storage: at most half a grey level (1 / 255 in [-1, 1] units); buffers fp16 (rel. 2^-11)
-    assert float((data.images - images).abs().max()) <= 1 / 255 + 1e-6
-    assert torch.allclose(data.buffers, buffers, rtol=2 ** -11, atol=0)
+    assert float((images_back - images).abs().max()) <= 1 / 255 + 1e-6
+    assert torch.allclose(buffers_back, buffers, rtol=2 ** -11, atol=0)
     with pytest.raises(DatasetError, match="has no index.json.*prepare-data"):
         load_dataset(tmp_path)
     (tmp_path / "data" / "shard-00001.safetensors").write_bytes(b"broken")
