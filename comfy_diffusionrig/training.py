@@ -173,6 +173,8 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
     checkpointed and the exception propagates. preview(step, model) runs every
     config.preview_every steps with the model in eval mode, under no_grad, on a private
     RNG, so previews never change the result.
+    Under torch.distributed call it on every rank with the same arguments (see the module
+    docstring); callback runs on every rank, preview on rank 0 only.
     """
     config = config or TrainConfig()
     device = model.device
