@@ -86,3 +86,22 @@ def test_chunks_keep_identities_together_with_mean_shape():
         parse_shard("3")
     with pytest.raises(ValueError, match="0..n-1"):
         parse_shard("3/3")
+
+
+def test_mean_shape_gives_each_identity_its_average_shape(demo_models, tmp_path, monkeypatch):
+    from comfy_diffusionrig import rig as rig_module
+
+    for person, name in (("p", "astronaut.png"), ("p", "grace_hopper.jpg"), ("q", "astronaut.png")):
+        (tmp_path / "photos" / person).mkdir(parents=True, exist_ok=True)
+        shutil.copy(EXAMPLES / name, tmp_path / "photos" / person / name)
+    fitted, rendered = [], []
+    real_fit, real_render = rig_module.fit_faces, rig_module.render_rig
+    monkeypatch.setattr(rig_module, "fit_faces", lambda *a: fitted.append(real_fit(*a)) or fitted[-1])
+    monkeypatch.setattr(rig_module, "render_rig", lambda deca, rig: rendered.append(rig) or real_render(deca, rig))
+    prepare_data(tmp_path / "photos", tmp_path / "data", demo_models / "deca" / "deca_model.tar",
+                 demo_models / "flame", PrepareConfig(size=64, shard_size=8, mean_shape=True), progress=lambda m: None)
+    own, used = fitted[0].codes["shape"], rendered[0].codes["shape"]  # rows: p/astronaut, p/grace_hopper, q/astronaut
+    assert not torch.allclose(own[0], own[1])  # two people: the per-photo fits differ
+    assert torch.allclose(used[0], (own[0] + own[1]) / 2) and torch.equal(used[0], used[1])
+    assert torch.equal(used[2], own[2])  # q has one photo: its own shape
+    assert torch.equal(rendered[0].codes["exp"], fitted[0].codes["exp"])  # only the shape is shared
