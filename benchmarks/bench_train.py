@@ -12,6 +12,13 @@ most 12 GB peak for the full fine-tune, and LoRA within 8 GB.
     python benchmarks/bench_train.py                       # CPU: batch 1, 2 timed steps (several minutes)
     python benchmarks/bench_train.py --device cuda --steps 20
     python benchmarks/bench_train.py --batch 4 --variants full lora16 --precision fp32
+
+Stage 1 data parallel (`--stage1`): the same loop under torchrun with 1 and 2 processes (gloo
+on the CPU, NCCL on GPUs), encoder trained, images per second over all processes and the peak
+memory of each process. `--quick` uses a 32 px, 32-channel model and 4 images per process (CPU).
+
+    python benchmarks/bench_train.py --stage1 --quick          # CPU, about a minute
+    python benchmarks/bench_train.py --stage1 --processes 1 8  # GPUs: official 256 px, 32 per GPU
 """
 
 from __future__ import annotations
@@ -70,6 +77,70 @@ def run_one(variant: str, checkpointing: bool, precision: str, batch: int, steps
         json.dump(result, f)
 
 
+def run_stage1_rank(quick: bool, batch_per_process: int, steps: int, out_file: str) -> None:
+    """One torchrun rank: stage-1 training steps; rank 0 writes the timing and every rank's peak memory."""
+    import torch.distributed as dist
+
+    from comfy_diffusionrig.training import TrainConfig, TrainingData, train
+    from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+    world = dist.get_world_size()
+    size = 32 if quick else 256
+    if quick:
+        torch.manual_seed(0)
+        model = DiffusionRig(UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
+                                        attention_resolutions=(16,), num_head_channels=16)).to(device)
+    else:
+        model = make_model(device)
+    gen = torch.Generator().manual_seed(7)
+    n = batch_per_process * world
+    data = TrainingData(torch.rand(n, 3, size, size, generator=gen) * 2 - 1, torch.rand(n, 9, size, size, generator=gen))
+    stamps = []
+
+    def callback(step, total, loss, model):
+        if cuda:
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    config = TrainConfig(steps=steps + 1, lr=1e-4, batch_size=n, train_encoder=True)  # official stage 1 lr
+    train(model, data, config, callback=callback)
+    per_step = sorted(b - a for a, b in zip(stamps, stamps[1:]))[(len(stamps) - 1) // 2]
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = [None] * world
+    dist.all_gather_object(peaks, peak)
+    if dist.get_rank() == 0:
+        with open(out_file, "w") as f:
+            json.dump({"per_step_s": per_step, "images_per_s": n / per_step, "peaks": peaks}, f)
+    dist.destroy_process_group()
+
+
+def stage1(args) -> None:
+    quick = args.quick
+    batch = args.batch or (4 if quick else 32)  # official stage 1: 32 per GPU
+    steps = args.steps or (4 if quick else 10)
+    tmp = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"bench_train_stage1_{os.getpid()}.json")
+    print(f"torch {torch.__version__}, stage 1 ({'32 px quick model' if quick else 'official 256 px'}), "
+          f"{batch} images per process, {steps} timed steps after 1 warm-up, "
+          f"{'NCCL' if torch.cuda.is_available() else 'gloo (CPU, ' + os.environ.get('OMP_NUM_THREADS', '?') + ' threads per process)'}")
+    print(f"{'processes':>9} {'s/step':>7} {'images/s':>9} {'peak GiB per process':>22}")
+    for processes in args.processes:
+        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                        __file__, "--stage1-rank", "quick" if quick else "full", str(batch), str(steps), tmp],
+                       check=True)
+        with open(tmp) as f:
+            r = json.load(f)
+        os.remove(tmp)
+        peaks = " ".join(f"{p / 2**30:.2f}" for p in r["peaks"])
+        print(f"{processes:9d} {r['per_step_s']:7.3f} {r['images_per_s']:9.1f} {peaks:>22}", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -79,8 +150,19 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--precision", nargs="+", default=["auto"], help="auto, fp32, bf16, fp16 (one or more)")
     parser.add_argument("--checkpointing", nargs="+", default=["off", "on"], choices=["off", "on"])
+    parser.add_argument("--stage1", action="store_true", help="stage-1 data-parallel throughput (torchrun)")
+    parser.add_argument("--quick", action="store_true", help="with --stage1: a 32 px model, 4 images per process")
+    parser.add_argument("--processes", nargs="+", type=int, default=[1, 2], help="with --stage1")
     parser.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--stage1-rank", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.stage1_rank:
+        mode, batch, steps, out_file = args.stage1_rank
+        run_stage1_rank(mode == "quick", int(batch), int(steps), out_file)
+        return
+    if args.stage1:
+        stage1(args)
+        return
     if args.one:
         variant, ckpt, precision, batch, steps, device, out_file = args.one
         run_one(variant, ckpt == "on", precision, int(batch), int(steps), device, out_file)

@@ -98,6 +98,20 @@ def _cmd_demo_assets(args) -> int:
     return 0
 
 
+def _cmd_prepare_data(args) -> int:
+    from .pipeline import default_models_dir
+    from .prepare import PrepareConfig, parse_shard, prepare_data
+
+    root = Path(args.models) if args.models else default_models_dir()
+    config = PrepareConfig(size=args.size, min_face=args.min_face, detector=args.detector,
+                           mean_shape=args.mean_shape, shard_size=args.shard_size)
+    manifest = prepare_data(args.photos, args.out, root / "deca" / "deca_model.tar", root / "flame", config,
+                            workers=args.workers, shard=parse_shard(args.shard), models_dir=str(root))
+    print(f"{args.out}: {manifest['kept']} faces from {manifest['photos']} photos, {len(manifest['rejected'])} "
+          f"rejected (see manifest.json); {manifest['shards_done']}/{manifest['shards_total']} shards done")
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from dataclasses import replace
 
@@ -561,6 +575,30 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="storage precision")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     convert.set_defaults(func=_cmd_convert)
+
+    from . import train as train_command
+
+    train = sub.add_parser("train", help="train stage 1 or 2 on a prepared dataset (one process, or under "
+                                         "torchrun -m comfy_diffusionrig.train)")
+    train_command.add_arguments(train)
+    train.set_defaults(func=train_command.run)
+
+    prepare = sub.add_parser("prepare-data", help="photos -> a training dataset: align, fit DECA, render buffers, "
+                                                  "write shards + index.json + manifest.json (resumable)")
+    prepare.add_argument("photos", help="a folder of photos (searched recursively; one folder per identity "
+                                        "for --mean-shape) or one photo")
+    prepare.add_argument("--out", required=True, help="dataset folder (what train --data reads)")
+    prepare.add_argument("--models", default=None, help="models folder with deca/ and flame/ "
+                                                        "(default: $COMFY_DIFFUSIONRIG_MODELS or ./models)")
+    prepare.add_argument("--size", type=int, default=256, help="aligned face size (official: 256)")
+    prepare.add_argument("--min-face", type=int, default=64, help="reject faces whose box is smaller (pixels)")
+    prepare.add_argument("--detector", choices=["hog", "cnn", "insightface"], default="hog")
+    prepare.add_argument("--mean-shape", action="store_true", help="give each identity (folder) its mean DECA "
+                                                                   "shape (official --use_meanshape)")
+    prepare.add_argument("--shard-size", type=int, default=256, help="photos per shard")
+    prepare.add_argument("--workers", type=int, default=1, help="processes (each loads DECA)")
+    prepare.add_argument("--shard", default="0/1", help="i/n: run only the shards k with k %% n == i")
+    prepare.set_defaults(func=_cmd_prepare_data)
 
     demo = sub.add_parser("demo", help="offline demo: train, personalize and score a small DiffusionRig on "
                                        "synthetic faces (about 7 minutes on 2 CPU cores)")

@@ -13,8 +13,19 @@ Training checkpoints are `torch.save` dicts of plain tensors, numbers, strings a
 resume bit-identically: "format", "step", "losses", "train_config", "unet_config",
 "fingerprints" (album and frozen base, to refuse resuming on other inputs), "model" (full
 state dict, official layout, so `load_diffusionrig` reads the file) or "lora"
-(`lora_state_dict`), "optimizer", "scaler" (fp16 loss scaler) and "rng" ("cpu", "cuda": the
-global generators dropout draws from; "batches": the generator of images, t and noise).
+(`lora_state_dict`), "optimizer", "scaler" (fp16 loss scaler), "ema" ({name: tensor} of the
+trained parameters' moving average, empty when off) and "rng" ("cpu", "cuda": rank 0's global
+generators dropout draws from; "ranks": [{"cpu", "cuda"}] of every rank; "batches": the generator
+of images, t and noise, the same on every rank).
+
+Distributed data parallel: when `torch.distributed` is initialised (torchrun), the same loop
+runs on every rank. Each rank draws the whole global batch from the shared generator and takes
+its contiguous slice (rank r: items r*B/W .. (r+1)*B/W), split again into `grad_accum`
+micro-batches; DistributedDataParallel averages the gradients, so a step equals the
+single-process step over the same global batch with grad_accum = W * grad_accum micro-batches
+(the encoder's batch statistics are per micro-batch either way; BatchNorm running statistics are
+rank 0's, as DDP broadcasts them). Rank 0 writes the checkpoints; every rank reads them, so the
+folder must be shared. Resuming on another number of ranks continues the same batches.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -54,7 +65,9 @@ class TrainingError(RuntimeError):
 
 @dataclass
 class TrainingData:
-    """A personal album: images [N, 3, H, W] float in [-1, 1] and buffers [N, 9, H, W] (rendered|normal|albedo)."""
+    """Training faces: images [N, 3, H, W] float in [-1, 1] (or uint8 0..255, read as x / 127.5 - 1) and
+    buffers [N, 9, H, W] float (rendered|normal|albedo). The loop converts each batch to float32 on
+    the model's device, so a large dataset can stay in uint8 / fp16 on the CPU."""
 
     images: torch.Tensor
     buffers: torch.Tensor
@@ -66,15 +79,27 @@ class TrainingData:
         if buffers.ndim != 4 or buffers.shape[0] != images.shape[0] or buffers.shape[2:] != images.shape[2:]:
             raise ValueError(f"album buffers must be [N, 9, H, W] matching the images {tuple(images.shape)}, "
                              f"got shape {tuple(buffers.shape)}")
+        if not buffers.is_floating_point() or not (images.is_floating_point() or images.dtype == torch.uint8):
+            raise ValueError(f"album images must be float or uint8 and buffers float, got {images.dtype} and "
+                             f"{buffers.dtype}")
         for name, tensor in (("images", images), ("buffers", buffers)):
+            if not tensor.is_floating_point():
+                continue
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"album {name} contain NaN or infinite values; rebuild the album (a face fit failed?)")
-        if float(images.min()) < -1.001 or float(images.max()) > 1.001:
+        if images.is_floating_point() and (float(images.min()) < -1.001 or float(images.max()) > 1.001):
             raise ValueError(f"album images must be in [-1, 1], got [{float(images.min()):.3g}, "
                              f"{float(images.max()):.3g}]; convert 0..1 images with x * 2 - 1")
 
     def __len__(self) -> int:
         return self.images.shape[0]
+
+    def batch(self, idx: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images [B, 3, H, W] float32 in [-1, 1], buffers [B, 9, H, W] float32) of rows idx, on device."""
+        images = self.images[idx.to(self.images.device)].to(device, torch.float32)
+        if self.images.dtype == torch.uint8:
+            images = images / 127.5 - 1
+        return images, self.buffers[idx.to(self.buffers.device)].to(device, torch.float32)
 
     def fingerprint(self) -> list[float]:
         """Size and absolute sums: tells whether a checkpoint was trained on this album."""
@@ -91,6 +116,9 @@ class TrainConfig:
     lora_rank 0 fine-tunes the whole UNet (official); LoRA usually wants a ~10x higher lr.
     lora_alpha None = rank. checkpoint_every / preview_every count steps (0: no previews).
     train_encoder: also train the global encoder, as the official stage 1 does (from scratch).
+    batch_size is the global batch (all ranks together); grad_accum splits each rank's share
+    into that many micro-batches. ema_rate > 0 keeps an exponential moving average of the
+    trained parameters in the checkpoint (0: off).
     """
 
     steps: int = 5000  # official stage-2 max_steps
@@ -106,6 +134,8 @@ class TrainConfig:
     checkpoint_every: int = 500
     preview_every: int = 0
     train_encoder: bool = False
+    grad_accum: int = 1
+    ema_rate: float = 0.0
 
     def __post_init__(self):
         problems = [f"{name} must be {rule}, got {getattr(self, name)!r}" for name, ok, rule in (
@@ -118,6 +148,8 @@ class TrainConfig:
             ("checkpoint_every", self.checkpoint_every >= 1, "at least 1"),
             ("preview_every", self.preview_every >= 0, "0 (off) or positive"),
             ("train_encoder", not (self.train_encoder and self.lora_rank), "False with LoRA (adapters are UNet-only)"),
+            ("grad_accum", self.grad_accum >= 1, "at least 1"),
+            ("ema_rate", 0 <= self.ema_rate < 1, "in [0, 1)"),
         ) if not ok]
         if problems:
             raise ValueError("invalid TrainConfig: " + "; ".join(problems))
@@ -141,62 +173,86 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
     checkpointed and the exception propagates. preview(step, model) runs every
     config.preview_every steps with the model in eval mode, under no_grad, on a private
     RNG, so previews never change the result.
+    Under torch.distributed call it on every rank with the same arguments (see the module
+    docstring); callback runs on every rank, preview on rank 0 only.
     """
     config = config or TrainConfig()
     device = model.device
     amp_dtype = _autocast_dtype(config.precision, device)
-    _check_album(model, data, config)
+    rank, world = _rank_and_world()
+    _check_album(model, data, config, world)
     path = None if checkpoint_path is None else Path(checkpoint_path)
-    if path is not None:
+    if path is not None and rank == 0:
         remove_stale_temp_files(path)  # left by a run that was killed while writing
         _check_writable(path, _checkpoint_bytes_estimate(model, config))
-    with torch.inference_mode(False), torch.enable_grad(), _private_rng(config.seed + 1, device), \
+    with torch.inference_mode(False), torch.enable_grad(), _private_rng(config.seed + 1 + rank, device), \
             _checkpointing(model, config.gradient_checkpointing):
         params = _trainable_parameters(model, config)
-        gen = torch.Generator().manual_seed(config.seed)  # album indices, timesteps and noise
+        names = {id(p): name for name, p in model.named_parameters()}
+        ema = [p.detach().clone() for p in params] if config.ema_rate else []
+        gen = torch.Generator().manual_seed(config.seed)  # album indices, timesteps and noise (same on every rank)
         opt = torch.optim.Adam(params, lr=config.lr, fused=device.type == "cuda")  # official: Adam, no weight decay
         scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
         fingerprints = {"data": data.fingerprint(), "base": _base_fingerprint(model) if config.lora_rank else []}
         step, losses = 0, []
         if path is not None and resume and path.exists():
-            step, losses = _restore(path, model, opt, scaler, gen, config, fingerprints, device)
+            step, losses = _restore(path, model, opt, scaler, gen, ema, params, names, config, fingerprints,
+                                    device, rank)
 
         def save():
+            ranks = _gather_rng_states(device, world)  # a collective: every rank saves together
             weights = {"lora": lora_state_dict(model)} if config.lora_rank else {"model": model.state_dict()}
-            rng = {"cpu": torch.get_rng_state(), "batches": gen.get_state(),
-                   "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-            _write_checkpoint(path, {"format": TRAIN_FORMAT, "step": step, "losses": list(losses),
-                                     "train_config": config.to_dict(), "unet_config": model.config.to_dict(),
-                                     "fingerprints": fingerprints, **weights, "optimizer": opt.state_dict(),
-                                     "scaler": scaler.state_dict(), "rng": rng}, saved)
+            rng = {**ranks[0], "ranks": ranks, "batches": gen.get_state()}
+            state = {"format": TRAIN_FORMAT, "step": step, "losses": list(losses),
+                     "train_config": config.to_dict(), "unet_config": model.config.to_dict(),
+                     "fingerprints": fingerprints, **weights, "optimizer": opt.state_dict(),
+                     "scaler": scaler.state_dict(), "ema": {names[id(p)]: e for p, e in zip(params, ema)},
+                     "rng": rng}
+            _on_rank_zero(lambda: _write_checkpoint(path, state, saved), rank, world)
 
-        images = data.images.to(device, torch.float32, copy=True)  # copies: also frees them from inference mode
-        buffers = data.buffers.to(device, torch.float32, copy=True)
         batch, saved = config.batch_size, step
+        micro = batch // (world * config.grad_accum)
+        loss_fn = _LossModule(model)
+        if world > 1:
+            loss_fn = torch.nn.parallel.DistributedDataParallel(
+                loss_fn, device_ids=[device.index] if device.type == "cuda" else None)
         model.train()  # official: batch-statistics BatchNorm in the frozen encoder, dropout in the UNet
         while step < config.steps:
-            idx = torch.randperm(len(data), generator=gen)[:batch].to(device)
+            idx = torch.randperm(len(data), generator=gen)[:batch]
             t = torch.randint(0, model.config.diffusion_steps, (batch,), generator=gen).to(device)
-            noise = torch.randn((batch, *images.shape[1:]), generator=gen).to(device)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = p2_loss(model, images[idx], buffers[idx], t, noise).mean()
-            value = loss.item()
+            noise = torch.randn((batch, *data.images.shape[1:]), generator=gen).to(device)
+            opt.zero_grad(set_to_none=True)
+            total = None
+            for k in range(config.grad_accum):
+                part = slice((rank * config.grad_accum + k) * micro, (rank * config.grad_accum + k + 1) * micro)
+                last = k == config.grad_accum - 1
+                with loss_fn.no_sync() if world > 1 and not last else nullcontext():
+                    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                        loss = loss_fn(*data.batch(idx[part], device), t[part], noise[part]).mean()
+                    scaler.scale(loss / config.grad_accum).backward()
+                share = loss.detach() / config.grad_accum
+                total = share if total is None else total + share
+            if world > 1:
+                torch.distributed.all_reduce(total)
+                total = total / world
+            value = total.item()
             if not math.isfinite(value):
                 raise TrainingError(_diverged_message(value, step + 1, config, path, saved))
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
             if config.grad_clip is not None:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             scaler.step(opt)
             scaler.update()
+            if ema:
+                for average, p in zip(ema, params):
+                    average.lerp_(p.detach(), 1 - config.ema_rate)
             step += 1
             losses.append(value)
             if path is not None and (step % config.checkpoint_every == 0 or step == config.steps):
                 save()
                 saved = step
             try:
-                if preview is not None and config.preview_every and step % config.preview_every == 0:
+                if preview is not None and rank == 0 and config.preview_every and step % config.preview_every == 0:
                     _run_preview(preview, step, model, device)
                 if callback is not None:
                     callback(step, config.steps, value, model)
@@ -213,9 +269,57 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return None if dtype == torch.float32 else dtype
 
 
-def _check_album(model: DiffusionRig, data: TrainingData, config: TrainConfig) -> None:
+class _LossModule(torch.nn.Module):
+    """p2_loss as a module's forward, so that DistributedDataParallel can hook the backward pass."""
+
+    def __init__(self, model: DiffusionRig):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images, buffers, t, noise):
+        return p2_loss(self.model, images, buffers, t, noise)
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather_rng_states(device: torch.device, world: int) -> list[dict]:
+    """[{"cpu", "cuda"}] of every rank's global generators (dropout), rank order."""
+    mine = {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+    if world == 1:
+        return [mine]
+    states = [None] * world
+    torch.distributed.all_gather_object(states, mine)
+    return states
+
+
+def _on_rank_zero(write: Callable[[], None], rank: int, world: int) -> None:
+    """Run `write` on rank 0 and raise its error on every rank, so that no rank waits on a failed one."""
+    error = None
+    if rank == 0:
+        try:
+            write()
+        except OSError as err:
+            error = err
+    if world > 1:
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+
+
+def _check_album(model: DiffusionRig, data: TrainingData, config: TrainConfig, world: int = 1) -> None:
     if not isinstance(data, TrainingData):
         raise TypeError(f"data must be a TrainingData(images, buffers), got {type(data).__name__}")
+    if config.batch_size % (world * config.grad_accum):
+        raise ValueError(f"batch_size {config.batch_size} (the global batch) must be a multiple of the number of "
+                         f"processes ({world}) times grad_accum ({config.grad_accum}); change one of them")
     if len(data) < config.batch_size:
         raise ValueError(
             f"the album has {len(data)} image(s) but batch_size is {config.batch_size}: each step needs "
@@ -303,8 +407,8 @@ def _close(a: list[float], b: list[float]) -> bool:
     return len(a) == len(b) and all(math.isclose(x, y, rel_tol=1e-6, abs_tol=1e-9) for x, y in zip(a, b))
 
 
-def _restore(path: Path, model, opt, scaler, gen, config: TrainConfig, fingerprints: dict,
-             device: torch.device) -> tuple[int, list[float]]:
+def _restore(path: Path, model, opt, scaler, gen, ema, params, names, config: TrainConfig, fingerprints: dict,
+             device: torch.device, rank: int = 0) -> tuple[int, list[float]]:
     """Load a training checkpoint into the run's objects after checking it belongs to this run."""
     restart = f"delete {path} or pass resume=False to start over"
     try:
@@ -336,9 +440,16 @@ def _restore(path: Path, model, opt, scaler, gen, config: TrainConfig, fingerpri
     opt.load_state_dict(state["optimizer"])
     if scaler.is_enabled() and state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["cpu"])
-    if device.type == "cuda" and state["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+    saved_ema = state.get("ema") or {}
+    for p, e in zip(params, ema):
+        if names[id(p)] in saved_ema:  # else (EMA switched on now) it starts from the current weights
+            e.copy_(saved_ema[names[id(p)]])
+    # each rank continues its own dropout stream; a rank the saved run did not have keeps its fresh seed
+    ranks = state["rng"].get("ranks") or [state["rng"]]
+    if rank < len(ranks):
+        torch.set_rng_state(ranks[rank]["cpu"])
+        if device.type == "cuda" and ranks[rank]["cuda"] is not None:
+            torch.cuda.set_rng_state(ranks[rank]["cuda"], device)
     gen.set_state(state["rng"]["batches"])
     return state["step"], list(state["losses"])
 

@@ -357,3 +357,25 @@ def test_stage_one_trains_the_encoder_too():
     assert "encoder.fc.weight" in moved and "encoder.conv1.weight" in moved
     with pytest.raises(ValueError, match="train_encoder"):
         TrainConfig(train_encoder=True, lora_rank=4)
+
+
+def test_ema_follows_the_closed_form_and_leaves_the_trajectory_alone(tmp_path):
+    rate, seen = 0.75, []
+    model = tiny_model()
+    expected = {k: v.detach().clone() for k, v in model.denoisingUNet.named_parameters()}
+
+    def record(step, total, loss, model):
+        seen.append({k: v.detach().clone() for k, v in model.denoisingUNet.named_parameters()})
+
+    path = tmp_path / "ckpt.pt"
+    trained, _ = train(model, album(), TrainConfig(steps=3, lr=1e-3, ema_rate=rate, **FAST), checkpoint_path=path,
+                       callback=record)
+    for params in seen:  # ema_k = rate * ema_(k-1) + (1 - rate) * weights_k, from the initial weights
+        expected = {k: rate * expected[k] + (1 - rate) * params[k] for k in expected}
+    ema = torch.load(path, weights_only=True)["ema"]
+    assert sorted(ema) == sorted(f"denoisingUNet.{k}" for k in expected)
+    # lerp and the two-product form differ by round-off only: 1e-6 relative to weights of order 0.1
+    assert max(float((ema[f"denoisingUNet.{k}"] - v).abs().max()) for k, v in expected.items()) < 1e-6
+    assert max(float((ema[f"denoisingUNet.{k}"] - v).abs().max()) for k, v in seen[-1].items()) > 1e-5
+    reference, _ = train(tiny_model(), album(), TrainConfig(steps=3, lr=1e-3, **FAST))
+    assert_same_weights(weights(trained), weights(reference))
