@@ -370,6 +370,9 @@ def test_paste_back_every_face_of_a_photo_and_frames_of_one_face(pipe):
         paste.paste(two, alignment, frames, False, 0.08)
     with pytest.raises(ValueError, match=r"Paste Face Back \(original\): the IMAGE batch is empty"):
         paste.paste(two[:0], alignment, inverted, False, 0.08)
+    pair, pair_alignment, _ = fn.DetectAlignFace().align(torch.cat([two, two]), "largest", 0, "hog", 256)
+    with pytest.raises(ValueError, match="Paste Face Back: the alignment came from 2 photos but 1 original"):
+        paste.paste(two, pair_alignment, pair, False, 0.08)
 
 
 def test_rig_sweep_frames_change_monotonically_and_share_the_noise(pipe):
