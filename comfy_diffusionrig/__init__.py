@@ -18,6 +18,8 @@ _EXPORTS = {
     "UNetConfig": "unet",
     "ddim_sample": "diffusion",
     "ddim_invert": "diffusion",
+    "dpmpp_2m_sample": "diffusion",
+    "dpmpp_2m_invert": "diffusion",
     "edit_faces": "editing",
     "p2_loss": "diffusion",
     "load_flame": "flame",
