@@ -18,7 +18,8 @@ class FeatureCache:
 
     interval 1: every call is a full evaluation, bit-identical to `model.denoise`.
     interval N: calls 0, N, 2N, ... of a run are full; the others run only `shallow` input and
-    output blocks (shallow=1: a few % of a full call for the official widths). A run restarts
+    output blocks (shallow=1: 12% of a full call's FLOPs at the official widths; its share of
+    the time depends on the device, see benchmarks/bench_sample.py). A run restarts
     (full evaluation) whenever the buffers, code or batch shape change or the timesteps repeat
     or turn (an inversion followed by sampling), so features never cross from one trajectory
     into another. Trade-off, measured in benchmarks/bench_quality.py against the official
