@@ -7,7 +7,6 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from comfy_diffusionrig import ddim_sample
@@ -19,7 +18,7 @@ from comfy_diffusionrig.plotting import loss_curve
 from comfy_diffusionrig.training import TrainConfig, train
 
 from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, image_to_pil, model_dir,
-                   photo_folder, use_model)
+                   photo_folder, pil_to_image, use_model)
 
 CATEGORY = "DiffusionRig/personalize"
 TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
@@ -199,7 +198,7 @@ class TrainDiffusionRig:
             use_model(model)
             model, losses = train(model, data, config, checkpoint_path=checkpoint, callback=on_step,
                                   resume=not restart, preview=preview)
-        curve = torch.from_numpy(np.asarray(loss_curve(losses), dtype=np.float32) / 255.0)[None]
+        curve = pil_to_image([loss_curve(losses)])
         return (model, curve)
 
 
