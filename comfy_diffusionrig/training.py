@@ -45,6 +45,7 @@ from .checkpoints import CheckpointError, DiskFullError, atomic_write, disk_full
     remove_stale_temp_files
 from .devices import resolve_dtype
 from .diffusion import p2_loss
+from .errors import check_finite, unreadable
 from .lora import (DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_info, lora_layers, lora_numel,
                    lora_state_dict)
 from .unet import AttentionBlock, DiffusionRig, ResBlock
@@ -414,10 +415,16 @@ def _restore(path: Path, model, opt, scaler, gen, ema, params, names, config: Tr
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"cannot read the training checkpoint {path} ({type(err).__name__}: "
-                              f"{str(err)[:200]}); {restart}") from err
+        raise unreadable(CheckpointError, path, f"cannot read the training checkpoint ({type(err).__name__}: "
+                         f"{str(err)[:200]})", restart) from err
     if not isinstance(state, dict) or state.get("format") != TRAIN_FORMAT:
-        raise CheckpointError(f"{path} is not a DiffusionRig training checkpoint; {restart}")
+        raise CheckpointError(f"{path} is not a DiffusionRig training checkpoint; {restart}", path)
+    weights = "lora" if config.lora_rank else "model"
+    missing = [k for k in ("step", "losses", "train_config", "unet_config", "fingerprints", weights, "optimizer",
+                           "scaler", "rng") if k not in state]
+    if missing:
+        raise CheckpointError(f"the training checkpoint {path} is damaged: it lacks {missing}; {restart}", path)
+    check_finite(state[weights], path, CheckpointError, restart)
     ours = config.to_dict()
     problems = [f"{k} {state['train_config'].get(k)!r} (now {ours[k]!r})" for k in _TRAJECTORY_FIELDS
                 if state["train_config"].get(k) != ours[k]]

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -379,3 +380,29 @@ def test_ema_follows_the_closed_form_and_leaves_the_trajectory_alone(tmp_path):
     assert max(float((ema[f"denoisingUNet.{k}"] - v).abs().max()) for k, v in seen[-1].items()) > 1e-5
     reference, _ = train(tiny_model(), album(), TrainConfig(steps=3, lr=1e-3, **FAST))
     assert_same_weights(weights(trained), weights(reference))
+
+
+def test_a_damaged_training_checkpoint_says_what_it_is(tmp_path):
+    """Resuming from an LFS pointer, a checkpoint missing a part, or one with NaN weights: one CheckpointError with
+    the path and what to do, before any weight is touched (the NaN one used to resume and fail as a NaN loss)."""
+    config = TrainConfig(steps=2, batch_size=2, precision="fp32", checkpoint_every=1)
+    path = tmp_path / "train.pt"
+    train(tiny_model(), album(), config, checkpoint_path=path)
+    good = torch.load(path, weights_only=True)
+
+    def resume():
+        return train(tiny_model(), album(), replace(config, steps=3), checkpoint_path=path)
+
+    path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 123\n")
+    with pytest.raises(CheckpointError, match="git lfs pull") as info:
+        resume()
+    assert info.value.path == path
+    damaged = {k: v for k, v in good.items() if k != "optimizer"}
+    torch.save(damaged, path)
+    with pytest.raises(CheckpointError, match=r"is damaged: it lacks \['optimizer'\]"):
+        resume()
+    broken = dict(good, model={k: v.clone() for k, v in good["model"].items()})
+    next(v for v in broken["model"].values() if v.is_floating_point())[...] = float("nan")
+    torch.save(broken, path)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        resume()
