@@ -21,6 +21,7 @@ from PIL import Image
 
 from .checkpoints import atomic_write
 from .errors import ModelFileError, unreadable
+from .imaging import pil_to_tensor
 from .training import TrainingData
 
 ALBUM_FORMAT = "comfy-diffusionrig-album-v2"
@@ -188,7 +189,7 @@ def build_album(photos: list[Image.Image], deca, names: list[str] | None = None,
     if len(kept) < MIN_PHOTOS:
         warnings.append(f"only {len(kept)} usable photo(s): personalization works best with about 20 photos of "
                         "the person under varied light, expression and pose")
-    images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
+    images = pil_to_tensor([a.image for a in aligned])
     rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
     report(len(photos) + 1, len(photos) + 2)
     mean_shape = rig.codes["shape"].mean(0, keepdim=True).expand_as(rig.codes["shape"]).clone()

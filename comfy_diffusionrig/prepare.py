@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .checkpoints import atomic_write
 from .dataset import shard_name, write_index, write_shard
+from .imaging import pil_to_tensor
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MANIFEST = "manifest.json"
@@ -104,7 +105,6 @@ def prepare_chunk(number: int, photos: list[Path], out: Path, deca, config: Prep
                   models_dir=None) -> dict:
     """Align, fit, render and write one chunk as shard `number`; returns (and writes) its report."""
     import numpy as np
-    import torch
 
     from .rig import fit_faces, render_rig
 
@@ -116,8 +116,7 @@ def prepare_chunk(number: int, photos: list[Path], out: Path, deca, config: Prep
             aligned.append((photo, face))
     count = len(aligned)
     if count:
-        images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for _, a in aligned]))
-        images = images.permute(0, 3, 1, 2)
+        images = pil_to_tensor([a.image for _, a in aligned])
         rig = fit_faces(deca, images, np.stack([a.landmarks for _, a in aligned]))
         if config.mean_shape:
             shape = rig.codes["shape"].clone()

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .imaging import tensor_to_pil
+from .imaging import pil_to_tensor, tensor_to_pil
 
 SMOOTH_KEYS = ("pose", "exp", "cam", "light")  # what jitters per fit; shape and tex are shared instead
 SPEED = 0.05  # One-Euro beta per frame, in units of a channel's typical jitter: lag shrinks on real motion
@@ -257,7 +257,7 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
                          "detector for turned, small or dark faces")
     size = model.config.image_size
     aligned = [align_face(frames[t], detections[t][chosen[t]], size) for t in tracked]
-    images = torch.from_numpy(np.stack([np.asarray(a.image, np.float32) / 255.0 for a in aligned])).permute(0, 3, 1, 2)
+    images = pil_to_tensor([a.image for a in aligned])
     report("fit", 0, 1)
     rig = clip_rig(fit_faces(deca, images, np.stack([a.landmarks for a in aligned])), strength)
     report("fit", 1, 1)
