@@ -8,19 +8,12 @@ import torch
 
 from comfy_diffusionrig.environment import load_environment, sh_from_environment, studio_environment, write_hdr
 from comfy_diffusionrig.lighting import normalize_light, preset_light, sh_from_direction
-from comfy_diffusionrig.rig import FaceRig, edit_pose
+from comfy_diffusionrig.rig import edit_pose
 from nodes import host
 from nodes import light_nodes as ln
+from test_rig import _rig
 
 STUDIO = "examples/studio_key_fill.hdr"
-
-
-def _rig(n=1, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    codes = {"shape": torch.randn(n, 100, generator=gen), "tex": torch.randn(n, 50, generator=gen),
-             "exp": torch.randn(n, 50, generator=gen), "pose": 0.2 * torch.randn(n, 6, generator=gen),
-             "cam": torch.randn(n, 3, generator=gen), "light": torch.randn(n, 9, 3, generator=gen)}
-    return FaceRig(codes, torch.eye(3).expand(n, 3, 3).clone(), torch.randn(n, 3, generator=gen), (256, 256))
 
 
 @pytest.fixture()
@@ -57,18 +50,18 @@ def test_light_from_the_example_studio(folders):
 
 def test_an_8bit_panorama_image_is_linearised_and_wins_over_the_file(folders):
     srgb = torch.full((1, 64, 128, 3), 0.5)
-    out = ln.LightFromEnvironment().relight(_rig(), STUDIO, 0.0, 0.0, "as exposed", panorama=srgb)[0]
+    out = ln.LightFromEnvironment().relight(_rig(1), STUDIO, 0.0, 0.0, "as exposed", panorama=srgb)[0]
     # a uniform sRGB 0.5 panorama is linear 0.214 everywhere: a white furnace shades every normal 0.214
     light = out.codes["light"][0]
     torch.testing.assert_close(light, sh_from_direction(0.0, 0.0, 0.0, 0.2140411, (1.0, 1.0, 1.0)), atol=2e-4, rtol=0)
     with pytest.raises(ValueError, match="Light from Environment: choose an environment file or connect"):
-        ln.LightFromEnvironment().relight(_rig(), ln.NO_FILE, 0.0, 0.0, "portrait")
+        ln.LightFromEnvironment().relight(_rig(1), ln.NO_FILE, 0.0, 0.0, "portrait")
 
 
 def test_a_corrupt_environment_file_names_the_node_and_file(folders):
     (folders / "input" / "broken.hdr").write_bytes(b"#?RADIANCE\n\n-Y 4 +X 8\n\x00")
     with pytest.raises(ValueError, match=r"Light from Environment: .*broken\.hdr: truncated"):
-        ln.LightFromEnvironment().relight(_rig(), "broken.hdr", 0.0, 0.0, "portrait")
+        ln.LightFromEnvironment().relight(_rig(1), "broken.hdr", 0.0, 0.0, "portrait")
 
 
 def test_save_then_load_a_light_and_an_edit(folders):
@@ -101,15 +94,15 @@ def test_save_then_load_a_light_and_an_edit(folders):
 
 
 def test_load_the_packs_named_lights_and_refuse_bad_files(folders):
-    out = ln.LoadRigPreset().load(_rig(), "pack/light_golden_hour.json", True, True, True)[0]
+    out = ln.LoadRigPreset().load(_rig(1), "pack/light_golden_hour.json", True, True, True)[0]
     torch.testing.assert_close(out.codes["light"][0], preset_light("golden hour"), atol=1e-6, rtol=0)
     bad = folders / "models" / host.PRESET_FOLDER / "bad.json"
     bad.parent.mkdir(parents=True)
     bad.write_text(json.dumps({"format": "comfy-diffusionrig preset", "version": 99, "light": {}}))
     with pytest.raises(ValueError, match=r"Load Rig Preset: .*bad\.json: preset version 99"):
-        ln.LoadRigPreset().load(_rig(), "bad.json", True, True, True)
+        ln.LoadRigPreset().load(_rig(1), "bad.json", True, True, True)
     with pytest.raises(FileNotFoundError, match="Load Rig Preset: model file 'gone.json' not found.*Save Rig Preset"):
-        ln.LoadRigPreset().load(_rig(), "gone.json", True, True, True)
+        ln.LoadRigPreset().load(_rig(1), "gone.json", True, True, True)
     with pytest.raises(FileNotFoundError, match="the pack has no preset"):
-        ln.LoadRigPreset().load(_rig(), "pack/../README.md", True, True, True)
+        ln.LoadRigPreset().load(_rig(1), "pack/../README.md", True, True, True)
     assert np.isfinite(out.codes["light"].numpy()).all()
