@@ -227,6 +227,7 @@ def _check_run(args) -> None:
 def _run_edits(args, make_edit, suffix: str) -> int:
     from .alignment import NoFaceError, load_image
     from .pipeline import edit_photo, load_models
+    from .rig_files import read_rig
 
     _check_run(args)
     photos = _photos(args.photo)
@@ -252,10 +253,12 @@ def _run_edits(args, make_edit, suffix: str) -> int:
     try:
         for photo_path, plan in zip(photos, plans):
             try:
+                rig = read_rig(photo_path)  # a rigged photo (Save Face Rig, the demo's person): no align, no fit
                 result = edit_photo(models, load_image(photo_path), edit, steps=args.steps, seed=args.seed,
                                     start=args.start, faces=args.faces, detector=args.detector,
                                     color_match=args.color_match, sampler=args.sampler, cache_interval=args.cache,
-                                    callback=lambda done, total, name=photo_path.name: bar(name, done, total))
+                                    callback=lambda done, total, name=photo_path.name: bar(name, done, total),
+                                    rig=rig)
             except NoFaceError:
                 if not many:
                     raise NoFaceError(f"no face found in {photo_path} (detector {args.detector}); try --detector "
@@ -343,8 +346,10 @@ def _save_new(image, path: Path, overwrite: bool) -> None:
 def _reference_rig(models, path: str):
     from .alignment import load_image
     from .pipeline import fit_photo
+    from .rig_files import read_rig
 
-    return fit_photo(models, load_image(path))
+    rig = read_rig(path)
+    return rig if rig is not None else fit_photo(models, load_image(path))
 
 
 def _slider_light(text: str, mirror: bool = False):

@@ -24,16 +24,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .buffers import Renderer, project
+from .buffers import DECA_CROP_SIZE, Renderer, project
 from .conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
 from .deca import FLAME_FILES
 from .editing import edit_faces
-from .flame import ffhq_center, load_flame, load_flame_texture, read_obj
-from .imaging import tensor_to_pil
+from .flame import ffhq_center, head_id, load_flame, load_flame_texture, read_obj
+from .imaging import pil_to_tensor, tensor_to_pil
 from .lighting import sh_from_direction
 from .metrics import psnr, ssim
 from .pipeline import find_checkpoint
 from .plotting import contact_sheet, loss_curve
+from .rig import FaceRig
 from .synthetic import write_flame_files
 from .training import TrainConfig, TrainingData, train
 from .unet import DiffusionRig, UNetConfig
@@ -140,6 +141,20 @@ class World:
         return out
 
     @torch.no_grad()
+    def rig(self, subject: dict, views: list[dict]) -> FaceRig:
+        """The true rig of `photograph(subject, views)`, as the pack's renderer takes it: `render_rig` of it
+        with a DECA holding this world's FLAME files gives photograph's buffers (the crop space drawn
+        straight onto the S px image, the head left where the camera put it)."""
+        n = len(views)
+        stack = lambda key: torch.stack([v[key] for v in views]).float()  # noqa: E731
+        codes = {"shape": subject["shape"].expand(n, -1).clone(), "tex": subject["tex"].expand(n, -1).clone(),
+                 "exp": stack("exp"), "pose": stack("pose"), "cam": stack("cam"), "light": stack("light")}
+        _, lmk2d, _ = self.flame(codes["shape"], codes["exp"], codes["pose"])
+        scale = self.size / DECA_CROP_SIZE  # crop pixels -> image pixels: the identity in [-1, 1] coordinates
+        tform = torch.diag(torch.tensor([scale, scale, 1.0])).expand(n, 3, 3).clone()
+        return FaceRig(codes, tform, ffhq_center(lmk2d), (self.size, self.size), head_id(self.flame))
+
+    @torch.no_grad()
     def photograph(self, subject: dict, views: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> photos [N,3,S,S] in [-1,1] (2x supersampled, with the marks) and buffers [N,9,S,S] (DECA-like)."""
         n = len(views)
@@ -168,11 +183,15 @@ def _licensed(folder: Path, files) -> bool:
 
 
 def _flame_dir(models_dir: Path | None, work: Path, seed: int) -> tuple[Path, str]:
-    """The user's FLAME files when all four are there and not our synthetic stand-ins, else synthetic ones."""
+    """The FLAME files of models_dir/flame when all four are there (the licensed ones, or the stand-ins of
+    `demo-assets`: the demo's person is then rendered with the head the CLI and ComfyUI load), else
+    synthetic ones written into the work folder."""
     if models_dir is not None:
         user = Path(models_dir) / "flame"
         if _licensed(user, FLAME_FILES):
             return user, f"FLAME files from {user}"
+        if all((user / f).is_file() for f in FLAME_FILES):
+            return user, f"the synthetic FLAME-format head in {user} (`comfy-diffusionrig demo-assets`)"
     target = work / "synthetic_flame"
     if not all((target / f).is_file() for f in FLAME_FILES):
         write_flame_files(target, seed=seed)
@@ -230,6 +249,102 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
     sheet = Path(out_dir) / "examples.png"
     contact_sheet(rows, column_labels=["aligned photo", *EXAMPLE_LIGHTS], cell=160).save(sheet)
     return [sheet, *written]
+
+
+DEMO_PERSON_PHOTOS = 4  # rigged photos of the demo's person written into models/face_rigs/
+
+
+def demo_file_names(config: DemoConfig, quick: bool = False) -> dict[str, str]:
+    """Names of what the demo installs in the models folder (a --quick run's names say so)."""
+    tag = "synthetic_demo_quick" if quick else "synthetic_demo"
+    return {"personalized": f"{tag}_personalized_{config.size}px.safetensors",
+            "stage 1": f"{tag}_stage1_{config.size}px.safetensors",
+            "person": f"{tag}_person_{{}}.png"}
+
+
+def install_demo(models_dir: str | Path, config: DemoConfig, flame_dir: Path, stage1: DiffusionRig,
+                 personal: DiffusionRig, photos: torch.Tensor, rig: FaceRig, quick: bool = False) -> dict:
+    """Put the demo's models and its person where the CLI and ComfyUI find them, so that without any licensed
+    file an edit shows something real: models_dir/diffusionrig/synthetic_demo_{personalized,stage1}_<S>px
+    .safetensors (trained on synthetic faces only), models_dir/face_rigs/synthetic_demo_person_<k>.png
+    (held-out photos of the person with their true rigs: the random DECA stand-in cannot fit them), and,
+    where missing, the stand-ins loading needs (the demo's FLAME-format head in flame/, a random DECA in
+    deca/). Files named synthetic_demo_* are the demo's own and are replaced by a newer run.
+
+    Returns {"models": [...], "photos": [...], "stand-ins": [...], "skipped": reason or None}.
+    """
+    from .checkpoints import save_diffusionrig
+    from .rig_files import save_rigged_photo
+    from .synthetic import SYNTHETIC_NOTE, make_head, write_deca_checkpoint
+
+    root = Path(models_dir)
+    names = demo_file_names(config, quick)
+    done = {"models": [], "photos": [], "stand-ins": [], "skipped": None}
+    note = {"comfy-diffusionrig": "the offline demo's model, trained on SYNTHETIC faces only (not a real model)"}
+    for key, net in (("personalized", personal), ("stage 1", stage1)):
+        done["models"].append(save_diffusionrig(net, root / "diffusionrig" / names[key], overwrite=True,
+                                                extra_metadata=note))
+    flame = root / "flame"
+    present = [f for f in FLAME_FILES if (flame / f).exists()]
+    if flame_dir.resolve() != flame.resolve():
+        if present:  # another (partial) FLAME there: the person's rigs would not fit what loads
+            done["skipped"] = (f"{flame} holds only {', '.join(present)} of the four FLAME files; complete it (or "
+                               "empty it) and run the demo again for the rigged photos of its person")
+            return done
+        flame.mkdir(parents=True, exist_ok=True)
+        for name in FLAME_FILES:
+            (flame / name).write_bytes((flame_dir / name).read_bytes())
+            done["stand-ins"].append(flame / name)
+        (flame / "SYNTHETIC_README.txt").write_text(SYNTHETIC_NOTE)
+    deca = root / "deca" / "deca_model.tar"
+    if not deca.exists():
+        done["stand-ins"].append(write_deca_checkpoint(deca, config.seed, head=make_head(config.seed)))
+        (deca.parent / "SYNTHETIC_README.txt").write_text(SYNTHETIC_NOTE)
+    for k in range(min(DEMO_PERSON_PHOTOS, len(rig))):
+        done["photos"].append(save_rigged_photo(root / "face_rigs" / names["person"].format(k + 1),
+                                                tensor_to_pil(photos[k]), rig, index=k, overwrite=True))
+    return done
+
+
+SWEEP_AZIMUTHS = (-60.0, -30.0, 0.0, 30.0, 60.0)
+
+
+def side_balance(faces: torch.Tensor, coverage: torch.Tensor) -> list[float]:
+    """Per image: mean brightness of the face's image-right half minus its image-left half.
+
+    faces [N, 3, S, S] in [0, 1]; coverage [N, 1, S, S] (> 0 on the face). A key light from image
+    right (positive azimuth) makes it positive."""
+    brightness, mask, half = faces.mean(1), coverage[:, 0] > 0, faces.shape[-1] // 2
+    out = []
+    for b, m in zip(brightness, mask):
+        right, left = b[:, half:][m[:, half:]], b[:, :half][m[:, :half]]
+        out.append(float(right.mean() - left.mean()) if len(right) and len(left) else float("nan"))
+    return out
+
+
+def light_sweep(models_dir: str | Path, out: Path, checkpoint: Path, photo: Path, steps: int) -> dict:
+    """Relight the demo's person (a rigged photo) with the installed personalized model under a key light
+    moving from image left to image right, exactly as `comfy-diffusionrig sweep` does; write light_sweep.png
+    and measure that the light moves: the face's right-half minus left-half brightness for each azimuth."""
+    from .alignment import load_image
+    from .pipeline import edit_photo, load_models
+    from .rig import sweep
+    from .rig_files import read_rig
+
+    models = load_models(models_dir, checkpoint.name)
+    result = edit_photo(models, load_image(photo), lambda rig: sweep(rig, "light_azimuth", SWEEP_AZIMUTHS),
+                        steps=steps, rig=read_rig(photo))
+    balance = [round(v, 3) for v in side_balance(pil_to_tensor(result.faces), result.coverage)]
+    cells = [[result.aligned[0], *result.faces]]
+    contact_sheet(cells, column_labels=["demo person", *(f"light {a:+.0f} deg" for a in SWEEP_AZIMUTHS)],
+                  cell=128).save(out / "light_sweep.png")
+    rise = balance[-1] - balance[0]
+    verdict = (f"The light moves: the lit side of the face follows the key light (the right-minus-left "
+               f"brightness rises by {rise:+.3f} from -60 to +60 deg)." if rise > 0.05 else
+               f"The light barely moves (right-minus-left brightness {rise:+.3f} from -60 to +60 deg): this model "
+               "has not learned enough (a --quick run trains a few steps only).")
+    return {"model": checkpoint.name, "photo": str(photo), "azimuth (deg, + = from image right)": list(SWEEP_AZIMUTHS),
+            "face brightness right half minus left half": balance, "verdict": verdict}
 
 
 def _edit(model: DiffusionRig, source: torch.Tensor, source_buffers: torch.Tensor, target_buffers: torch.Tensor,
@@ -313,6 +428,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
     album_photos, album_buffers = world.photograph(person, world.views(config.album))
     held_views = world.views(2 * config.held_out)
     held_photos, held_buffers = world.photograph(person, held_views)
+    person_rig = world.rig(person, held_views[0::2])  # the true rigs of the source photos
     source, target = held_photos[0::2], held_photos[1::2]
     source_buffers, target_buffers = held_buffers[0::2], held_buffers[1::2]
     report_progress("photograph", config.subjects + 1, config.subjects + 1)
@@ -400,6 +516,14 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
               "stage 1 final loss (mean of last 10%)": float(np.mean(losses1[-max(1, len(losses1) // 10):])),
               "stage 2 final loss (mean of last 10%)": float(np.mean(losses2[-max(1, len(losses2) // 10):])),
               "stage 1 losses": [round(float(v), 5) for v in losses1]}
+    if models_dir is not None:
+        t = time.perf_counter()
+        installed = install_demo(models_dir, config, flame_dir, model, personal, source, person_rig, quick)
+        report["installed"] = {k: [str(p) for p in v] if isinstance(v, list) else v for k, v in installed.items()}
+        if installed["photos"]:
+            report["light sweep"] = light_sweep(models_dir, out, installed["models"][0], installed["photos"][0],
+                                                config.sample_steps)
+        lap("install and light sweep", t)
     checkpoint = real_models(models_dir)
     if checkpoint is not None:  # the licensed files are there: show them on the example photos too
         t = time.perf_counter()
@@ -433,6 +557,30 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
               + f"; total {report['total_seconds']}", "",
               "Files: contact_sheet.png (rows: held-out edits), album.png, images/, loss_stage1.png, "
               "loss_stage2.png, report.json."]
+    installed = report.get("installed")
+    if installed:
+        lines += ["", "## Try it yourself", "",
+                  "The demo's models, trained on synthetic faces only, are now in the models folder: "
+                  + ", ".join(Path(p).name for p in installed["models"]) + "."]
+        if installed["photos"]:
+            photo = installed["photos"][0]
+            sweep = report["light sweep"]
+            lines += [f"Rigged photos of the demo's person (each carries its true rig, so no face fitting is "
+                      f"needed) are in {Path(photo).parent}/. light_sweep.png shows the personalized model "
+                      "relighting one of them with the key light moving from image left to image right. "
+                      + sweep["verdict"] + " Face brightness, right half minus left half: "
+                      + ", ".join(f"{a:+.0f} deg: {b:+.3f}" for a, b in
+                                  zip(sweep["azimuth (deg, + = from image right)"],
+                                      sweep["face brightness right half minus left half"])) + ".", "",
+                      "The same from the command line:", "",
+                      f"    comfy-diffusionrig relight {photo} --models {models_dir} --checkpoint {sweep['model']} "
+                      "--light-preset rembrandt --out relit.png",
+                      f"    comfy-diffusionrig sweep {photo} --models {models_dir} --checkpoint {sweep['model']} "
+                      "--light-azimuth=-60:60 --frames 8 --out sweep/", "",
+                      "and in ComfyUI: workflows/relight_demo_person.json (the demo's models folder must be "
+                      "ComfyUI's models folder, or listed in extra_model_paths.yaml)."]
+        if installed["skipped"]:
+            lines += ["", f"No rigged photos were written: {installed['skipped']}."]
     if checkpoint is not None:
         lines += ["", f"Example photos relit with your {checkpoint.name}: examples.png (rows: photos; columns: "
                   + ", ".join(EXAMPLE_LIGHTS) + ") and examples/ (whole photos)."]

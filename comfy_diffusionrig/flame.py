@@ -12,6 +12,7 @@ scipy is needed.
 from __future__ import annotations
 
 import ast
+import hashlib
 import importlib
 import io
 import math
@@ -545,6 +546,18 @@ def _float32(array: np.ndarray) -> torch.Tensor:
 def _check_code(value: torch.Tensor, width: int, name: str) -> None:
     if value.dim() != 2 or value.shape[1] != width:
         raise ValueError(f"FLAME {name} must be [B, {width}], got {tuple(value.shape)}")
+
+
+def head_id(flame: "FLAME") -> str:
+    """A short fingerprint of a FLAME head's geometry (template, shape/expression bases, mesh): codes fitted
+    with one FLAME model mean another face under another model, so saved rigs record it."""
+    cached = getattr(flame, "_head_id", None)
+    if cached is None:
+        digest = hashlib.sha256()
+        for name in ("v_template", "shapedirs", "faces"):
+            digest.update(getattr(flame, name).detach().cpu().contiguous().numpy().tobytes())
+        cached = flame._head_id = digest.hexdigest()[:16]
+    return cached
 
 
 class FLAME(nn.Module):

@@ -23,6 +23,7 @@ from .deca import load_deca
 from .editing import check_edit_settings, edit_faces
 from .imaging import pil_to_tensor, tensor_to_pil
 from .rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
+from .rig_files import rig_ready
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 Edit = Callable[[FaceRig], FaceRig]
@@ -40,10 +41,12 @@ class Models:
 
 
 def find_checkpoint(models_dir: str | Path, name: str | None = None) -> Path:
-    """models_dir/diffusionrig/<name>, or the only / first checkpoint there (real checkpoints before synthetic)."""
+    """models_dir/diffusionrig/<name>, or the only / first checkpoint there (real checkpoints first, then the
+    official-size stand-in of demo-assets, then the demo's small models trained on synthetic faces)."""
     folder = Path(models_dir) / "diffusionrig"
     found = sorted((p for p in folder.glob("*") if p.suffix in CHECKPOINT_SUFFIXES),
-                   key=lambda p: ("synthetic" in p.name, p.name)) if folder.is_dir() else []
+                   key=lambda p: ("synthetic" in p.name, "synthetic_demo" in p.name, p.name)) \
+        if folder.is_dir() else []
     if name:
         path = folder / name if not Path(name).is_file() else Path(name)
         if not path.is_file():
@@ -90,14 +93,15 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
                start: str = "inversion", faces: str = "largest", detector: str = "hog",
                color_match: bool = False, batch_size: int = 4, eta: float = 0.0,
                callback: Callable[[int, int], None] | None = None, sampler: str = "ddim",
-               cache_interval: int = 1) -> EditResult:
+               cache_interval: int = 1, rig: FaceRig | None = None) -> EditResult:
     """Edit the face(s) of one photo; `edit` maps the fitted rig (one row per face) to the edited rig.
 
     An edit may return F rows per face (a sweep: face-major, as `rig.sweep` makes them), giving
     one output photo per frame. start "inversion" keeps the photo's background and details
     (each face DDIM-inverted under its own buffers), "noise" samples from seeded noise; the
     denoising is `edit_faces` (with its sampler and cache_interval). callback(done, total) counts
-    face-steps of inversion and sampling.
+    face-steps of inversion and sampling. rig: the photo's known rig (a rigged photo, see `rig_files`):
+    the photo is then the aligned face itself, and alignment, fitting and pasting back are skipped.
     """
     check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
     seconds: dict[str, float] = {}
@@ -110,11 +114,15 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
 
     model, deca = models.diffusionrig, models.deca
     size = model.config.image_size
-    aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
-    lap("align")
-    images = pil_to_tensor([a.image for a in aligned])
-    rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
-    lap("fit")
+    if rig is None:
+        aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
+        lap("align")
+        images = pil_to_tensor([a.image for a in aligned])
+        rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
+        lap("fit")
+    else:
+        rig_ready(rig, size, "the photo")
+        aligned, images = None, pil_to_tensor([photo])
     edited = edit(rig)
     n_faces = len(rig)
     if len(edited) % n_faces:
@@ -133,7 +141,11 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
                         callback=None if callback is None else (lambda done, total, preview: callback(done, total)))
     lap("denoise")
     edited_faces = [tensor_to_pil(f) for f in result]
-    photos = [paste_back(photo, aligned, edited_faces[k::frames], color_match=color_match) for k in range(frames)]
+    if aligned is None:  # a rigged photo is its own aligned face
+        photos, originals = edited_faces, [photo]
+    else:
+        photos = [paste_back(photo, aligned, edited_faces[k::frames], color_match=color_match) for k in range(frames)]
+        originals = [a.image for a in aligned]
     lap("paste")
-    return EditResult(photos, edited_faces, seconds, [a.image for a in aligned], target_buffers, target["alpha"],
+    return EditResult(photos, edited_faces, seconds, originals, target_buffers, target["alpha"],
                       edited.codes["light"])

@@ -26,12 +26,15 @@ class FaceRig:
     decode() convention: inverse(T_aligned->crop) transposed); ffhq_center [B,3]: the FFHQ
     centre of the unedited fit (FLAME units), so a re-posed head stays where alignment put it;
     image_size (H, W): the aligned image size the buffers are rendered at.
+    head: the `flame.head_id` of the FLAME model the codes belong to (None: unknown); rendering
+    checks it, since the same codes under another FLAME model are another face.
     """
 
     codes: dict
     tform: torch.Tensor
     ffhq_center: torch.Tensor
     image_size: tuple[int, int]
+    head: str | None = None
 
     def __len__(self) -> int:
         return self.codes["shape"].shape[0]
@@ -52,7 +55,7 @@ class FaceRig:
         if isinstance(index, int):
             index = [index]
         return FaceRig({k: v[index] for k, v in self.codes.items()}, self.tform[index], self.ffhq_center[index],
-                       self.image_size)
+                       self.image_size, self.head)
 
     def expand(self, n: int) -> "FaceRig":
         """Repeat a one-face rig n times (frames of a sweep)."""
@@ -60,15 +63,19 @@ class FaceRig:
             raise ValueError(f"only a rig of one face can be expanded to {n} frames, this one has {len(self)}")
         rep = lambda t: t.expand(n, *t.shape[1:]).clone()  # noqa: E731
         return FaceRig({k: rep(v) for k, v in self.codes.items()}, rep(self.tform), rep(self.ffhq_center),
-                       self.image_size)
+                       self.image_size, self.head)
 
     @staticmethod
     def cat(rigs: list["FaceRig"]) -> "FaceRig":
         sizes = {r.image_size for r in rigs}
         if len(sizes) != 1:
             raise ValueError(f"cannot batch rigs rendered at different sizes {sorted(sizes)}")
+        heads = {r.head for r in rigs} - {None}
+        if len(heads) > 1:
+            raise ValueError("cannot batch rigs fitted with different FLAME models")
         return FaceRig({k: torch.cat([r.codes[k] for r in rigs]) for k in CODE_KEYS},
-                       torch.cat([r.tform for r in rigs]), torch.cat([r.ffhq_center for r in rigs]), rigs[0].image_size)
+                       torch.cat([r.tform for r in rigs]), torch.cat([r.ffhq_center for r in rigs]), rigs[0].image_size,
+                       next(iter(heads), None))
 
 
 @torch.no_grad()
@@ -79,6 +86,7 @@ def fit_faces(deca, images: torch.Tensor, landmarks) -> FaceRig:
     of each face in its image. The DECA crop comes from the landmarks (DECA's TestData rule).
     """
     from .deca import crop_from_landmarks, warp_crop
+    from .flame import head_id
 
     if images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(f"fit_faces needs images [B, 3, H, W] in [0, 1], got {tuple(images.shape)}")
@@ -91,7 +99,7 @@ def fit_faces(deca, images: torch.Tensor, landmarks) -> FaceRig:
     codes = {k: v.float().cpu() for k, v in codes.items()}
     center = deca.decode({k: v.to(device) for k, v in codes.items()})["center"].float().cpu()
     tform = torch.linalg.inv(to_crop.double()).transpose(1, 2).float()  # official decode() convention
-    return FaceRig(codes, tform, center, (int(images.shape[2]), int(images.shape[3])))
+    return FaceRig(codes, tform, center, (int(images.shape[2]), int(images.shape[3])), head_id(deca.flame))
 
 
 RENDER_LAYERS = ("rendered", "normal", "albedo", "alpha")
@@ -106,6 +114,7 @@ def render_layers(deca, rig: FaceRig, batch_size: int = 16) -> dict[str, torch.T
     [B, 1, H, W] (1 where the rasterizer covered the pixel with the face mesh, else 0).
     """
     check_finite(rig)
+    check_head(deca, rig)
     device = next(deca.parameters()).device
     parts = {key: [] for key in RENDER_LAYERS}
     for first in range(0, len(rig), batch_size):
@@ -115,6 +124,18 @@ def render_layers(deca, rig: FaceRig, batch_size: int = 16) -> dict[str, torch.T
         for key in RENDER_LAYERS:
             parts[key].append(out[key].cpu())
     return {key: torch.cat(values) for key, values in parts.items()}
+
+
+def check_head(deca, rig: FaceRig) -> None:
+    """Refuse to render a rig whose codes belong to another FLAME model than this DECA's."""
+    from .flame import head_id
+
+    if rig.head is not None and rig.head != head_id(deca.flame):
+        raise ValueError(
+            f"this face rig was fitted with another FLAME model (head {rig.head}) than the loaded DECA's (head "
+            f"{head_id(deca.flame)}): its codes would draw another face. Load DECA with the FLAME files the rig was "
+            "made with (a rig from the offline demo needs the demo's synthetic FLAME files in models/flame), or fit "
+            "the photo again")
 
 
 def stack_buffers(layers: dict[str, torch.Tensor]) -> torch.Tensor:

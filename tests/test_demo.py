@@ -48,10 +48,12 @@ def test_tiny_demo_runs_learns_and_reports(tmp_path):
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])  # stage 1 learns, even in 40 steps
 
 
-def test_demo_command_prints_the_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--quick"]) == 0
+def test_demo_command_prints_the_report(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(tmp_path / "models"))  # the demo installs its models there
+    assert main(["demo", "--out", str(tmp_path / "out"), "--quick"]) == 0
     out = capsys.readouterr().out
-    assert "| stage 1 (generic) |" in out and (tmp_path / "contact_sheet.png").exists()
+    assert "| stage 1 (generic) |" in out and (tmp_path / "out" / "contact_sheet.png").exists()
+    assert "## Try it yourself" in out and (tmp_path / "models" / "face_rigs").is_dir()
 
 
 def test_licensed_files_are_told_from_the_synthetic_ones(demo_models, tmp_path):

@@ -28,7 +28,7 @@ def test_there_are_workflows_for_every_task():
     names = {p.stem for p in WORKFLOWS}
     assert {"relight_from_reference", "relight_sliders_lit_sphere", "expression_pose_transfer", "light_sweep_video",
             "paste_back_upscale", "personalize_and_relight", "relight_preset", "relight_hdri_environment",
-            "relight_video_clip"} <= names
+            "relight_video_clip", "relight_demo_person"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -96,8 +96,8 @@ def run_prompt(prompt: dict, out_dir: Path) -> dict:
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_on_the_demo_assets(path, demo_models, tmp_path, monkeypatch):
-    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_models))
+def test_workflow_runs_on_the_demo_assets(path, demo_person, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_person))
     prompt = to_api(json.loads(path.read_text()), nodes.NODE_CLASS_MAPPINGS)
     for spec in prompt.values():  # a few steps are enough to run every node; the graph is unchanged
         if "steps" in spec["inputs"]:

@@ -15,6 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
+from comfy_diffusionrig.demo import DemoConfig, demo_file_names  # noqa: E402
 from comfy_diffusionrig.synthetic import DEMO_MODEL_NAME as DR_MODEL  # noqa: E402
 from comfy_diffusionrig.synthetic import DEMO_UPSCALER_NAME as UPSCALER  # noqa: E402
 from workflow_format import Graph  # noqa: E402
@@ -23,6 +24,7 @@ DECA_FILE = "deca_model.tar"
 PHOTO = "examples/astronaut.png"
 REFERENCE = "examples/grace_hopper.jpg"
 ENVIRONMENT = "examples/studio_key_fill.hdr"
+DEMO_NAMES = demo_file_names(DemoConfig())
 
 
 def _front(g: Graph, photo: str, x: int, y: int, title: str):
@@ -214,6 +216,27 @@ def personalize_and_relight(mappings) -> dict:
     return g.to_json()
 
 
+def relight_demo_person(mappings) -> dict:
+    """The offline demo's person (a rigged photo: no detection, no fit) relit by the demo's personalized model
+    with the key light sweeping from image left to image right: a real, visible edit without licensed files."""
+    g = Graph(mappings)
+    deca = g.add("DiffusionRigLoadDECA", (0, 0), deca_model=DECA_FILE)
+    model = g.add("DiffusionRigLoadModel", (0, 140), title="Load DiffusionRig Model (the demo's, trained on "
+                  "synthetic faces)", ckpt_name=DEMO_NAMES["personalized"])
+    person = g.add("DiffusionRigLoadFaceRig", (0, 320), title="Load Face Rig (the demo's person; run "
+                   "`comfy-diffusionrig demo` first)", rig_photo=DEMO_NAMES["person"].format(1))
+    sweep = g.add("DiffusionRigRigSweep", (1040, 320), parameter="light_azimuth", start=-60.0, end=60.0, frames=5,
+                  ease=False)
+    g.connect(person, "rig", sweep, "rig")
+    sample = _sample(g, deca, model, person, person, sweep, 1380, 0, edited_output="frames", batch_size=5)
+    enlarge = g.add("ImageScaleBy", (2060, 320), title="Enlarge for viewing (the demo model works at 32 px)",
+                    upscale_method="nearest-exact", scale_by=8.0)
+    g.connect(sample, "image", enlarge, "image")
+    save = g.add("SaveImage", (2400, 320), filename_prefix="diffusionrig_demo_person_light_sweep")
+    g.connect(enlarge, "IMAGE", save, "images")
+    return g.to_json()
+
+
 def relight_video_clip(mappings) -> dict:
     g = Graph(mappings)
     deca, model = _models(g, 0, 0)
@@ -241,6 +264,7 @@ WORKFLOWS = {
     "relight_hdri_environment": relight_environment,
     "personalize_and_relight": personalize_and_relight,
     "relight_video_clip": relight_video_clip,
+    "relight_demo_person": relight_demo_person,
 }
 
 
