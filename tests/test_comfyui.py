@@ -117,7 +117,8 @@ def _comfyui(base: Path, demo_models: Path, *flags: str):
     paths = base / "extra_model_paths.yaml"  # JSON strings are valid YAML scalars
     flame = "".join(f"\n    {folder}" for folder in _flame_folders(base, demo_models))
     paths.write_text("comfy_diffusionrig_test:\n" f"  base_path: {json.dumps(str(demo_models))}\n"
-                     + "".join(f"  {name}: {name}\n" for name in ("diffusionrig", "deca", "upscale_models"))
+                     + "".join(f"  {name}: {name}\n" for name in ("diffusionrig", "deca", "upscale_models",
+                                                                  "face_rigs"))
                      + f"  flame: |{flame}\n")
     env = dict(os.environ)
     for name in ("COMFY_DIFFUSIONRIG_MODELS", "COMFY_DIFFUSIONRIG_INPUT"):  # only used outside ComfyUI
@@ -155,9 +156,9 @@ def _comfyui(base: Path, demo_models: Path, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_models):
+def server(tmp_path_factory, demo_person):
     # DEBUG: ComfyUI then logs each model it unloads ("Unloading DiffusionRig"), which the /free test reads
-    with _comfyui(tmp_path_factory.mktemp("comfyui_base"), demo_models, "--cpu", "--verbose", "DEBUG") as running:
+    with _comfyui(tmp_path_factory.mktemp("comfyui_base"), demo_person, "--cpu", "--verbose", "DEBUG") as running:
         yield running
 
 
@@ -252,6 +253,9 @@ def test_workflow_runs_in_comfyui(server, path):
     pictures = _check_outputs(url, prompt, entry, path.name)
     if path.stem == "paste_back_upscale":
         _check_pasted_upscale(prompt, pictures)
+    if path.stem == "relight_demo_person":  # five lights, five different faces, enlarged 8x for viewing
+        (frames,) = [pictures[i] for i, spec in prompt.items() if spec["class_type"] == "SaveImage"]
+        assert [f.size for f in frames] == [(256, 256)] * 5 and len({f.tobytes() for f in frames}) == 5
 
 
 def _check_pasted_upscale(prompt: dict, pictures: dict) -> None:
