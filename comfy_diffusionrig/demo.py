@@ -324,15 +324,16 @@ def side_balance(faces: torch.Tensor, coverage: torch.Tensor) -> list[float]:
 
 def light_sweep(models_dir: str | Path, out: Path, checkpoint: Path, photo: Path, steps: int) -> dict:
     """Relight the demo's person (a rigged photo) with the installed personalized model under a key light
-    moving from image left to image right, exactly as `comfy-diffusionrig sweep` does; write light_sweep.png
-    and measure that the light moves: the face's right-half minus left-half brightness for each azimuth."""
+    moving from image left to image right (`--light azimuth=A` of `comfy-diffusionrig relight`, on the same
+    library path); write light_sweep.png and measure that the light moves: the face's right-half minus
+    left-half brightness for each azimuth."""
     from .alignment import load_image
     from .pipeline import edit_photo, load_models
-    from .rig import sweep
     from .rig_files import read_rig
 
     models = load_models(models_dir, checkpoint.name)
-    result = edit_photo(models, load_image(photo), lambda rig: sweep(rig, "light_azimuth", SWEEP_AZIMUTHS),
+    lights = torch.stack([sh_from_direction(a, 15.0, intensity=0.9, ambient=0.45) for a in SWEEP_AZIMUTHS]).float()
+    result = edit_photo(models, load_image(photo), lambda rig: rig.expand(len(lights)).with_light(lights),
                         steps=steps, rig=read_rig(photo))
     balance = [round(v, 3) for v in side_balance(pil_to_tensor(result.faces), result.coverage)]
     cells = [[result.aligned[0], *result.faces]]
