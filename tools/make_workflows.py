@@ -218,7 +218,7 @@ def personalize_and_relight(mappings) -> dict:
 
 def relight_demo_person(mappings) -> dict:
     """The offline demo's person (a rigged photo: no detection, no fit) relit by the demo's personalized model
-    with the key light sweeping from image left to image right: a real, visible edit without licensed files."""
+    with its light turning from -60 to +60 degrees: a real, visible edit without licensed files."""
     g = Graph(mappings)
     deca = g.add("DiffusionRigLoadDECA", (0, 0), deca_model=DECA_FILE)
     model = g.add("DiffusionRigLoadModel", (0, 140), title="Load DiffusionRig Model (the demo's, trained on "
