@@ -31,8 +31,9 @@ SETTINGS = {
     "ddim20": ("ddim", 20, 1, "auto"),
     "ddim20 + cache 2": ("ddim", 20, 2, "auto"),
     "dpmpp_2m 12": ("dpmpp_2m", 12, 1, "auto"),
-    "dpmpp_2m 10 (fast)": ("dpmpp_2m", 10, 1, "auto"),
-    "dpmpp_2m 8 (faster)": ("dpmpp_2m", 8, 1, "auto"),
+    "dpmpp_2m 10": ("dpmpp_2m", 10, 1, "auto"),
+    "dpmpp_2m 8 (fast)": ("dpmpp_2m", 8, 1, "auto"),
+    "dpmpp_2m 7 (faster)": ("dpmpp_2m", 7, 1, "auto"),
     "dpmpp_2m 12 + cache 2": ("dpmpp_2m", 12, 2, "auto"),
     "dpmpp_2m 10 + cache 2": ("dpmpp_2m", 10, 2, "auto"),
 }

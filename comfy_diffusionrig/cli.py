@@ -121,7 +121,7 @@ def _cmd_demo(args) -> int:
     config = DemoConfig(seed=args.seed)
     if args.quick:
         config = replace(config, subjects=4, views=4, album=6, held_out=2, stage1_steps=30, stage2_steps=10,
-                         sample_steps=5)
+                         sample_steps=5, sampler_edits=2)
     bar = _Bar()
     try:
         report = run_demo(args.out, config, models_dir=args.models or default_models_dir(), progress=bar,

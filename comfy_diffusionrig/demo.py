@@ -50,6 +50,7 @@ class DemoConfig:
     views: int = 12  # photos per stage-1 subject
     album: int = 20  # photos of the personal subject (the paper: about 20)
     held_out: int = 8  # held-out edits scored per model
+    sampler_edits: int = 48  # held-out edits scoring each sampler setting on the personalized model
     stage1_steps: int = 1500
     stage1_lr: float = 3e-4
     stage1_batch: int = 8
@@ -348,6 +349,50 @@ def light_sweep(models_dir: str | Path, out: Path, checkpoint: Path, photo: Path
             "face brightness right half minus left half": balance, "verdict": verdict}
 
 
+# sampler settings the demo scores on its personalized model: every named preset, and the settings between
+# them that show where quality falls off (name: sampler, steps, cache interval)
+def sampler_settings() -> dict[str, tuple[str, int, int]]:
+    from .presets import SAMPLING_PRESETS
+
+    named = {f"{p['sampler']} {p['steps']}" + (f" + cache {p['cache_interval']}" if p["cache_interval"] > 1 else "")
+             + f" (preset {name})": (p["sampler"], p["steps"], p["cache_interval"])
+             for name, p in SAMPLING_PRESETS.items()}
+    others = {"ddim 10": ("ddim", 10, 1), "ddim 20 + cache 2": ("ddim", 20, 2), "dpmpp_2m 10": ("dpmpp_2m", 10, 1),
+              "dpmpp_2m 8": ("dpmpp_2m", 8, 1), "dpmpp_2m 7": ("dpmpp_2m", 7, 1), "dpmpp_2m 6": ("dpmpp_2m", 6, 1),
+              "dpmpp_2m 10 + cache 2": ("dpmpp_2m", 10, 2)}
+    return {**named, **{k: v for k, v in others.items() if v not in named.values()}}
+
+
+def score_samplers(model: DiffusionRig, source: torch.Tensor, source_buffers: torch.Tensor, target: torch.Tensor,
+                   target_buffers: torch.Tensor) -> dict[str, dict]:
+    """Per sampler setting, on held-out photos: the edit's PSNR/SSIM against the true photo of the target view,
+    the reconstruction PSNR (invert, then sample under the same buffers) and the UNet calls per edit (full
+    evaluations, and all of them with feature caching). Every edit goes through `edit_faces`."""
+    from .diffusion import sampler_step_counts
+
+    with torch.no_grad():
+        code = model.encode(source)
+    to01 = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
+    out = {}
+    for name, (sampler, steps, interval) in sampler_settings().items():
+        run = lambda buffers: edit_faces(model, source, source_buffers, buffers, code, steps=steps,  # noqa: E731
+                                         sampler=sampler, cache_interval=interval, batch_size=len(source))
+        edited, rebuilt = run(target_buffers), run(source_buffers)
+        calls = sum(sampler_step_counts(model, sampler, steps))
+        out[name] = {"edit psnr": round(float(psnr(to01(edited), to01(target)).mean()), 2),
+                     "edit ssim": round(float(ssim(to01(edited), to01(target)).mean()), 3),
+                     "reconstruction psnr": round(float(psnr(to01(rebuilt), to01(source)).mean()), 2),
+                     "unet calls": calls, "full unet calls": sum(_full_calls(c, interval) for c in
+                                                                 sampler_step_counts(model, sampler, steps))}
+    return out
+
+
+def _full_calls(calls: int, interval: int) -> int:
+    """Full UNet evaluations of a run of `calls` calls with the deep features reused between (first of every
+    `interval` calls full)."""
+    return -(-calls // interval)
+
+
 def _edit(model: DiffusionRig, source: torch.Tensor, source_buffers: torch.Tensor, target_buffers: torch.Tensor,
           steps: int) -> torch.Tensor:
     """The artist's edit (`edit_faces`): each source photo inverted under its buffers, denoised under the target's."""
@@ -430,6 +475,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
     held_views = world.views(2 * config.held_out)
     held_photos, held_buffers = world.photograph(person, held_views)
     person_rig = world.rig(person, held_views[0::2])  # the true rigs of the source photos
+    sampler_photos, sampler_buffers = world.photograph(person, world.views(2 * config.sampler_edits))
     source, target = held_photos[0::2], held_photos[1::2]
     source_buffers, target_buffers = held_buffers[0::2], held_buffers[1::2]
     report_progress("photograph", config.subjects + 1, config.subjects + 1)
@@ -476,6 +522,10 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
         results[name] = {"psnr": float(per_edit.mean()), "ssim": float(ssim(got, gt).mean()),
                          "psnr per edit": [round(float(v), 2) for v in per_edit]}
     report_progress("edit held-out views", len(candidates), len(candidates))
+    report_progress("score sampler settings", 0, 1)
+    samplers = score_samplers(personal, sampler_photos[0::2], sampler_buffers[0::2], sampler_photos[1::2],
+                              sampler_buffers[1::2])
+    report_progress("score sampler settings", 1, 1)
     no_edit = {"psnr": float(psnr((source + 1) / 2, (target + 1) / 2).mean()),
                "ssim": float(ssim((source + 1) / 2, (target + 1) / 2).mean())}
     lap("edits", t)
@@ -514,6 +564,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
               "total_seconds": round(time.perf_counter() - start, 1),
               "scores (mean over held-out edits, images in [0,1])": results,
               "source photo as the answer (no edit)": no_edit,
+              "sampler settings (personalized model)": samplers,
               "stage 1 final loss (mean of last 10%)": float(np.mean(losses1[-max(1, len(losses1) // 10):])),
               "stage 2 final loss (mean of last 10%)": float(np.mean(losses2[-max(1, len(losses2) // 10):])),
               "stage 1 losses": [round(float(v), 5) for v in losses1]}
@@ -554,6 +605,16 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
              "| model | PSNR (dB) | SSIM |", "| --- | ---: | ---: |"]
     lines += [f"| {name} | {r['psnr']:.2f} | {r['ssim']:.3f} |" for name, r in results.items()]
     lines += [f"| (the source photo itself) | {no_edit['psnr']:.2f} | {no_edit['ssim']:.3f} |", "",
+              f"Sampler settings, on the personalized model and {config.sampler_edits} more held-out edits (UNet "
+              "calls per edit, inversion + sampling; edit PSNR/SSIM against the ground truth; reconstruction: "
+              "invert, then sample under the same buffers):", "",
+              "| setting | UNet calls (full) | edit PSNR (dB) | vs official | edit SSIM | reconstruction PSNR (dB) |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    official = next(iter(samplers.values()))
+    lines += [f"| {name} | {r['unet calls']} ({r['full unet calls']}) | {r['edit psnr']:.2f} | "
+              f"{r['edit psnr'] - official['edit psnr']:+.2f} | {r['edit ssim']:.3f} | {r['reconstruction psnr']:.2f} |"
+              for name, r in samplers.items()]
+    lines += ["",
               "Time (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())
               + f"; total {report['total_seconds']}", "",
               "Files: contact_sheet.png (rows: held-out edits), album.png, images/, loss_stage1.png, "

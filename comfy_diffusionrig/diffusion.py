@@ -430,7 +430,7 @@ def sampler_functions(name: str) -> tuple[Callable, Callable]:
 
     "ddim": the official sampler and inversion (first order; 20 steps, 40 UNet calls per
     edit, is the reference). "dpmpp_2m": DPM-Solver++(2M) sampling, second order, on
-    log-SNR-spaced timesteps, with DDIM-step inversion on the same timesteps; 10 steps (19 UNet
+    log-SNR-spaced timesteps, with DDIM-step inversion on the same timesteps; 8 steps (15 UNet
     calls per edit) edit as well as ddim20 and reconstruct better (see SAMPLING_PRESETS).
     """
     try:

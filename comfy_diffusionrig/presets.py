@@ -15,18 +15,21 @@ from pathlib import Path
 SAMPLER_NAMES = ("ddim", "dpmpp_2m")
 
 # Named sampler settings for callers that pick by name (nodes, CLI, demo); cache_interval > 1 wraps the
-# model in feature_cache.FeatureCache. Chosen from benchmarks/bench_quality.py (a small model
-# trained on the demo's synthetic faces, 12 held-out edits; differences to "official"):
-#   dpmpp_2m 10: 19 UNet calls per edit, edit PSNR +0.03 dB, reconstruction +4.7 dB
-#   dpmpp_2m 8:  15 calls, edit -0.06 dB, reconstruction +2.6 dB (6 steps: -1.4 dB edit)
-#   caching costs more than it saves there: dpmpp_2m 10 + cache 2 (10 full calls) -0.59 dB
-#   edit, 12 + cache 2 -0.13 dB edit but -2.4 dB reconstruction.
+# model in feature_cache.FeatureCache. Chosen from the sampler table of `comfy-diffusionrig demo` (its
+# personalized 32 px model, 48 held-out edits; edit PSNR against ddim20's, the official 40 calls):
+#   dpmpp_2m 10: 19 UNet calls per edit, edit +0.08 dB, reconstruction +7.0 dB
+#   dpmpp_2m 8:  15 calls, edit +0.04 dB, reconstruction +5.1 dB            -> "fast"
+#   dpmpp_2m 7:  13 calls, edit -0.43 dB (6 steps: -1.9 dB)                 -> "faster" (previews)
+#   caching costs more than it saves: ddim20 + cache 2 (20 full calls) -0.05 dB, + cache 3 (14 full)
+#   -0.29 dB, + cache 4 -1.9 dB; dpmpp_2m 12 + cache 2 -1.1 dB. (benchmarks/bench_quality.py's own
+#   model, 12 edits, agreed: dpmpp_2m 10 +0.03, 8 -0.06 dB.)
 # Speed is UNet calls (benchmarks/bench_sample.py: the official model at 256 px, CPU bf16):
-# 40 -> 19 (fast) -> 15 (faster) per edit, on top of the precision's own speed-up.
+# 40 -> 15 (fast) -> 13 (faster) per edit, on top of the precision's own speed-up.
 SAMPLING_PRESETS: dict[str, dict] = {
     "official": {"sampler": "ddim", "steps": 20, "cache_interval": 1},  # the paper's ddim20: 40 UNet calls per edit
-    "fast": {"sampler": "dpmpp_2m", "steps": 10, "cache_interval": 1},  # 19 calls, edits as good as official
-    "faster": {"sampler": "dpmpp_2m", "steps": 8, "cache_interval": 1},  # 15 calls, less margin (6 steps fall off)
+    # measured by `comfy-diffusionrig demo` on its personalized model (48 held-out edits, PSNR against ddim20):
+    "fast": {"sampler": "dpmpp_2m", "steps": 8, "cache_interval": 1},  # 15 calls, +0.04 dB: as good as official
+    "faster": {"sampler": "dpmpp_2m", "steps": 7, "cache_interval": 1},  # 13 calls, -0.4 dB: previews (6 falls off)
 }
 
 LIGHT_PRESETS: dict[str, dict] = {

@@ -11,7 +11,7 @@ from comfy_diffusionrig.demo import DemoConfig, World, run_demo
 from comfy_diffusionrig.synthetic import write_flame_files
 
 TINY = replace(DemoConfig(), subjects=3, views=4, album=4, held_out=2, stage1_steps=40, stage2_steps=4,
-               sample_steps=3, stage1_batch=4)
+               sample_steps=3, stage1_batch=4, sampler_edits=2)
 
 
 def test_world_photographs_a_subject_with_buffers_that_match(tmp_path):
@@ -44,6 +44,12 @@ def test_tiny_demo_runs_learns_and_reports(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text())["scores (mean over held-out edits, images in [0,1])"] \
         == scores
     assert "| personalized |" in (tmp_path / "report.md").read_text()
+    samplers = report["sampler settings (personalized model)"]
+    assert samplers["ddim 20 (preset official)"]["unet calls"] == 40
+    assert samplers["dpmpp_2m 8 (preset fast)"]["unet calls"] == 15
+    assert samplers["ddim 20 + cache 2"]["full unet calls"] == 20 and samplers["ddim 20 + cache 2"]["unet calls"] == 40
+    assert all(np.isfinite(r["edit psnr"]) and np.isfinite(r["reconstruction psnr"]) for r in samplers.values())
+    assert "| dpmpp_2m 8 (preset fast) | 15 (15) |" in (tmp_path / "report.md").read_text()
     losses = report["stage 1 losses"]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:5])  # stage 1 learns, even in 40 steps
 
@@ -133,3 +139,23 @@ def test_the_report_speaks_plainly_and_quick_says_its_numbers_mean_nothing(tmp_p
     assert f"by {gain:+.2f} dB" in report["verdict"] and "higher is better" in report["verdict"]
     assert report["verdict"] in text and "ground truth" in text
     assert len(scores["personalized"]["psnr per edit"]) == TINY.held_out
+
+
+def test_full_unet_calls_of_a_cached_edit_are_what_the_cache_counts():
+    """The demo's 'full unet calls' column against FeatureCache's own counter on a real inversion + sampling."""
+    from comfy_diffusionrig import diffusion as D
+    from comfy_diffusionrig.demo import _full_calls
+    from comfy_diffusionrig.feature_cache import FeatureCache
+    from comfy_diffusionrig.unet import DiffusionRig
+
+    torch.manual_seed(0)
+    model = DiffusionRig(replace(DemoConfig(), size=16).unet()).eval()
+    x, buffers, code = torch.randn(1, 3, 16, 16), torch.rand(1, 9, 16, 16), torch.randn(1, 64)
+    for sampler, steps, interval in (("ddim", 7, 3), ("dpmpp_2m", 5, 2)):
+        cache = FeatureCache(model, interval)
+        sample, invert = D.sampler_functions(sampler)
+        with torch.no_grad():
+            sample(cache, buffers, code, invert(cache, x, buffers, code, steps=steps), steps=steps)
+        counts = D.sampler_step_counts(model, sampler, steps)
+        assert cache.full_calls == sum(_full_calls(c, interval) for c in counts), (sampler, cache.full_calls)
+        assert cache.full_calls + cache.cached_calls == sum(counts)

@@ -195,7 +195,7 @@ def test_install_keeps_a_partial_flame_folder_and_says_why(world, tmp_path, demo
 
 def test_the_quick_demo_installs_and_sweeps_the_light(tmp_path):
     config = replace(DemoConfig(), subjects=2, views=3, album=4, held_out=2, stage1_steps=4, stage2_steps=2,
-                     sample_steps=2, stage1_batch=4)
+                     sample_steps=2, stage1_batch=4, sampler_edits=1)
     models = tmp_path / "models"
     report = run_demo(tmp_path / "out", config, models_dir=models, quick=True)
     quick = demo_file_names(config, quick=True)
