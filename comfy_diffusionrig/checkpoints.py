@@ -342,13 +342,15 @@ def _resolve_config(path: Path, config, state_dict, metadata) -> UNetConfig:
 
 
 def load_diffusionrig(path: str | os.PathLike, config: UNetConfig | dict | None = None, device="cpu",
-                      dtype: torch.dtype | str = torch.float32) -> DiffusionRig:
+                      dtype: torch.dtype | str = torch.float32, run_device=None) -> DiffusionRig:
     """Load a DiffusionRig model (official `.pt` or our `.safetensors`) ready for inference.
 
     config None: the config stored in a `.safetensors`, else a `<name>.json` of official kwargs
     next to the file, else the official defaults (encoder type inferred from the keys).
     dtype applies to the UNet ("auto" picks the fastest safe precision), whose weights are
     stored channels_last; the small encoder stays float32. The model is returned in eval mode.
+    run_device: where it will run when that is not `device` (a host that keeps idle models on the
+    CPU and moves them to the GPU to run): "auto" and the precision checks are for that device.
     """
     path = Path(path)
     state_dict, metadata = read_state_dict(path)
@@ -363,15 +365,17 @@ def load_diffusionrig(path: str | os.PathLike, config: UNetConfig | dict | None 
                               f"({type(err).__name__}: {str(err)[:200]}); pass the config explicitly", path) from err
     _check_keys(path, state_dict, model)
     model.load_state_dict(state_dict, strict=True, assign=True)
-    return for_inference(model, device, dtype)
+    return for_inference(model, device, dtype, run_device)
 
 
-def for_inference(model: DiffusionRig, device="cpu", dtype: torch.dtype | str = torch.float32) -> DiffusionRig:
+def for_inference(model: DiffusionRig, device="cpu", dtype: torch.dtype | str = torch.float32,
+                  run_device=None) -> DiffusionRig:
     """Move a model to `device`, cast its UNet to `dtype` ("auto" allowed), in place; eval mode.
 
-    The UNet is stored channels_last; the small encoder stays float32.
+    The UNet is stored channels_last; the small encoder stays float32. run_device: where the model
+    will run, if not on `device` ("auto" picks the precision for it).
     """
-    unet_dtype = resolve_dtype(dtype, device)
+    unet_dtype = resolve_dtype(dtype, device if run_device is None else run_device)
     if unet_dtype == torch.float16:  # fp16 tops out at 65504: a larger weight would become inf
         big = [name for name, p in model.denoisingUNet.named_parameters() if bool((p.detach().abs() > 65504).any())]
         if big:

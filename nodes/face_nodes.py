@@ -19,7 +19,7 @@ from comfy_diffusionrig.rig_files import RigFileError, load_rigged_photo, save_r
 
 from .host import (RIG_FOLDER, check_interrupt, file_fingerprint, find_model_files, image_to_pil, image_to_unit,
                    input_files, input_path, managed, model_dir, model_files, model_fingerprint, model_path,
-                   models_root, pil_to_image, torch_device, use_model)
+                   models_root, pil_to_image, storage_device, use_model)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(align_lib.DETECTORS)
@@ -84,7 +84,7 @@ class LoadDECA:
         node = "Load DECA"
         path = model_path("deca", deca_model, node)
         flame = find_model_files("flame", FLAME_FILES, node)
-        return (managed(load_deca(path, flame, device=torch_device(), backend=rasterizer)),)
+        return (managed(load_deca(path, flame, device=storage_device(), backend=rasterizer)),)
 
     @classmethod
     def IS_CHANGED(cls, deca_model, **_):

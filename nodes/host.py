@@ -223,7 +223,15 @@ def photo_folder(text: str, node: str) -> Path:
 
 
 def torch_device() -> torch.device:
+    """Where our models run (ComfyUI's torch device; the CPU outside ComfyUI)."""
     return _mm.get_torch_device() if IN_COMFYUI else torch.device("cpu")
+
+
+def storage_device() -> torch.device:
+    """Where a freshly loaded model's weights go: ComfyUI's offload device, so that loading never needs room
+    on a GPU that other models fill (`use_model` moves the weights to `torch_device` when a node runs the
+    model, after ComfyUI has freed what it needs); the CPU outside ComfyUI."""
+    return _mm.unet_offload_device() if IN_COMFYUI else torch.device("cpu")
 
 
 class _Held(torch.nn.Module):

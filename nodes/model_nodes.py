@@ -13,7 +13,7 @@ from comfy_diffusionrig.editing import check_edit_settings
 from comfy_diffusionrig.lora import load_lora, merge_lora
 
 from .host import (Progress, check_interrupt, image_to_model, managed, model_files, model_fingerprint, model_path,
-                   model_to_image, torch_device, use_model)
+                   model_to_image, storage_device, torch_device, use_model)
 
 CATEGORY = "DiffusionRig"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -49,10 +49,12 @@ class LoadDiffusionRigModel:
         node = "Load DiffusionRig Model"
         path = model_path("diffusionrig", ckpt_name, node)
         if lora_name == "none":
-            return (managed(load_diffusionrig(path, device=torch_device(), dtype=precision)),)
+            return (managed(load_diffusionrig(path, device=storage_device(), dtype=precision,
+                                              run_device=torch_device())),)
         lora = model_path("diffusionrig", lora_name, node)
-        model = load_lora(load_diffusionrig(path, device=torch_device()), lora)  # adapters merge in fp32
-        return (managed(for_inference(merge_lora(model, lora_strength), torch_device(), precision)),)
+        model = load_lora(load_diffusionrig(path, device=storage_device()), lora)  # adapters merge in fp32
+        return (managed(for_inference(merge_lora(model, lora_strength), storage_device(), precision,
+                                      run_device=torch_device())),)
 
     @classmethod
     def IS_CHANGED(cls, ckpt_name, lora_name="none", **_):

@@ -143,3 +143,18 @@ def test_outside_comfyui_models_stay_where_they_were_loaded(models_dir):
 def test_load_face_photo_has_the_upload_button():
     spec = face_nodes.LoadFacePhoto.INPUT_TYPES()["required"]["image"]
     assert spec[1]["image_upload"] is True
+
+
+def test_loaders_store_weights_on_the_offload_device_in_the_run_devices_precision(models_dir, monkeypatch):
+    """Inside ComfyUI a loader puts the weights where idle models wait (storage_device, ComfyUI's offload device)
+    instead of the GPU, and picks the precision for the device the model will run on: fp16 is refused on the
+    CPU, yet a model stored on the CPU to run on a GPU is kept in fp16 there."""
+    monkeypatch.setattr(host, "torch_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(model_nodes, "torch_device", host.torch_device)
+    (model,) = LOADER().load("small.safetensors", "fp16")
+    unet = next(model.denoisingUNet.parameters())
+    assert unet.device.type == "cpu" and unet.dtype == torch.float16
+    assert next(model.encoder.parameters()).dtype == torch.float32
+    monkeypatch.setattr(model_nodes, "torch_device", lambda: torch.device("cpu"))
+    with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
+        LOADER().load("small.safetensors", "fp16")  # running on the CPU: refused as before
