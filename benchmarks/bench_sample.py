@@ -11,6 +11,7 @@ subprocess so that peak memory is its own (CUDA: max allocated by torch; CPU: pr
     python benchmarks/bench_sample.py                  # 256 px, official size (~10 min on 2 CPU cores)
     python benchmarks/bench_sample.py --size 64 --repeat 3   # quick run, same widths at 64 px
     python benchmarks/bench_sample.py --device cuda --batch 4
+    python benchmarks/bench_sample.py --device cuda --compile --repeat 3   # + CUDA graphs (torch.compile)
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ class Counted:
 
 
 def run_one(name: str, size: int, batch: int, device: str, precision: str | None, repeat: int,
-            out_file: str) -> None:
+            out_file: str, compile_unet: bool = False) -> None:
     from comfy_diffusionrig.devices import resolve_dtype
     from comfy_diffusionrig.diffusion import sampler_functions
     from comfy_diffusionrig.feature_cache import FeatureCache
@@ -100,9 +101,15 @@ def run_one(name: str, size: int, batch: int, device: str, precision: str | None
     sample, invert = sampler_functions(sampler)
     image, source, target = inputs(batch, size, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    compiled = compile_unet and interval == 1 and name != next(iter(SETTINGS))
+    if compiled:  # CUDA: CUDA graphs replay the ~500 kernel launches of a call (batch 1 is launch-bound)
+        model.denoisingUNet = torch.compile(model.denoisingUNet, mode="reduce-overhead" if device == "cuda"
+                                            else "default", dynamic=False)
     with torch.inference_mode():
         code = model.encode(image)
         model.denoise(image, torch.zeros(batch, dtype=torch.int64, device=device), source, code)  # warm-up
+        if compiled:  # compiling and graph capture happen in the first calls: one whole edit, untimed
+            sample(model, target, code, invert(model, image, source, code, steps=steps), steps=steps)
         sync()
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -120,7 +127,7 @@ def run_one(name: str, size: int, batch: int, device: str, precision: str | None
     torch.save(out.float().cpu(), out_file + ".pt")
     with open(out_file, "w") as f:
         json.dump({"seconds": min(seconds), "calls": net.calls, "full_calls": full, "peak_bytes": peak,
-                   "dtype": str(dtype).removeprefix("torch.")}, f)
+                   "dtype": str(dtype).removeprefix("torch.") + ("+compile" if compiled else "")}, f)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -137,11 +144,14 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=None,
                         help=f"subset of {list(SETTINGS)} (the first always runs)")
     parser.add_argument("--repeat", type=int, default=1, help="time each edit this many times, keep the fastest")
-    parser.add_argument("--one", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet of the uncached fast settings (CUDA: mode reduce-overhead, "
+                             "i.e. CUDA graphs); the first edit compiles and is not timed")
+    parser.add_argument("--one", nargs=8, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        name, size, batch, device, precision, repeat, out_file = args.one
-        run_one(name, int(size), int(batch), device, precision, int(repeat), out_file)
+        name, size, batch, device, precision, repeat, out_file, compile_unet = args.one
+        run_one(name, int(size), int(batch), device, precision, int(repeat), out_file, compile_unet == "1")
         return
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     reference_name = next(iter(SETTINGS))
@@ -150,14 +160,14 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, official default widths at {args.size} px, "
           f"batch {args.batch}, fastest of {args.repeat}; one edit = inversion + sampling; "
           "drift = PSNR against the reference edit")
-    print(f"{'device':6} {'setting':24} {'dtype':8} {'calls':>7} {'s/edit':>8} {'speed-up':>8} {'peak MiB':>9} "
+    print(f"{'device':6} {'setting':24} {'dtype':16} {'calls':>7} {'s/edit':>8} {'speed-up':>8} {'peak MiB':>9} "
           f"{'drift dB':>8}")
     for device in devices:
         reference = ref_seconds = None
         for name in names:
             out_file = f"{tmp}_{device}_{names.index(name)}.json"
             subprocess.run([sys.executable, __file__, "--one", name, str(args.size), str(args.batch), device,
-                            args.precision, str(args.repeat), out_file], check=True)
+                            args.precision, str(args.repeat), out_file, "1" if args.compile else "0"], check=True)
             with open(out_file) as f:
                 r = json.load(f)
             edit = torch.load(out_file + ".pt")
@@ -166,7 +176,7 @@ def main() -> None:
             if reference is None:
                 reference, ref_seconds = edit, r["seconds"]
             drift = "reference" if name == reference_name else f"{psnr(edit, reference):.1f}"
-            print(f"{device:6} {name:24} {r['dtype']:8} {r['full_calls']:3d}/{r['calls']:<3d} {r['seconds']:8.2f} "
+            print(f"{device:6} {name:24} {r['dtype']:16} {r['full_calls']:3d}/{r['calls']:<3d} {r['seconds']:8.2f} "
                   f"{ref_seconds / r['seconds']:7.2f}x {r['peak_bytes'] / 2**20:9.0f} {drift:>8}", flush=True)
 
 

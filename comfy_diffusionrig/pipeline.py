@@ -70,12 +70,22 @@ def load_models(models_dir: str | Path | None = None, checkpoint: str | None = N
     return Models(model, deca, root)
 
 
-def fit_photo(models: Models, photo: Image.Image, faces: str = "largest", detector: str = "hog") -> FaceRig:
-    """The fitted rig of a photo's face(s) (e.g. a reference to copy light or expression from)."""
+def _align_and_fit(models: Models, photo: Image.Image, faces: str, detector: str,
+                   lap: Callable[[str], None] = lambda stage: None):
+    """(aligned faces, their images [N, 3, S, S] in [0, 1], their fitted rig) at the model's size;
+    lap("align") and lap("fit") mark the end of each stage."""
     size = models.diffusionrig.config.image_size
     aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
+    lap("align")
     images = pil_to_tensor([a.image for a in aligned])
-    return fit_faces(models.deca, images, np.stack([a.landmarks for a in aligned]))
+    rig = fit_faces(models.deca, images, np.stack([a.landmarks for a in aligned]))
+    lap("fit")
+    return aligned, images, rig
+
+
+def fit_photo(models: Models, photo: Image.Image, faces: str = "largest", detector: str = "hog") -> FaceRig:
+    """The fitted rig of a photo's face(s) (e.g. a reference to copy light or expression from)."""
+    return _align_and_fit(models, photo, faces, detector)[2]
 
 
 @dataclass
@@ -113,15 +123,10 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
         clock[0] = now
 
     model, deca = models.diffusionrig, models.deca
-    size = model.config.image_size
     if rig is None:
-        aligned = align_faces(photo, mode=faces, size=size, detector=detector, models_dir=models.root)
-        lap("align")
-        images = pil_to_tensor([a.image for a in aligned])
-        rig = fit_faces(deca, images, np.stack([a.landmarks for a in aligned]))
-        lap("fit")
+        aligned, images, rig = _align_and_fit(models, photo, faces, detector, lap)
     else:
-        rig_ready(rig, size, "the photo")
+        rig_ready(rig, model.config.image_size, "the photo")
         aligned, images = None, pil_to_tensor([photo])
     edited = edit(rig)
     n_faces = len(rig)
