@@ -442,17 +442,20 @@ def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) 
     within a fraction of a pixel of the whole photo's pyramid, so the scores agree to a few per
     cent and the best hit's box is the same), so the face's best level is climbed to: down a level
     while the lower of the pair wins, up while the upper one (or a level above the pair) wins; a
-    CNN box, smaller than HOG's, is usually a level or two low.
+    CNN box, smaller than HOG's, is usually a level or two low. A step up is cut from the last
+    window when it can be (`_derived_window`), which saves resampling the photo again.
     """
     height, width = full.shape[:2]
     top = min(len(_pyramid_sizes(width, 0)), len(_pyramid_sizes(height, 1))) - 2
     size = max(box[2] - box[0], box[3] - box[1], HOG_CELL * HOG_BOX_CELLS / 2)
     # the level whose 10-cell box is this size: a rough HOG box's face is mostly on it or the next
     level = min(max(int(math.log(size / (HOG_CELL * (HOG_BOX_CELLS - 1) / 2)) / math.log(1.2)), 0), top)
-    paired, tried, hit = [], set(), None
+    paired, tried, hit, window = [], set(), None, None
     while 0 <= level <= top and level not in tried and len(tried) < 4:
         tried.add(level)
-        hit = _window_hit(full, box, level)
+        # a level up from the last window: a crop of that window's next level (no new resampling chain)
+        derived = _derived_window(full, box, window) if window is not None and window.level == level - 1 else None
+        hit, window = derived if derived is not None else _window_hit(full, box, level)
         if hit is None:
             break
         if hit[2] in (level, level + 1):
@@ -463,31 +466,128 @@ def _official_hog_box(full: np.ndarray, box: tuple[float, float, float, float]) 
     return None if hit is None else hit[0]
 
 
+@dataclass
+class _Window:
+    """A window's image at pyramid level `level` and where its pixel (0, 0) sits in the photo (photo
+    pixels; on the cell grid of that level and the next)."""
+
+    image: np.ndarray
+    level: int
+    origin: tuple[float, float]  # (x, y)
+
+
+def _margin(size: float, level: int) -> float:
+    """Photo pixels around a rough face box that a hit on levels `level` and `level + 1` reads: one cell of
+    filter padding and one of HOG block normalisation each side, plus the rough box's own error (up to
+    ~6 % measured)."""
+    return 0.1 * size + (2 * HOG_CELL * 1.2 ** (level + 1) + HOG_CELL) / 2
+
+
 def _window_hit(full: np.ndarray, box: tuple[float, float, float, float],
-                level: int) -> tuple[tuple[float, ...], float, int] | None:
+                level: int) -> tuple[tuple[tuple[float, ...], float, int] | None, _Window]:
     """The official HOG hit on this face from a window true to pyramid levels `level` and
-    `level + 1`: (box, score, level), or None when no hit there overlaps `box`."""
+    `level + 1`: ((box, score, level) or None when no hit there overlaps `box`, the window).
+
+    The window gets the room a window a level up needs when one can then be cut from it
+    (`_derived_window`: big faces, where resampling the photo again costs most), else the room
+    its own two levels need."""
     dlib = require_dlib()
     height, width = full.shape[:2]
     size = max(box[2] - box[0], box[3] - box[1])
-    # what a hit reads: the box, one cell of filter padding and one of HOG block normalisation
-    # each side, plus the rough box's own error (up to ~6 % measured)
-    margin = 0.1 * size + (2 * HOG_CELL * 1.2 ** (level + 1) + HOG_CELL) / 2
-    x0, w, cols = _window_axis(box[0] - margin, box[2] + margin, width, 0, level)
-    y0, h, rows = _window_axis(box[1] - margin, box[3] + margin, height, 1, level)
+    for margin in (_margin(size, level + 1), _margin(size, level)):
+        x0, w, cols = _window_axis(box[0] - margin, box[2] + margin, width, 0, level)
+        y0, h, rows = _window_axis(box[1] - margin, box[3] + margin, height, 1, level)
+        if _next_crop(full.shape, box, level, (float(x0), float(y0)), (rows[-1], cols[-1])) is not None:
+            break
     base = np.ascontiguousarray(full[y0:y0 + h, x0:x0 + w])
     for n_rows, n_cols in zip(rows, cols):
         base = dlib.resize_image(base, n_rows, n_cols)
-    rects, scores, _ = _hog_detector().run(base, 0)
+    window = _Window(base, level, (float(x0), float(y0)))
+    return _best_hit(full.shape, box, window), window
+
+
+def _next_crop(shape: tuple[int, ...], box: tuple[float, float, float, float], level: int,
+               origin: tuple[float, float], image_hw: tuple[int, int]):
+    """Where `_derived_window` cuts the window a level up from a window at `level` with this origin
+    (photo px) and image size: ((x, width), (y, height)) in its next level's pixels and the cut's
+    origin in photo px, or None when no cut fits."""
+    height, width = shape[:2]
     full_rows, full_cols = _pyramid_sizes(height, 1), _pyramid_sizes(width, 0)
+    up = level + 1
+    if up + 1 >= min(len(full_rows), len(full_cols)):
+        return None
+    margin = _margin(max(box[2] - box[0], box[3] - box[1]), up)
+    crop, cut_origin = [], []
+    for axis, (lo, hi), sizes, photo in ((0, (box[0], box[2]), full_cols, width), (1, (box[1], box[3]), full_rows,
+                                                                                     height)):
+        scale = (sizes[up] - 1) / (photo - 1)  # level px per photo px
+        first = round(origin[axis] * scale)  # the window's pixel 0 on this level (a whole pixel)
+        found = _crop_axis((lo - margin) * scale, (hi + margin) * scale, first, 5 * image_hw[1 - axis] // 6,
+                           (sizes[up + 1] - 1) / (sizes[up] - 1))
+        if found is None:
+            return None
+        crop.append(found)
+        cut_origin.append((first + found[0]) / scale)
+    return crop, (cut_origin[0], cut_origin[1])
+
+
+def _derived_window(full: np.ndarray, box: tuple[float, float, float, float],
+                    window: _Window) -> tuple[tuple[tuple[float, ...], float, int] | None, _Window] | None:
+    """The hit on levels `window.level + 1` and `+ 2` from the window's next level (dlib's own 5/6 step
+    of it, which sits on the whole photo's next level) cropped to start on both levels' cell grids and
+    sized so that dlib's step after it samples where the photo's does: the same hit as `_window_hit`
+    of that level, without resampling the photo again. None when no such crop fits in the window."""
+    rows, cols = window.image.shape[:2]
+    cut = _next_crop(full.shape, box, window.level, window.origin, (rows, cols))
+    if cut is None:
+        return None
+    ((sx, w), (sy, h)), origin = cut
+    image = require_dlib().resize_image(window.image, 5 * rows // 6, 5 * cols // 6)
+    derived = _Window(np.ascontiguousarray(image[sy:sy + h, sx:sx + w]), window.level + 1, origin)
+    return _best_hit(full.shape, box, derived), derived
+
+
+def _crop_axis(lo: float, hi: float, origin: int, available: int, ratio: float) -> tuple[int, int] | None:
+    """A crop (start, length) along one axis of a level image whose pixel 0 is the photo's level pixel
+    `origin`: starting on the level's cell grid and, within _GRID_TOLERANCE, on the next level's (level
+    pixels times `ratio` = next level pixels), covering [lo, hi) (level pixels), the length chosen so
+    that the next level's last sample lands nearest the photo's. None when none fits."""
+    first = min(int(math.floor(lo)), origin + available - 1)
+    start = None
+    for position in range(first - first % HOG_CELL, origin - 1, -HOG_CELL):
+        q = position * ratio / HOG_CELL
+        if abs(q - round(q)) * HOG_CELL < _GRID_TOLERANCE:
+            start = position
+            break
+    if start is None:
+        return None
+    shortest, longest = max(int(math.ceil(hi)) - start, 2), origin + available - start
+    if shortest > longest:
+        return None
+
+    def error(length: int) -> float:  # next-level px at the far side of the face
+        return abs(5 * length // 6 - 1 - (length - 1) * ratio) * (hi - start) / length
+
+    length = min(range(shortest, min(shortest + 2 * HOG_CELL, longest) + 1), key=error)
+    return start - origin, length
+
+
+def _best_hit(shape: tuple[int, ...], box: tuple[float, float, float, float],
+              window: _Window) -> tuple[tuple[float, ...], float, int] | None:
+    """dlib's HOG hits in the window (scanned from its level down), mapped to the photo: the one that best
+    overlaps `box` as (box, score, level), or None."""
+    height, width = shape[:2]
+    rects, scores, _ = _hog_detector().run(window.image, 0)
+    full_rows, full_cols = _pyramid_sizes(height, 1), _pyramid_sizes(width, 0)
+    level = window.level
     best, best_overlap = None, 0.3  # a hit must overlap the rough box by at least this IoU
     for rect, score in zip(rects, scores):
         found = _hog_cell_of((rect.left(), rect.top(), rect.right(), rect.bottom()))
         if found is None or found[0] + level >= min(len(full_rows), len(full_cols)):
             continue
         k = found[0] + level
-        cx = found[1] + round(x0 * (full_cols[k] - 1) / (width - 1) / HOG_CELL)
-        cy = found[2] + round(y0 * (full_rows[k] - 1) / (height - 1) / HOG_CELL)
+        cx = found[1] + round(window.origin[0] * (full_cols[k] - 1) / (width - 1) / HOG_CELL)
+        cy = found[2] + round(window.origin[1] * (full_rows[k] - 1) / (height - 1) / HOG_CELL)
         left, top, right, bottom = _hog_rect(k, cx, cy)
         # pyramid_down<2>::point_down maps the upsampled photo back to the photo
         candidate = (float(_lround(left / 2 - 1.25)), float(_lround(top / 2 - 0.75)),

@@ -431,6 +431,35 @@ def test_group_photo_gives_the_official_boxes_and_crops(group_photo):
     _check_official(group_photo, 4)
 
 
+def test_a_level_up_is_cut_from_the_last_window_and_finds_the_same_hit(phone_photo, group_photo, monkeypatch):
+    """Climbing a pyramid level cuts the next window from the last one's next level (_derived_window)
+    instead of resampling the photo again, where such a cut fits in the last window (else the photo is
+    resampled as before): its hit is the hit of a window resampled from the photo for that level (same
+    box and level; both scores within 5 % of the whole photo's), and the boxes stay the official ones."""
+    from comfy_diffusionrig import alignment
+
+    derived, original = [], alignment._derived_window
+
+    def spy(full, box, window):
+        out = original(full, box, window)
+        derived.append((full, box, window.level + 1, out))
+        return out
+
+    monkeypatch.setattr(alignment, "_derived_window", spy)
+    _check_official(phone_photo, 1)
+    _check_official(group_photo, 4)
+    used = [d for d in derived if d[3] is not None and d[3][0] is not None]
+    assert used, "no level was climbed by cutting the last window"  # the phone photo's face does (15 -> 16)
+    for full, box, level, (hit, window) in used:
+        resampled, _ = alignment._window_hit(full, box, level)
+        assert window.level == level and hit[0] == resampled[0] and hit[2] == resampled[2]
+        # both windows' scores are approximations of the whole photo's: within a few per cent of it
+        rects, scores, _ = alignment._hog_detector().run(full, 1)
+        official = {(r.left(), r.top(), r.right() + 1, r.bottom() + 1): score for r, score in zip(rects, scores)}
+        score = official[tuple(int(v) for v in hit[0])]
+        assert abs(hit[1] - score) <= 0.05 * score and abs(resampled[1] - score) <= 0.05 * score
+
+
 def test_coarse_box_alone_is_not_the_official_one(phone_photo, monkeypatch):
     """The check above has teeth: without the full-resolution box (the old behaviour) the phone
     photo's landmarks and crop are off (issue #15 measured 3 px mean landmark error, 23.8 dB)."""
