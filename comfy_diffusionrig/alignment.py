@@ -382,11 +382,12 @@ def _window_axis(lo: float, hi: float, size: int, axis: int, level: int) -> tupl
     levels = [k for k in (level, level + 1) if k < len(full)]
     cell = [HOG_CELL * (size - 1) / (full[k] - 1) for k in levels]  # photo px per cell
     first = min(max(int(math.floor(lo)), 0), size - 1)
-    start = 0
-    for candidate in range(first, max(first - int(60 * cell[-1]), 0), -1):
-        if all(abs(q - round(q)) * HOG_CELL < _GRID_TOLERANCE for q in (candidate / c for c in cell)):
-            start = candidate
-            break
+    candidates = np.arange(first, max(first - int(60 * cell[-1]), 0), -1)
+    on_grid = np.ones(len(candidates), bool)
+    for c in cell:
+        q = candidates / c
+        on_grid &= np.abs(q - np.round(q)) * HOG_CELL < _GRID_TOLERANCE
+    start = int(candidates[on_grid][0]) if on_grid.any() else 0
     shortest = min(max(int(math.ceil(hi)) - start, 2), size - start)
 
     def fit(length: int) -> tuple[float, list[int]]:
