@@ -683,8 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     keyframe = video.add_mutually_exclusive_group()
     keyframe.add_argument("--light-end", help="the light at the last frame, as --light (cross-faded over the clip)")
     keyframe.add_argument("--end-turn", type=float, help="degrees the light turns about the vertical by the last frame")
-    video.add_argument("--smooth", type=float, default=2.0, help="temporal smoothing of pose, jaw, expression and "
-                                                                 "camera in frames (0 = off; default 2)")
+    video.add_argument("--smooth", type=float, default=2.0, help="temporal smoothing of pose, jaw, expression, "
+                                                                 "camera and the crop's landmarks in frames (0 = off; "
+                                                                 "default 2)")
     video.add_argument("--face-index", type=int, default=0, help="which face to follow in the first frame with a "
                                                                  "face (0 = largest)")
     video.add_argument("--fps", type=int, default=24, help="frame rate of relit.mp4")

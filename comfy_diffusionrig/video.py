@@ -8,7 +8,8 @@ conditioned on. A clip is edited as one piece instead:
    descriptor when the face was lost), not "the largest face of each frame";
 2. fit every frame, give every frame the clip's mean shape and texture (as an album does);
 3. smooth pose (head and jaw), expression, camera, fitted light and the global code over time
-   with a zero-lag One-Euro filter (`smooth_codes`; strength 0 changes nothing);
+   with a zero-lag One-Euro filter (`smooth_codes`; strength 0 changes nothing), and the landmarks
+   the crops are aligned on (`steady_faces`);
 4. light every frame with one target light, or a light keyframed from a start to an end light;
 5. invert and sample every frame with `edit_faces` (one noise policy for every frame), paste back.
 
@@ -179,6 +180,20 @@ def _first_tracked(detections, chosen) -> tuple[int, object]:
 # ----------------------------------------------------------------------------- the clip
 
 
+def steady_faces(faces: Sequence, strength: float, speed: float = SPEED) -> list:
+    """The tracked face of each frame (alignment.Face, in frame order) with its 68 landmarks smoothed over
+    time (`smooth_sequence`), so the FFHQ crop of a still head stays put: dlib's landmarks jitter by a
+    pixel or so from frame to frame, which shakes the crop, the model's input and so its output.
+    strength 0 returns the faces as detected."""
+    from dataclasses import replace
+
+    if strength == 0 or len(faces) < 2:
+        return list(faces)
+    marks = smooth_sequence(torch.as_tensor(np.stack([f.landmarks for f in faces]), dtype=torch.float64),
+                            strength, speed).numpy()
+    return [replace(f, landmarks=m) for f, m in zip(faces, marks)]
+
+
 def clip_rig(rig, strength: float, speed: float = SPEED):
     """A fitted rig of consecutive frames of one person -> the clip's rig: the mean shape and texture on
     every frame (one person: as the album does), pose, expression, camera and light smoothed over time."""
@@ -256,7 +271,8 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
         raise ValueError(f"no face found in any of the {len(frames)} frames (detector {detector}); try the cnn "
                          "detector for turned, small or dark faces")
     size = model.config.image_size
-    aligned = [align_face(frames[t], detections[t][chosen[t]], size) for t in tracked]
+    steady = steady_faces([detections[t][chosen[t]] for t in tracked], strength)
+    aligned = [align_face(frames[t], f, size) for t, f in zip(tracked, steady)]
     images = pil_to_tensor([a.image for a in aligned])
     report("fit", 0, 1)
     rig = clip_rig(fit_faces(deca, images, np.stack([a.landmarks for a in aligned])), strength)

@@ -61,8 +61,9 @@ class RelightVideoClip:
                                              "tooltip": "Keyframe: degrees the light has turned up by the last "
                                                         "frame."}),
             "smoothing": ("FLOAT", {"default": 2.0, "min": 0.0, "max": 20.0, "step": 0.5,
-                                    "tooltip": "Temporal smoothing of pose, jaw, expression and camera, in frames "
-                                               "(One-Euro filter, zero lag). 0 = every frame as fitted."}),
+                                    "tooltip": "Temporal smoothing of pose, jaw, expression, camera and the crop's "
+                                               "landmarks, in frames (One-Euro filter, zero lag). 0 = every frame as "
+                                               "detected and fitted."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
                              "tooltip": "Noise seed (start = noise, eta > 0): the same for every frame."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "DDIM steps (official 20)."}),
