@@ -78,13 +78,28 @@ def one_euro(x: torch.Tensor, strength: float, speed: float = SPEED, scale: torc
     return out
 
 
-def smooth_sequence(x: torch.Tensor, strength: float, speed: float = SPEED) -> torch.Tensor:
+def frame_runs(frames: Sequence[int]) -> list[slice]:
+    """Runs of consecutive frame numbers in `frames` (sorted), as slices of it: [0, 1, 2, 5, 6] -> [0:3, 3:5].
+    Smoothing stays within a run, never across frames where the face was not seen (a cut, an occlusion)."""
+    runs, start = [], 0
+    for k in range(1, len(frames) + 1):
+        if k == len(frames) or frames[k] != frames[k - 1] + 1:
+            runs.append(slice(start, k))
+            start = k
+    return runs
+
+
+def smooth_sequence(x: torch.Tensor, strength: float, speed: float = SPEED,
+                    runs: Sequence[slice] | None = None) -> torch.Tensor:
     """Zero-lag smoothing of [T, ...] over T: One-Euro forward, then backward over the result.
 
     The backward pass cancels the forward pass's lag (a clip is edited offline, so the future is
-    known). strength 0 returns x unchanged (bit for bit); the result has x's dtype.
+    known). strength 0 returns x unchanged (bit for bit); the result has x's dtype. runs: slices of
+    T (`frame_runs`) smoothed each on its own (None: one run).
     """
     check_strength(strength)
+    if runs is not None and len(runs) > 1:
+        return torch.cat([smooth_sequence(x[run], strength, speed) for run in runs])
     if x.shape[0] < 2 or strength == 0:
         return x.clone()
     flat = x.reshape(x.shape[0], -1)
@@ -94,9 +109,11 @@ def smooth_sequence(x: torch.Tensor, strength: float, speed: float = SPEED) -> t
     return both.to(x.dtype).reshape(x.shape)
 
 
-def smooth_codes(codes: dict, strength: float, keys: Sequence[str] = SMOOTH_KEYS, speed: float = SPEED) -> dict:
-    """Per-frame codes ({name: [T, ...]}) with `keys` smoothed over time (`smooth_sequence`); others as given."""
-    return {k: smooth_sequence(v, strength, speed) if k in keys else v for k, v in codes.items()}
+def smooth_codes(codes: dict, strength: float, keys: Sequence[str] = SMOOTH_KEYS, speed: float = SPEED,
+                 runs: Sequence[slice] | None = None) -> dict:
+    """Per-frame codes ({name: [T, ...]}) with `keys` smoothed over time (`smooth_sequence`, within each of
+    `runs`); others as given."""
+    return {k: smooth_sequence(v, strength, speed, runs) if k in keys else v for k, v in codes.items()}
 
 
 def frame_jitter(x: torch.Tensor) -> float:
@@ -180,26 +197,27 @@ def _first_tracked(detections, chosen) -> tuple[int, object]:
 # ----------------------------------------------------------------------------- the clip
 
 
-def steady_faces(faces: Sequence, strength: float, speed: float = SPEED) -> list:
+def steady_faces(faces: Sequence, strength: float, speed: float = SPEED, runs: Sequence[slice] | None = None) -> list:
     """The tracked face of each frame (alignment.Face, in frame order) with its 68 landmarks smoothed over
     time (`smooth_sequence`), so the FFHQ crop of a still head stays put: dlib's landmarks jitter by a
     pixel or so from frame to frame, which shakes the crop, the model's input and so its output.
-    strength 0 returns the faces as detected."""
+    strength 0 returns the faces as detected; runs: as `smooth_sequence`."""
     from dataclasses import replace
 
     if strength == 0 or len(faces) < 2:
         return list(faces)
     marks = smooth_sequence(torch.as_tensor(np.stack([f.landmarks for f in faces]), dtype=torch.float64),
-                            strength, speed).numpy()
+                            strength, speed, runs).numpy()
     return [replace(f, landmarks=m) for f, m in zip(faces, marks)]
 
 
-def clip_rig(rig, strength: float, speed: float = SPEED):
+def clip_rig(rig, strength: float, speed: float = SPEED, runs: Sequence[slice] | None = None):
     """A fitted rig of consecutive frames of one person -> the clip's rig: the mean shape and texture on
-    every frame (one person: as the album does), pose, expression, camera and light smoothed over time."""
+    every frame (one person: as the album does), pose, expression, camera and light smoothed over time
+    (within each of `runs`, see `frame_runs`)."""
     n = len(rig)
     mean = {k: rig.codes[k].mean(0, keepdim=True).expand(n, -1).clone() for k in ("shape", "tex")}
-    return rig.with_codes(**mean, **{k: v for k, v in smooth_codes(rig.codes, strength, SMOOTH_KEYS, speed).items()
+    return rig.with_codes(**mean, **{k: v for k, v in smooth_codes(rig.codes, strength, SMOOTH_KEYS, speed, runs).items()
                                      if k in SMOOTH_KEYS})
 
 
@@ -271,11 +289,12 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
         raise ValueError(f"no face found in any of the {len(frames)} frames (detector {detector}); try the cnn "
                          "detector for turned, small or dark faces")
     size = model.config.image_size
-    steady = steady_faces([detections[t][chosen[t]] for t in tracked], strength)
+    runs = frame_runs(tracked)  # smoothing never bridges frames without the face
+    steady = steady_faces([detections[t][chosen[t]] for t in tracked], strength, runs=runs)
     aligned = [align_face(frames[t], f, size) for t, f in zip(tracked, steady)]
     images = pil_to_tensor([a.image for a in aligned])
     report("fit", 0, 1)
-    rig = clip_rig(fit_faces(deca, images, np.stack([a.landmarks for a in aligned])), strength)
+    rig = clip_rig(fit_faces(deca, images, np.stack([a.landmarks for a in aligned])), strength, runs=runs)
     report("fit", 1, 1)
     lights = light_keyframes(light, end_light, len(frames), ease)[tracked]
     target = rig.with_light(lights)
@@ -284,7 +303,7 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     x = images * 2 - 1
     with torch.no_grad():
         codes = model.encode(x.to(model.device)).float().cpu()
-    codes = smooth_sequence(codes, strength)
+    codes = smooth_sequence(codes, strength, runs=runs)
     edited = edit_faces(model, x, source_buffers, target_buffers, codes, start=start, steps=steps, eta=eta,
                         seed=seed, batch_size=batch_size, sampler=sampler, cache_interval=cache_interval,
                         callback=lambda done, total, preview: report("relight", done, total))

@@ -238,3 +238,35 @@ def test_a_still_head_gets_a_steady_crop_through_the_clip(demo_models, monkeypat
         centres = np.array([[(m * xs).sum() / m.sum(), (m * ys).sum() / m.sum()] for m in result.masks])
         spread[strength] = float(np.linalg.norm(centres - centres.mean(0), axis=1).mean())
     assert spread[3.0] < 0.5 * spread[0.0], spread
+
+
+def test_smoothing_never_bridges_frames_without_the_face(monkeypatch, clip_nodes):
+    """Two shots of one person, the face unseen in between: each run is smoothed on its own, so the second shot's
+    pose does not bleed into the end of the first (as it does when the runs are joined)."""
+    from comfy_diffusionrig import video
+    from comfy_diffusionrig.video import frame_runs
+
+    assert frame_runs([0, 1, 2, 5, 6, 9]) == [slice(0, 3), slice(3, 5), slice(5, 6)]
+    assert frame_runs([]) == [] and frame_runs([4]) == [slice(0, 1)]
+    gen = torch.Generator().manual_seed(0)
+    first, second = torch.zeros(10, 3), torch.full((10, 3), 0.5)
+    x = torch.cat([first, second]) + 0.01 * torch.randn(20, 3, generator=gen)
+    joined = smooth_sequence(x, 3.0)
+    apart = smooth_sequence(x, 3.0, runs=frame_runs(list(range(10)) + list(range(14, 24))))
+    assert torch.equal(apart[:10], smooth_sequence(x[:10], 3.0)) and torch.equal(apart[10:], smooth_sequence(x[10:], 3.0))
+    assert float(apart[9].abs().max()) < 0.05 < float(joined[9].abs().max())
+    # relight_clip smooths within runs of frames with the face: here frame 1 has none, so nothing spans it
+    lengths = []
+    original = video.smooth_sequence
+
+    def spy(x, strength, speed=video.SPEED, runs=None):
+        lengths.append([r.stop - r.start for r in runs] if runs is not None else [len(x)])
+        return original(x, strength, speed, runs)
+
+    monkeypatch.setattr(video, "smooth_sequence", spy)
+    deca, dr = clip_nodes
+    video.relight_clip(dr, deca, _clip_frames(), sh_from_direction(40.0, 20.0, 0.9, 0.5), strength=2.0, steps=1,
+                       identity=False)
+    top_level = [n for n in lengths if len(n) > 1]  # (each run is then smoothed by a call of its own)
+    assert top_level and all(n == [1, 1] for n in top_level), lengths  # landmarks, pose..., global code
+    assert len(top_level) == 1 + len(video.SMOOTH_KEYS) + 1
