@@ -378,12 +378,11 @@ def score_samplers(model: DiffusionRig, source: torch.Tensor, source_buffers: to
         run = lambda buffers: edit_faces(model, source, source_buffers, buffers, code, steps=steps,  # noqa: E731
                                          sampler=sampler, cache_interval=interval, batch_size=len(source))
         edited, rebuilt = run(target_buffers), run(source_buffers)
-        calls = sum(sampler_step_counts(model, sampler, steps))
+        counts = sampler_step_counts(model, sampler, steps)  # (inversion, sampling)
         out[name] = {"edit psnr": round(float(psnr(to01(edited), to01(target)).mean()), 2),
                      "edit ssim": round(float(ssim(to01(edited), to01(target)).mean()), 3),
                      "reconstruction psnr": round(float(psnr(to01(rebuilt), to01(source)).mean()), 2),
-                     "unet calls": calls, "full unet calls": sum(_full_calls(c, interval) for c in
-                                                                 sampler_step_counts(model, sampler, steps))}
+                     "unet calls": sum(counts), "full unet calls": sum(_full_calls(c, interval) for c in counts)}
     return out
 
 

@@ -18,7 +18,7 @@ from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_
 from comfy_diffusionrig.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
 
 from .host import (RIG_FOLDER, check_interrupt, file_fingerprint, find_model_files, image_to_pil, image_to_unit,
-                   input_files, input_path, managed, model_dir, model_files, model_fingerprint, model_path,
+                   input_files, input_path, managed, model_files, model_fingerprint, model_path, new_model_file,
                    models_root, pil_to_image, storage_device, use_model)
 
 CATEGORY = "DiffusionRig"
@@ -221,17 +221,14 @@ class SaveFaceRig:
         if aligned.shape[0] != len(rig):
             raise ValueError(f"{node}: {aligned.shape[0]} aligned images but the rig has {len(rig)} faces; connect "
                              "the aligned output that DECA Fit fitted")
-        folder = model_dir(RIG_FOLDER).resolve()
-        stem = name_prefix.strip()
-        base = (folder / stem).resolve()
-        if not stem or folder not in base.parents:
-            raise ValueError(f"{node}: {name_prefix!r} is not a file name inside {folder}")
+        base = new_model_file(RIG_FOLDER, name_prefix, node)
+        numbered = lambda n: base.with_name(f"{base.name}_{n:05d}.png")  # noqa: E731
         written, number = [], 1
         for i, picture in enumerate(image_to_pil(aligned, node)):
-            while base.with_name(f"{base.name}_{number:05d}.png").exists():
+            while numbered(number).exists():
                 number += 1
             try:
-                written.append(save_rigged_photo(base.with_name(f"{base.name}_{number:05d}.png"), picture, rig, i))
+                written.append(save_rigged_photo(numbered(number), picture, rig, i))
             except RigFileError as err:
                 raise ValueError(f"{node}: {err}") from err
         text = "\n".join(str(p) for p in written)

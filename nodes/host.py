@@ -140,6 +140,17 @@ def model_dir(folder: str) -> Path:
     return model_dirs(folder)[0]
 
 
+def new_model_file(folder: str, name: str, node: str, suffix: str = "") -> Path:
+    """Where a node writes `name` (+ `suffix`, added unless `name` ends with it) in the first directory of a
+    model folder, resolved; a ValueError naming the node when the name is empty or leads out of the folder."""
+    root = model_dir(folder).resolve()
+    stem = name.strip().removesuffix(suffix) if suffix else name.strip()
+    path = (root / f"{stem}{suffix}").resolve()
+    if not stem or root not in path.parents:
+        raise ValueError(f"{node}: {name!r} is not a file name inside {root}")
+    return path
+
+
 def find_model_files(folder: str, names: Iterable[str], node: str) -> dict[str, Path]:
     """Each named file from the first directory of `folder` that has it (a set of files such as
     FLAME's may be spread over the directories), or a FileNotFoundError naming the missing ones."""

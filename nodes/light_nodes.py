@@ -11,7 +11,7 @@ from comfy_diffusionrig.presets import load_preset, save_preset
 from comfy_diffusionrig.rig import apply_preset, preset_from_rig
 
 from .face_nodes import CATEGORY, _sphere_image
-from .host import PRESET_FOLDER, input_files, input_path, model_dir, model_files, model_path
+from .host import PRESET_FOLDER, input_files, input_path, model_files, model_path, new_model_file
 
 ENVIRONMENT_SUFFIXES = (".hdr", ".pic", ".exr")
 NO_FILE = "(use the panorama input)"
@@ -124,14 +124,10 @@ class SaveRigPreset:
 
     def save(self, rig, name, save_light, save_expression, save_jaw, face_index, overwrite, original=None):
         node = "Save Rig Preset"
-        stem = name.strip().removesuffix(".json")
-        folder = model_dir(PRESET_FOLDER).resolve()
-        path = (folder / f"{stem}.json").resolve()
-        if not stem or folder not in path.parents:
-            raise ValueError(f"{node}: {name!r} is not a file name inside {folder}")
+        path = new_model_file(PRESET_FOLDER, name, node, ".json")
         try:
             document = preset_from_rig(rig, face_index, original=original, light=save_light,
-                                       expression=save_expression, jaw=save_jaw, name=Path(stem).name)
+                                       expression=save_expression, jaw=save_jaw, name=path.stem)
             written = save_preset(path, document, overwrite=overwrite)
         except (ValueError, FileExistsError) as exc:
             raise ValueError(f"{node}: {exc}") from exc

@@ -19,6 +19,12 @@ from conftest import NO_DLIB  # noqa: E402
 
 pytest.importorskip("dlib", reason=NO_DLIB)
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+# the official recipe's detection, literally (dlib's HOG on the full-resolution RGB photo upsampled once, then the
+# 68-point predictor), and the PSNR of two crops: the benchmark's own, so both measure the same thing
+from bench_align import official_detection as official_faces  # noqa: E402
+from bench_align import psnr as _psnr  # noqa: E402
 from comfy_diffusionrig import align_face, detect_faces, paste_back  # noqa: E402
 from comfy_diffusionrig.alignment import (  # noqa: E402
     AlignedFace,
@@ -355,27 +361,6 @@ def test_huge_photo_detects_on_downscaled_copy(astronaut):
 
 
 # ----------------------------------------------------------------------------- large photos: the official box
-
-
-def official_faces(photo: Image.Image) -> list[tuple[tuple[int, int, int, int], np.ndarray]]:
-    """The official recipe's detection, literally: dlib's HOG detector on the full-resolution RGB
-    photo upsampled once, then the 68-point predictor on each box -> [(box exclusive, [68, 2])]."""
-    import dlib
-
-    from comfy_diffusionrig.alignment import _hog_detector, _shape_predictor
-
-    rgb = np.asarray(photo)
-    out = []
-    for rect in _hog_detector()(rgb, 1):
-        shape = _shape_predictor(None)(rgb, rect)
-        out.append(((rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1),
-                    np.array([(p.x, p.y) for p in shape.parts()], np.float64)))
-    return out
-
-
-def _psnr(a: Image.Image, b: Image.Image) -> float:
-    mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
-    return float("inf") if mse == 0 else 10 * np.log10(255 ** 2 / mse)
 
 
 def _scaled(image: Image.Image, height: int) -> Image.Image:
