@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from comfy_diffusionrig.alignment import (_hog_detector, _shape_predictor, align_face, detect_faces, ffhq_align,
+from comfy_diffusionrig.photo.alignment import (_hog_detector, _shape_predictor, align_face, detect_faces, ffhq_align,
                                           load_image, paste_back)
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "example_images" / "grace_hopper.jpg"

@@ -43,11 +43,11 @@ def main() -> None:
                         help="CPU threads for torch (default: torch's default, one per core)")
     args = parser.parse_args()
 
-    from comfy_diffusionrig.alignment import load_image
-    from comfy_diffusionrig.checkpoints import for_inference
+    from comfy_diffusionrig.photo.alignment import load_image
+    from comfy_diffusionrig.model.checkpoints import for_inference
     from comfy_diffusionrig.cli import main as cli
-    from comfy_diffusionrig.deca import load_deca
-    from comfy_diffusionrig.lighting import sh_from_direction
+    from comfy_diffusionrig.face.deca import load_deca
+    from comfy_diffusionrig.face.lighting import sh_from_direction
     from comfy_diffusionrig.pipeline import Models, edit_photo
 
     torch.set_num_threads(args.threads)

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 
 from bench_sample import Counted
-from comfy_diffusionrig import diffusion as D
-from comfy_diffusionrig.demo import DemoConfig, World, _flame_dir
-from comfy_diffusionrig.feature_cache import FeatureCache
-from comfy_diffusionrig.metrics import psnr
-from comfy_diffusionrig.training import TrainConfig, TrainingData, train
-from comfy_diffusionrig.unet import DiffusionRig
+from comfy_diffusionrig.model import diffusion as D
+from comfy_diffusionrig.demo.run import DemoConfig, World, _flame_dir
+from comfy_diffusionrig.model.feature_cache import FeatureCache
+from comfy_diffusionrig.demo.metrics import psnr
+from comfy_diffusionrig.train.loop import TrainConfig, TrainingData, train
+from comfy_diffusionrig.model.unet import DiffusionRig
 
 # between the quick test config and the full demo: about 4 minutes of training on 2 cores
 CONFIG = DemoConfig(subjects=16, views=12, album=20, held_out=12, stage1_steps=600, stage2_steps=200)

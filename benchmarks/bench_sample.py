@@ -46,7 +46,7 @@ def make_model(device, image_size: int = 256):
     Zero-initialised layers (output convs, attention projections) are re-drawn N(0, 0.02) and
     norm scales 1 + N(0, 0.02), as the parity fixtures do, so every layer contributes.
     """
-    from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+    from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
     torch.manual_seed(0)
     model = DiffusionRig(UNetConfig(image_size=image_size, channel_mult=(1, 1, 2, 2, 4, 4),
@@ -88,9 +88,9 @@ class Counted:
 
 def run_one(name: str, size: int, batch: int, device: str, precision: str | None, repeat: int,
             out_file: str, compile_unet: bool = False) -> None:
-    from comfy_diffusionrig.devices import resolve_dtype
-    from comfy_diffusionrig.diffusion import sampler_functions
-    from comfy_diffusionrig.feature_cache import FeatureCache
+    from comfy_diffusionrig.core.devices import resolve_dtype
+    from comfy_diffusionrig.model.diffusion import sampler_functions
+    from comfy_diffusionrig.model.feature_cache import FeatureCache
 
     sampler, steps, interval, setting_precision = SETTINGS[name]
     dtype = resolve_dtype(setting_precision if setting_precision == "fp32" else precision or "auto", device)

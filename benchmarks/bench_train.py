@@ -41,8 +41,8 @@ OFFICIAL_STEPS = 5000  # official stage-2 max_steps
 
 def run_one(variant: str, checkpointing: bool, precision: str, batch: int, steps: int, device: str,
             out_file: str) -> None:
-    from comfy_diffusionrig.lora import lora_state_dict
-    from comfy_diffusionrig.training import TrainConfig, TrainingData, train
+    from comfy_diffusionrig.model.lora import lora_state_dict
+    from comfy_diffusionrig.train.loop import TrainConfig, TrainingData, train
 
     model = make_model(device)
     gen = torch.Generator().manual_seed(7)
@@ -81,8 +81,8 @@ def run_stage1_rank(quick: bool, batch_per_process: int, steps: int, out_file: s
     """One torchrun rank: stage-1 training steps; rank 0 writes the timing and every rank's peak memory."""
     import torch.distributed as dist
 
-    from comfy_diffusionrig.training import TrainConfig, TrainingData, train
-    from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+    from comfy_diffusionrig.train.loop import TrainConfig, TrainingData, train
+    from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")
@@ -170,7 +170,7 @@ def main() -> None:
     cuda = args.device == "cuda"
     batch = args.batch or (4 if cuda else 1)
     steps = args.steps or (20 if cuda else 2)
-    from comfy_diffusionrig.devices import resolve_dtype
+    from comfy_diffusionrig.core.devices import resolve_dtype
 
     print(f"torch {torch.__version__}, device {args.device}"
           f"{' (' + torch.cuda.get_device_name() + ')' if cuda else f', {torch.get_num_threads()} threads'}, "

@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from comfy_diffusionrig.buffers import project  # noqa: E402
-from comfy_diffusionrig.demo import DemoConfig, World, _flame_dir  # noqa: E402
+from comfy_diffusionrig.face.buffers import project  # noqa: E402
+from comfy_diffusionrig.demo.run import DemoConfig, World, _flame_dir  # noqa: E402
 from comfy_diffusionrig.editing import edit_faces  # noqa: E402
-from comfy_diffusionrig.lighting import sh_from_direction  # noqa: E402
-from comfy_diffusionrig.metrics import psnr  # noqa: E402
-from comfy_diffusionrig.training import TrainConfig, TrainingData, train  # noqa: E402
-from comfy_diffusionrig.unet import DiffusionRig  # noqa: E402
+from comfy_diffusionrig.face.lighting import sh_from_direction  # noqa: E402
+from comfy_diffusionrig.demo.metrics import psnr  # noqa: E402
+from comfy_diffusionrig.train.loop import TrainConfig, TrainingData, train  # noqa: E402
+from comfy_diffusionrig.model.unet import DiffusionRig  # noqa: E402
 from comfy_diffusionrig.video import frame_jitter, smooth_codes  # noqa: E402
 
 LIGHT_A = dict(azimuth_deg=-50.0, elevation_deg=20.0, intensity=0.9, ambient=0.5)

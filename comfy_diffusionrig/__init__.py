@@ -12,22 +12,22 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "load_diffusionrig": "checkpoints",
-    "save_diffusionrig": "checkpoints",
-    "DiffusionRig": "unet",
-    "UNetConfig": "unet",
-    "ddim_sample": "diffusion",
-    "ddim_invert": "diffusion",
-    "dpmpp_2m_sample": "diffusion",
-    "dpmpp_2m_invert": "diffusion",
+    "load_diffusionrig": "model.checkpoints",
+    "save_diffusionrig": "model.checkpoints",
+    "DiffusionRig": "model.unet",
+    "UNetConfig": "model.unet",
+    "ddim_sample": "model.diffusion",
+    "ddim_invert": "model.diffusion",
+    "dpmpp_2m_sample": "model.diffusion",
+    "dpmpp_2m_invert": "model.diffusion",
     "edit_faces": "editing",
-    "p2_loss": "diffusion",
-    "load_flame": "flame",
-    "load_deca": "deca",
-    "detect_faces": "alignment",
-    "align_face": "alignment",
-    "paste_back": "alignment",
-    "sh_from_environment": "environment",
+    "p2_loss": "model.diffusion",
+    "load_flame": "face.flame",
+    "load_deca": "face.deca",
+    "detect_faces": "photo.alignment",
+    "align_face": "photo.alignment",
+    "paste_back": "photo.alignment",
+    "sh_from_environment": "face.environment",
 }
 
 __all__ = sorted(_EXPORTS)

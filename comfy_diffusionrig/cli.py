@@ -9,12 +9,13 @@ import sys
 import time
 from pathlib import Path
 
-from .conventions import PHOTO_SUFFIXES
-from .presets import LIGHT_PRESETS, SAMPLER_NAMES, SAMPLING_PRESETS
+from .core.conventions import PHOTO_SUFFIXES
+from .face.presets import LIGHT_PRESETS
+from .model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
 
 
 def _cmd_info(args) -> int:
-    from .checkpoints import load_diffusionrig
+    from .model.checkpoints import load_diffusionrig
 
     model = load_diffusionrig(args.model, config=_read_config(args.config))
     unet = sum(p.numel() for p in model.denoisingUNet.parameters())
@@ -24,7 +25,7 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_convert(args) -> int:
-    from .checkpoints import load_diffusionrig, save_diffusionrig
+    from .model.checkpoints import load_diffusionrig, save_diffusionrig
 
     _check_new(Path(args.out), args.overwrite)
     model = load_diffusionrig(args.model, config=_read_config(args.config))
@@ -85,7 +86,7 @@ class _Bar:
 
 
 def _cmd_demo_assets(args) -> int:
-    from .synthetic import write_demo_assets
+    from .demo.synthetic import write_demo_assets
 
     out = Path(args.out)
     written = write_demo_assets(out, seed=args.seed, overwrite=args.overwrite)
@@ -100,7 +101,7 @@ def _cmd_demo_assets(args) -> int:
 
 def _cmd_prepare_data(args) -> int:
     from .pipeline import default_models_dir
-    from .prepare import PrepareConfig, parse_shard, prepare_data
+    from .train.prepare import PrepareConfig, parse_shard, prepare_data
 
     root = Path(args.models) if args.models else default_models_dir()
     config = PrepareConfig(size=args.size, min_face=args.min_face, detector=args.detector,
@@ -115,7 +116,7 @@ def _cmd_prepare_data(args) -> int:
 def _cmd_demo(args) -> int:
     from dataclasses import replace
 
-    from .demo import DemoConfig, run_demo
+    from .demo.run import DemoConfig, run_demo
     from .pipeline import default_models_dir
 
     config = DemoConfig(seed=args.seed)
@@ -153,7 +154,7 @@ def _photos(path: str) -> list[Path]:
 
 def _parse_light(text: str) -> dict:
     """'azimuth=45,elevation=20,intensity=0.8,ambient=0.5,color=#FFE0C0' -> keyword arguments."""
-    from .imaging import hex_color
+    from .core.imaging import hex_color
 
     form = "write e.g. --light azimuth=45,elevation=20,intensity=0.8,ambient=0.5,color=#FFE0C0"
     values = {}
@@ -209,7 +210,7 @@ def _outputs(out: Path, photo: Path, suffix: str, frames: int, many: bool, video
 
 def _check_run(args) -> None:
     """The settings every edit command shares, checked before any model is loaded."""
-    from .devices import resolve_device
+    from .core.devices import resolve_device
     from .editing import check_edit_settings
 
     preset = SAMPLING_PRESETS.get(args.preset or "official")
@@ -225,9 +226,9 @@ def _check_run(args) -> None:
 
 
 def _run_edits(args, make_edit, suffix: str) -> int:
-    from .alignment import NoFaceError, load_image
+    from .photo.alignment import NoFaceError, load_image
     from .pipeline import edit_photo, load_models
-    from .rig_files import read_rig
+    from .face.rig_files import read_rig
 
     _check_run(args)
     photos = _photos(args.photo)
@@ -290,9 +291,9 @@ def _save_buffers(result, plan: dict, overwrite: bool) -> None:
     """Next to each output: the edited buffers (shaded | normals | albedo, one row per face) and the lit sphere."""
     import torch
 
-    from .buffers import buffer_preview
-    from .imaging import tensor_to_pil
-    from .lighting import lit_sphere
+    from .face.buffers import buffer_preview
+    from .core.imaging import tensor_to_pil
+    from .face.lighting import lit_sphere
 
     frames = len(plan["images"])
     for k in range(frames):
@@ -332,7 +333,7 @@ def _check_new(path: Path, overwrite: bool) -> None:
 
 def _write_new(path: Path, write, overwrite: bool) -> None:
     """`write(tmp)` then rename onto path (atomic); an existing path needs --overwrite."""
-    from .checkpoints import atomic_write
+    from .model.checkpoints import atomic_write
 
     _check_new(path, overwrite)
     atomic_write(path, write, overwrite=overwrite)
@@ -344,9 +345,9 @@ def _save_new(image, path: Path, overwrite: bool) -> None:
 
 
 def _reference_rig(models, path: str):
-    from .alignment import load_image
+    from .photo.alignment import load_image
     from .pipeline import fit_photo
-    from .rig_files import read_rig
+    from .face.rig_files import read_rig
 
     rig = read_rig(path)
     return rig if rig is not None else fit_photo(models, load_image(path))
@@ -354,9 +355,9 @@ def _reference_rig(models, path: str):
 
 def _slider_light(text: str, mirror: bool = False):
     """--light's text -> SH light [9, 3] (unset keys: the Relight node's slider defaults)."""
-    from .lighting import sh_from_direction
+    from .face.lighting import sh_from_direction
 
-    from .imaging import hex_color
+    from .core.imaging import hex_color
 
     light = _parse_light(text)
     color = hex_color(light.pop("color", "#FFFFFF"))
@@ -392,8 +393,8 @@ def _clip_frames(source: Path, scratch: Path) -> list[Path]:
 def _cmd_relight_video(args) -> int:
     import tempfile
 
-    from .alignment import load_image
-    from .lighting import preset_light, rotate_sh
+    from .photo.alignment import load_image
+    from .face.lighting import preset_light, rotate_sh
     from .pipeline import load_models
     from .video import check_strength, relight_clip
 
@@ -438,26 +439,26 @@ def _cmd_relight(args) -> int:
         raise ValueError("--mirror works with --light-preset and --light (turn an environment with --env-yaw)")
 
     def make_edit(models):
-        from .rig import copy_from
+        from .face.rig import copy_from
 
         if args.light_from:
             reference = _reference_rig(models, args.light_from)
             return lambda rig: copy_from(rig, reference, light=True)
         if args.light_preset:
-            from .lighting import preset_light
+            from .face.lighting import preset_light
 
             preset = preset_light(args.light_preset, mirror=args.mirror)
             return lambda rig: rig.with_light(preset)
         if args.light_env:
-            from .environment import load_environment, sh_from_environment
-            from .lighting import normalize_light
+            from .face.environment import load_environment, sh_from_environment
+            from .face.lighting import normalize_light
 
             env_light = normalize_light(sh_from_environment(load_environment(args.light_env), yaw=args.env_yaw))
             env_light = env_light * 2.0 ** args.env_exposure
             return lambda rig: rig.with_light(env_light)
         if args.preset_file:
-            from .presets import load_preset
-            from .rig import apply_preset
+            from .face.presets import load_preset
+            from .face.rig import apply_preset
 
             document = load_preset(args.preset_file)
             return lambda rig: apply_preset(rig, document)
@@ -480,7 +481,7 @@ def _cmd_edit(args) -> int:
         raise ValueError(f"nothing to edit: give at least one of {', '.join(EDIT_OPTIONS)}")
 
     def make_edit(models):
-        from .rig import copy_from, edit_pose
+        from .face.rig import copy_from, edit_pose
 
         refs = {}
         for key, path in (("expression", args.expression_from), ("jaw", args.jaw_from), ("head_pose", args.pose_from)):
@@ -499,7 +500,7 @@ def _cmd_edit(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from .rig import SWEEP_PARAMETERS, sweep, sweep_values
+    from .face.rig import SWEEP_PARAMETERS, sweep, sweep_values
 
     chosen = [(name, getattr(args, name)) for name in SWEEP_PARAMETERS if getattr(args, name) is not None]
     if len(chosen) != 1:
@@ -581,7 +582,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     convert.set_defaults(func=_cmd_convert)
 
-    from . import train as train_command
+    from .train import command as train_command
 
     train = sub.add_parser("train", help="train stage 1 or 2 on a prepared dataset (one process, or under "
                                          "torchrun -m comfy_diffusionrig.train)")

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from .diffusion import SAMPLERS, sampler_functions, sampler_step_counts
+from .model.diffusion import SAMPLERS, sampler_functions, sampler_step_counts
 
 # callback(done, total, preview): done/total count face-steps (one UNet row-evaluation each) over
 # inversion and sampling together; preview is the current x0 estimate of one face, [3, H, W] in [-1, 1].
@@ -73,7 +73,7 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
     sampler: "ddim" (official, the reference) or "dpmpp_2m" (DPM-Solver++(2M) with its matching
     inversion: second order, about half the steps for DDIM's accuracy); cache_interval N > 1
     reuses the UNet's deep features for N - 1 of every N calls (`feature_cache.FeatureCache`:
-    faster, drifts a little). `presets.SAMPLING_PRESETS` names measured combinations.
+    faster, drifts a little). `model.sampler_presets.SAMPLING_PRESETS` names measured combinations.
     """
     check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
     if target_buffers.ndim != 4 or target_buffers.shape[0] == 0:
@@ -108,7 +108,7 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
     def denoiser():  # a fresh feature cache per run: cached features never cross faces or runs
         if cache_interval == 1:
             return model
-        from .feature_cache import FeatureCache
+        from .model.feature_cache import FeatureCache
 
         return FeatureCache(model, cache_interval)
 

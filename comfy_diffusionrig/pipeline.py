@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .alignment import align_faces, paste_back
-from .checkpoints import load_diffusionrig
-from .deca import load_deca
+from .photo.alignment import align_faces, paste_back
+from .model.checkpoints import load_diffusionrig
+from .face.deca import load_deca
 from .editing import check_edit_settings, edit_faces
-from .imaging import pil_to_tensor, tensor_to_pil
-from .rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
-from .rig_files import rig_ready
+from .core.imaging import pil_to_tensor, tensor_to_pil
+from .face.rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
+from .face.rig_files import rig_ready
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 Edit = Callable[[FaceRig], FaceRig]

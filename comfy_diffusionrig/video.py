@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .imaging import pil_to_tensor, tensor_to_pil
+from .core.imaging import pil_to_tensor, tensor_to_pil
 
 SMOOTH_KEYS = ("pose", "exp", "cam", "light")  # what jitters per fit; shape and tex are shared instead
 SPEED = 0.05  # One-Euro beta per frame, in units of a channel's typical jitter: lag shrinks on real motion
@@ -130,7 +130,7 @@ def light_keyframes(start: torch.Tensor, end: torch.Tensor | None, frames: int, 
     light is the cross-fade (1 - s) start + s end of the two lights, s = k / (frames - 1)
     (eased with a cosine when ease).
     """
-    from .rig import sweep_values
+    from .face.rig import sweep_values
 
     start = torch.as_tensor(start, dtype=torch.float32).reshape(9, 3)
     end = start if end is None else torch.as_tensor(end, dtype=torch.float32).reshape(9, 3)
@@ -161,7 +161,7 @@ def track_faces(detections: Sequence[Sequence], first: int = 0, describe: Callab
     `describe(frame, face) -> descriptor` is given, the face nearest to the tracked person's
     first descriptor within `max_distance` (dlib's same-person threshold by default) is taken.
     """
-    from .identity import DLIB_DISTANCE_THRESHOLD
+    from .photo.identity import DLIB_DISTANCE_THRESHOLD
 
     max_distance = DLIB_DISTANCE_THRESHOLD if max_distance is None else max_distance
     chosen: list[int | None] = [None] * len(detections)
@@ -260,9 +260,9 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     dlib descriptors to find the person again after the track is lost. The edit is `edit_faces`
     with the same settings (sampler and cache_interval too) and noise policy for every frame.
     """
-    from .alignment import align_face, detect_faces, pasted_mask, paste_back
+    from .photo.alignment import align_face, detect_faces, pasted_mask, paste_back
     from .editing import check_edit_settings, edit_faces
-    from .rig import fit_faces, render_layers, render_rig, stack_buffers
+    from .face.rig import fit_faces, render_layers, render_rig, stack_buffers
 
     check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
     check_strength(strength)
@@ -279,7 +279,7 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
         report("track", t + 1, len(frames))
     describe = None
     if identity:
-        from .identity import face_descriptor
+        from .photo.identity import face_descriptor
 
         describe = lambda t, f: face_descriptor(frames[t], face=f, models_dir=models_dir)  # noqa: E731
     chosen = track_faces(detections, first=face, describe=describe)

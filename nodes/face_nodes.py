@@ -7,15 +7,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from comfy_diffusionrig import alignment as align_lib
-from comfy_diffusionrig import identity
-from comfy_diffusionrig.buffers import buffer_images
-from comfy_diffusionrig.deca import FLAME_FILES, load_deca
-from comfy_diffusionrig.imaging import hex_color
-from comfy_diffusionrig.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
-from comfy_diffusionrig.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
+from comfy_diffusionrig.photo import alignment as align_lib
+from comfy_diffusionrig.photo import identity
+from comfy_diffusionrig.face.buffers import buffer_images
+from comfy_diffusionrig.face.deca import FLAME_FILES, load_deca
+from comfy_diffusionrig.core.imaging import hex_color
+from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
+from comfy_diffusionrig.face.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
                                     sweep, sweep_values)
-from comfy_diffusionrig.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
+from comfy_diffusionrig.face.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
 
 from .host import (RIG_FOLDER, check_interrupt, file_fingerprint, find_model_files, image_to_pil, image_to_unit,
                    input_files, input_path, managed, model_files, model_fingerprint, model_path, new_model_file,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from comfy_diffusionrig.imaging import pil_to_tensor, tensor_to_pil
+from comfy_diffusionrig.core.imaging import pil_to_tensor, tensor_to_pil
 
 try:  # inside ComfyUI
     import comfy.model_management as _mm

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from comfy_diffusionrig.environment import environment_preview, load_environment, sh_from_environment, srgb_to_linear
-from comfy_diffusionrig.lighting import normalize_light
-from comfy_diffusionrig.presets import load_preset, save_preset
-from comfy_diffusionrig.rig import apply_preset, preset_from_rig
+from comfy_diffusionrig.face.environment import environment_preview, load_environment, sh_from_environment, srgb_to_linear
+from comfy_diffusionrig.face.lighting import normalize_light
+from comfy_diffusionrig.face.presets import load_preset, save_preset
+from comfy_diffusionrig.face.rig import apply_preset, preset_from_rig
 
 from .face_nodes import CATEGORY, _sphere_image
 from .host import PRESET_FOLDER, input_files, input_path, model_files, model_path, new_model_file

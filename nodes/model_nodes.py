@@ -6,11 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from comfy_diffusionrig import edit_faces, load_diffusionrig
-from comfy_diffusionrig.checkpoints import for_inference
-from comfy_diffusionrig.conventions import SEED_MAX
-from comfy_diffusionrig.presets import SAMPLER_NAMES, SAMPLING_PRESETS
+from comfy_diffusionrig.model.checkpoints import for_inference
+from comfy_diffusionrig.core.conventions import SEED_MAX
+from comfy_diffusionrig.model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
 from comfy_diffusionrig.editing import check_edit_settings
-from comfy_diffusionrig.lora import load_lora, merge_lora
+from comfy_diffusionrig.model.lora import load_lora, merge_lora
 
 from .host import (Progress, check_interrupt, image_to_model, managed, model_files, model_fingerprint, model_path,
                    model_to_image, storage_device, torch_device, use_model)

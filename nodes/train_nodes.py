@@ -10,12 +10,12 @@ from pathlib import Path
 import torch
 
 from comfy_diffusionrig import ddim_sample
-from comfy_diffusionrig.album import build_album
-from comfy_diffusionrig.alignment import DETECTORS, load_image
-from comfy_diffusionrig.checkpoints import save_diffusionrig
-from comfy_diffusionrig.lora import lora_layers, save_lora
-from comfy_diffusionrig.plotting import loss_curve
-from comfy_diffusionrig.training import TrainConfig, train
+from comfy_diffusionrig.train.album import build_album
+from comfy_diffusionrig.photo.alignment import DETECTORS, load_image
+from comfy_diffusionrig.model.checkpoints import save_diffusionrig
+from comfy_diffusionrig.model.lora import lora_layers, save_lora
+from comfy_diffusionrig.demo.plotting import loss_curve
+from comfy_diffusionrig.train.loop import TrainConfig, train
 
 from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, image_to_pil, model_dir,
                    photo_folder, pil_to_image, use_model)

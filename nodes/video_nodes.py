@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from comfy_diffusionrig.lighting import LIGHT_PRESETS, preset_light, rotate_sh, sh_from_direction
+from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.video import relight_clip
 
 from .face_nodes import CATEGORY, DETECTORS, LIGHT_SLIDERS, parse_color

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
-from comfy_diffusionrig import album as album_module
+from comfy_diffusionrig.train import album as album_module
 from comfy_diffusionrig import load_deca
-from comfy_diffusionrig.album import Album, AlbumFileError, album_key, build_album, read_album, save_album
+from comfy_diffusionrig.train.album import Album, AlbumFileError, album_key, build_album, read_album, save_album
 
 EXAMPLES = __import__("pathlib").Path(__file__).resolve().parents[1] / "example_images"
 
@@ -54,7 +54,7 @@ def test_album_is_cached_by_content(deca, tmp_path, monkeypatch):
     first = build_album(photos[:4], deca, names[:4], size=64, cache_dir=tmp_path, check_identity=False)
     assert len(list(tmp_path.glob("album_*.pt"))) == 1
 
-    import comfy_diffusionrig.alignment as alignment
+    import comfy_diffusionrig.photo.alignment as alignment
 
     def no_work(*args, **kwargs):
         raise AssertionError("a cached album must not be rebuilt")

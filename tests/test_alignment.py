@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_align import official_detection as official_faces  # noqa: E402
 from bench_align import psnr as _psnr  # noqa: E402
 from comfy_diffusionrig import align_face, detect_faces, paste_back  # noqa: E402
-from comfy_diffusionrig.alignment import (  # noqa: E402
+from comfy_diffusionrig.photo.alignment import (  # noqa: E402
     AlignedFace,
     Face,
     apply_transform,
@@ -421,7 +421,7 @@ def test_a_level_up_is_cut_from_the_last_window_and_finds_the_same_hit(phone_pho
     instead of resampling the photo again, where such a cut fits in the last window (else the photo is
     resampled as before): its hit is the hit of a window resampled from the photo for that level (same
     box and level; both scores within 5 % of the whole photo's), and the boxes stay the official ones."""
-    from comfy_diffusionrig import alignment
+    from comfy_diffusionrig.photo import alignment
 
     derived, original = [], alignment._derived_window
 
@@ -448,7 +448,7 @@ def test_a_level_up_is_cut_from_the_last_window_and_finds_the_same_hit(phone_pho
 def test_coarse_box_alone_is_not_the_official_one(phone_photo, monkeypatch):
     """The check above has teeth: without the full-resolution box (the old behaviour) the phone
     photo's landmarks and crop are off (issue #15 measured 3 px mean landmark error, 23.8 dB)."""
-    from comfy_diffusionrig import alignment
+    from comfy_diffusionrig.photo import alignment
 
     monkeypatch.setattr(alignment, "_official_hog_box", lambda full, box: None)
     (box, landmarks), = official_faces(phone_photo)
@@ -461,8 +461,8 @@ def test_coarse_box_alone_is_not_the_official_one(phone_photo, monkeypatch):
 def test_small_photo_detection_unchanged(hopper, monkeypatch):
     """Photos within DETECT_PIXELS are detected at full resolution as before: no refinement, the
     box is dlib's own box of the grey photo."""
-    from comfy_diffusionrig import alignment
-    from comfy_diffusionrig.alignment import _hog_detector
+    from comfy_diffusionrig.photo import alignment
+    from comfy_diffusionrig.photo.alignment import _hog_detector
 
     def refuse(full, box):
         raise AssertionError("a photo detected at full resolution was refined")
@@ -480,7 +480,7 @@ def test_window_pyramid_is_dlibs_pyramid(astronaut, level):
     (different sizes change it), and the hit maps back to the official box by _hog_rect."""
     import dlib
 
-    from comfy_diffusionrig.alignment import _hog_cell_of, _hog_detector, _hog_rect, _lround, _pyramid_sizes
+    from comfy_diffusionrig.photo.alignment import _hog_cell_of, _hog_detector, _hog_rect, _lround, _pyramid_sizes
 
     photo = np.asarray(astronaut.resize((400, 400), Image.LANCZOS))
     rects, scores, _ = _hog_detector().run(photo, 1)
@@ -574,7 +574,7 @@ def test_insightface_detector_plumbing(tmp_path, monkeypatch, hopper_face, hoppe
     """insightface is optional: a stand-in package checks the calls (pack found, CPU, no download)."""
     import types
 
-    from comfy_diffusionrig import alignment
+    from comfy_diffusionrig.photo import alignment
 
     calls = {}
 
@@ -620,8 +620,8 @@ def test_runs_with_network_blocked():
         socket.create_connection = refuse
         socket.getaddrinfo = refuse
         from comfy_diffusionrig import align_face, detect_faces, paste_back
-        from comfy_diffusionrig.alignment import load_image
-        from comfy_diffusionrig.identity import face_similarity
+        from comfy_diffusionrig.photo.alignment import load_image
+        from comfy_diffusionrig.photo.identity import face_similarity
         image = load_image({str(EXAMPLES / "grace_hopper.jpg")!r})
         faces = detect_faces(image)
         aligned = align_face(image, faces[0])
@@ -638,7 +638,7 @@ def test_runs_with_network_blocked():
 
 
 def test_no_face_is_a_value_error_of_its_own_type():
-    from comfy_diffusionrig.alignment import NoFaceError
+    from comfy_diffusionrig.photo.alignment import NoFaceError
 
     with pytest.raises(NoFaceError, match="no face") as caught:
         align_face(Image.new("RGB", (200, 200), (128, 128, 128)))

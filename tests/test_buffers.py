@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_diffusionrig.buffers import Renderer, project, transform_points, vertex_normals
-from comfy_diffusionrig.flame import read_obj
+from comfy_diffusionrig.face.buffers import Renderer, project, transform_points, vertex_normals
+from comfy_diffusionrig.face.flame import read_obj
 
 from conftest import reference_file
 

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from comfy_diffusionrig import load_diffusionrig, save_diffusionrig
-from comfy_diffusionrig.checkpoints import (
+from comfy_diffusionrig.model.checkpoints import (
     CheckpointError,
     DiskFullError,
     atomic_write,
@@ -23,7 +23,7 @@ from comfy_diffusionrig.checkpoints import (
     read_state_dict,
     remove_stale_temp_files,
 )
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
 from conftest import reference_file
 
@@ -364,8 +364,8 @@ def test_damaged_config_metadata(tmp_path, small_model, config, message):
 def test_fp16_refuses_weights_beyond_its_range():
     """A weight above 65504 would become inf in fp16: refused with what to use instead (checked before any
     device work, so this runs without a GPU)."""
-    from comfy_diffusionrig.checkpoints import for_inference
-    from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+    from comfy_diffusionrig.model.checkpoints import for_inference
+    from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
     model = DiffusionRig(UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult=(1, 2),
                                     attention_resolutions=(8,), num_head_channels=16, dropout=0.0))

@@ -12,7 +12,7 @@ from PIL import Image
 from comfy_diffusionrig import pipeline
 from comfy_diffusionrig import cli
 from comfy_diffusionrig.cli import main
-from comfy_diffusionrig.checkpoints import read_state_dict
+from comfy_diffusionrig.model.checkpoints import read_state_dict
 
 from conftest import reference_file
 
@@ -210,7 +210,7 @@ def test_relight_with_a_named_preset_and_its_mirror(tmp_path, run_cli, capsys):
 
 def test_all_faces_of_a_photo_are_each_edited_as_alone(demo_models, cached_models, tmp_path):
     """`--faces all` (pipeline.edit_photo -> edit_faces): the largest face comes out as with `--faces largest`."""
-    from comfy_diffusionrig.lighting import sh_from_direction
+    from comfy_diffusionrig.face.lighting import sh_from_direction
 
     astronaut = Image.open(ASTRONAUT).convert("RGB").crop((110, 10, 330, 230))
     grace = Image.open(GRACE).convert("RGB").crop((140, 90, 410, 390))
@@ -325,9 +325,9 @@ def _chosen_edit(monkeypatch, *argv):
 
 
 def test_relight_with_an_environment_map_or_a_preset_file(tmp_path, monkeypatch, capsys):
-    from comfy_diffusionrig.environment import load_environment, sh_from_environment
-    from comfy_diffusionrig.lighting import normalize_light, preset_light
-    from comfy_diffusionrig.rig import FaceRig, edit_pose
+    from comfy_diffusionrig.face.environment import load_environment, sh_from_environment
+    from comfy_diffusionrig.face.lighting import normalize_light, preset_light
+    from comfy_diffusionrig.face.rig import FaceRig, edit_pose
 
     rig = FaceRig({"shape": torch.zeros(1, 100), "tex": torch.zeros(1, 50), "exp": torch.zeros(1, 50),
                    "pose": torch.zeros(1, 6), "cam": torch.ones(1, 3), "light": torch.zeros(1, 9, 3)},

@@ -57,7 +57,7 @@ from pathlib import Path
 import pytest
 
 import nodes
-from comfy_diffusionrig.deca import FLAME_FILES
+from comfy_diffusionrig.face.deca import FLAME_FILES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 from workflow_format import to_api  # noqa: E402
@@ -372,7 +372,7 @@ sys.modules["pack"] = pack
 spec.loader.exec_module(pack)
 host = sys.modules["pack.nodes.host"]
 assert host.IN_COMFYUI
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 config = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),
                     num_head_channels=16, dropout=0.0)
 ours = lambda: [p.model.held for p in mm.loaded_models() if hasattr(p.model, "held")]

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_diffusionrig import diffusion as D
-from comfy_diffusionrig.lighting import rotate_sh, sh_from_direction
-from comfy_diffusionrig.metrics import ssim
-from comfy_diffusionrig.rig import edit_pose, render_rig
+from comfy_diffusionrig.model import diffusion as D
+from comfy_diffusionrig.face.lighting import rotate_sh, sh_from_direction
+from comfy_diffusionrig.demo.metrics import ssim
+from comfy_diffusionrig.face.rig import edit_pose, render_rig
 
 
 # ----------------------------------------------------------------------------- eta
@@ -47,8 +47,8 @@ def test_eta_noise_has_the_ddpm_posterior_variance_times_eta_squared(eta):
 
 def test_gradient_clipping_reaches_the_optimizer(monkeypatch):
     """The gradient norm the optimizer sees is at most grad_clip, and without clipping it is larger."""
-    from comfy_diffusionrig.training import TrainConfig, TrainingData, train
-    from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+    from comfy_diffusionrig.train.loop import TrainConfig, TrainingData, train
+    from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
     norms = []
     real_step = torch.optim.Adam.step
@@ -108,9 +108,9 @@ def test_ssim_matches_an_independent_implementation():
 @pytest.fixture(scope="module")
 def head(demo_models):
     """The synthetic DECA/FLAME of `demo-assets`, framed as it fits the astronaut photo, turned frontal and neutral."""
-    from comfy_diffusionrig.alignment import align_faces, load_image
-    from comfy_diffusionrig.deca import load_deca
-    from comfy_diffusionrig.rig import fit_faces
+    from comfy_diffusionrig.photo.alignment import align_faces, load_image
+    from comfy_diffusionrig.face.deca import load_deca
+    from comfy_diffusionrig.face.rig import fit_faces
 
     deca = load_deca(demo_models / "deca" / "deca_model.tar", demo_models / "flame", backend="torch")
     photo = load_image(Path(__file__).resolve().parents[1] / "example_images" / "astronaut.png")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from comfy_diffusionrig import load_deca
-from comfy_diffusionrig.buffers import Renderer
-from comfy_diffusionrig.deca import (
+from comfy_diffusionrig.face.buffers import Renderer
+from comfy_diffusionrig.face.deca import (
     CODE_SLICES,
     DECA,
     DecaAssetError,
@@ -23,7 +23,7 @@ from comfy_diffusionrig.deca import (
     split_codes,
     warp_crop,
 )
-from comfy_diffusionrig.flame import load_flame, load_flame_texture, read_obj
+from comfy_diffusionrig.face.flame import load_flame, load_flame_texture, read_obj
 
 from conftest import reference_file
 

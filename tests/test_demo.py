@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from comfy_diffusionrig.cli import main
-from comfy_diffusionrig.demo import DemoConfig, World, run_demo
-from comfy_diffusionrig.synthetic import write_flame_files
+from comfy_diffusionrig.demo.run import DemoConfig, World, run_demo
+from comfy_diffusionrig.demo.synthetic import write_flame_files
 
 TINY = replace(DemoConfig(), subjects=3, views=4, album=4, held_out=2, stage1_steps=40, stage2_steps=4,
                sample_steps=3, stage1_batch=4, sampler_edits=2)
@@ -63,7 +63,7 @@ def test_demo_command_prints_the_report(tmp_path, capsys, monkeypatch):
 
 
 def test_licensed_files_are_told_from_the_synthetic_ones(demo_models, tmp_path):
-    from comfy_diffusionrig.demo import real_models
+    from comfy_diffusionrig.demo.run import real_models
 
     assert real_models(demo_models) is None  # our stand-ins carry SYNTHETIC_README.txt
     assert real_models(None) is None and real_models(tmp_path) is None
@@ -81,7 +81,7 @@ def test_licensed_files_are_told_from_the_synthetic_ones(demo_models, tmp_path):
 def test_example_photos_are_relit_with_the_models_given(demo_models, tmp_path):
     from PIL import Image
 
-    from comfy_diffusionrig.demo import EXAMPLE_IMAGES, EXAMPLE_LIGHTS, relight_examples
+    from comfy_diffusionrig.demo.run import EXAMPLE_IMAGES, EXAMPLE_LIGHTS, relight_examples
 
     written = relight_examples(demo_models, tmp_path, photos=[EXAMPLE_IMAGES / "astronaut.png"], steps=2)
     assert written[0] == tmp_path / "examples.png" and len(written) == 1 + len(EXAMPLE_LIGHTS)
@@ -95,7 +95,7 @@ def test_an_interrupted_demo_resumes_to_the_same_result(tmp_path):
     """Stop the demo in stage 2; run it again: it resumes from the checkpoints and ends as an uninterrupted run."""
     import pytest
 
-    from comfy_diffusionrig.demo import prepare_out_dir
+    from comfy_diffusionrig.demo.run import prepare_out_dir
 
     whole = run_demo(tmp_path / "whole", TINY)
     assert not whole["resumed"]
@@ -143,10 +143,10 @@ def test_the_report_speaks_plainly_and_quick_says_its_numbers_mean_nothing(tmp_p
 
 def test_full_unet_calls_of_a_cached_edit_are_what_the_cache_counts():
     """The demo's 'full unet calls' column against FeatureCache's own counter on a real inversion + sampling."""
-    from comfy_diffusionrig import diffusion as D
-    from comfy_diffusionrig.demo import _full_calls
-    from comfy_diffusionrig.feature_cache import FeatureCache
-    from comfy_diffusionrig.unet import DiffusionRig
+    from comfy_diffusionrig.model import diffusion as D
+    from comfy_diffusionrig.demo.run import _full_calls
+    from comfy_diffusionrig.model.feature_cache import FeatureCache
+    from comfy_diffusionrig.model.unet import DiffusionRig
 
     torch.manual_seed(0)
     model = DiffusionRig(replace(DemoConfig(), size=16).unet()).eval()

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from comfy_diffusionrig.devices import cpu_has_fast_bf16, parse_dtype, resolve_dtype
+from comfy_diffusionrig.core.devices import cpu_has_fast_bf16, parse_dtype, resolve_dtype
 
 
 def test_named_precisions():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig import ddim_invert, ddim_sample, p2_loss
-from comfy_diffusionrig import diffusion as D
+from comfy_diffusionrig.model import diffusion as D
 
 # README tolerances for an independent CPU fp32 implementation (the reference itself moves by
 # up to 9e-5 / 3e-4 between 1 and 2 threads on these trajectories):

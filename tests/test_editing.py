@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig import ddim_invert, ddim_sample, edit_faces
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
 SIZE = 16
 BATCH_ATOL = 1e-3  # batched vs one-at-a-time: float32 round-off, amplified up to ~16x (1/sqrt(abar) at t=950) by DDIM

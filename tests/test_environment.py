@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig import sh_from_environment
-from comfy_diffusionrig.environment import (
+from comfy_diffusionrig.face.environment import (
     disk_environment,
     environment_preview,
     load_environment,
@@ -21,7 +21,7 @@ from comfy_diffusionrig.environment import (
     studio_environment,
     write_hdr,
 )
-from comfy_diffusionrig.lighting import (
+from comfy_diffusionrig.face.lighting import (
     PORTRAIT_PEAK,
     light_direction,
     light_parameters,
@@ -289,7 +289,7 @@ def test_exr_panoramas_read_with_openexr(tmp_path):
 
 
 def test_large_panoramas_are_averaged_down_without_changing_the_light(monkeypatch):
-    from comfy_diffusionrig import environment
+    from comfy_diffusionrig.face import environment
 
     gen = torch.Generator().manual_seed(0)
     noise = torch.rand(1, 3, 16, 32, generator=gen) * 2

@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_diffusionrig.alignment import load_image
-from comfy_diffusionrig.rig import sweep_values
+from comfy_diffusionrig.photo.alignment import load_image
+from comfy_diffusionrig.face.rig import sweep_values
 from nodes import face_nodes as fn
 from nodes import host
 from nodes import model_nodes as mn
@@ -173,7 +173,7 @@ def test_relight_changes_the_shaded_render_but_not_normals_or_albedo(pipe):
 
 
 def test_relight_presets_set_the_named_light_whatever_the_sliders(pipe):
-    from comfy_diffusionrig.lighting import preset_light
+    from comfy_diffusionrig.face.lighting import preset_light
 
     relight, render = fn.Relight(), fn.RenderBuffers()
     split, sphere = relight.relight(pipe.rig, "preset", -90.0, -40.0, 0.1, 2.0, "#00FF00", preset="split")

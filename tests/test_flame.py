@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig import load_flame
-from comfy_diffusionrig.flame import (
+from comfy_diffusionrig.face.flame import (
     FlameAssetError,
     MissingAssetError,
     dynamic_lut_rows,

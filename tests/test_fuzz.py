@@ -25,14 +25,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from comfy_diffusionrig import synthetic
-from comfy_diffusionrig.album import Album, AlbumFileError, read_album, save_album
-from comfy_diffusionrig.checkpoints import CheckpointError, read_state_dict
-from comfy_diffusionrig.deca import DecaAssetError, _read_e_flame
-from comfy_diffusionrig.errors import ModelFileError
-from comfy_diffusionrig.flame import FlameAssetError, load_flame_texture, read_flame_model, read_landmark_embedding, \
+from comfy_diffusionrig.demo import synthetic
+from comfy_diffusionrig.train.album import Album, AlbumFileError, read_album, save_album
+from comfy_diffusionrig.model.checkpoints import CheckpointError, read_state_dict
+from comfy_diffusionrig.face.deca import DecaAssetError, _read_e_flame
+from comfy_diffusionrig.core.errors import ModelFileError
+from comfy_diffusionrig.face.flame import FlameAssetError, load_flame_texture, read_flame_model, read_landmark_embedding, \
     read_obj
-from comfy_diffusionrig.lora import read_lora
+from comfy_diffusionrig.model.lora import read_lora
 
 SEED = 1234
 CI_MUTATIONS = 24  # random mutations per loader in the suite (plus the fixed cases)

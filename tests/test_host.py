@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from comfy_diffusionrig import save_diffusionrig
-from comfy_diffusionrig.deca import FLAME_FILES
-from comfy_diffusionrig.unet import DiffusionRig
+from comfy_diffusionrig.face.deca import FLAME_FILES
+from comfy_diffusionrig.model.unet import DiffusionRig
 from nodes import face_nodes, host, model_nodes, train_nodes
 
 from test_nodes import SMALL, models_dir  # noqa: F401  (fixture)

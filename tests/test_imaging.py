@@ -5,7 +5,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_diffusionrig.imaging import hex_color, pil_to_tensor, tensor_to_pil, to_uint8
+from comfy_diffusionrig.core.imaging import hex_color, pil_to_tensor, tensor_to_pil, to_uint8
 
 
 def test_round_trips_are_exact_and_ranges_are_respected():

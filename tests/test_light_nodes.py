@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_diffusionrig.environment import load_environment, sh_from_environment, studio_environment, write_hdr
-from comfy_diffusionrig.lighting import normalize_light, preset_light, sh_from_direction
-from comfy_diffusionrig.rig import edit_pose
+from comfy_diffusionrig.face.environment import load_environment, sh_from_environment, studio_environment, write_hdr
+from comfy_diffusionrig.face.lighting import normalize_light, preset_light, sh_from_direction
+from comfy_diffusionrig.face.rig import edit_pose
 from nodes import host
 from nodes import light_nodes as ln
 from test_rig import _rig

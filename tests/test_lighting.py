@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from comfy_diffusionrig.lighting import (
+from comfy_diffusionrig.face.lighting import (
     DECA_SH_CONSTANTS,
     LIGHT_PRESETS,
     light_direction,

@@ -5,11 +5,11 @@ import torch
 from torch import nn
 
 from comfy_diffusionrig import save_diffusionrig
-from comfy_diffusionrig.checkpoints import CheckpointError, read_state_dict
-from comfy_diffusionrig.lora import (
+from comfy_diffusionrig.model.checkpoints import CheckpointError, read_state_dict
+from comfy_diffusionrig.model.lora import (
     LoRALayer, inject_lora, load_lora, lora_info, lora_layers, lora_state_dict, merge_lora, read_lora, save_lora,
 )
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
 TINY = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),
                   num_head_channels=16, dropout=0.0)

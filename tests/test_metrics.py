@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from comfy_diffusionrig.metrics import psnr, ssim
+from comfy_diffusionrig.demo.metrics import psnr, ssim
 
 
 def test_psnr_of_a_known_error():

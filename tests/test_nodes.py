@@ -8,7 +8,7 @@ import torch
 import nodes
 from nodes import host, model_nodes
 from comfy_diffusionrig import save_diffusionrig
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
 SMALL = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),
                    num_head_channels=16, dropout=0.0)

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from comfy_diffusionrig import prepare as prepare_module
-from comfy_diffusionrig.dataset import load_dataset
-from comfy_diffusionrig.prepare import PrepareConfig, parse_shard, plan_chunks, prepare_data
+from comfy_diffusionrig.train import prepare as prepare_module
+from comfy_diffusionrig.train.dataset import load_dataset
+from comfy_diffusionrig.train.prepare import PrepareConfig, parse_shard, plan_chunks, prepare_data
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"
 CONFIG = PrepareConfig(size=64, shard_size=4)
@@ -89,7 +89,7 @@ def test_chunks_keep_identities_together_with_mean_shape():
 
 
 def test_mean_shape_gives_each_identity_its_average_shape(demo_models, tmp_path, monkeypatch):
-    from comfy_diffusionrig import rig as rig_module
+    from comfy_diffusionrig.face import rig as rig_module
 
     for person, name in (("p", "astronaut.png"), ("p", "grace_hopper.jpg"), ("q", "astronaut.png")):
         (tmp_path / "photos" / person).mkdir(parents=True, exist_ok=True)

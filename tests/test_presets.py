@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from comfy_diffusionrig.lighting import light_preset_document, preset_light
-from comfy_diffusionrig.presets import (
+from comfy_diffusionrig.face.lighting import light_preset_document, preset_light
+from comfy_diffusionrig.face.presets import (
     LIGHT_PRESETS,
     PRESET_VERSION,
     PresetError,
@@ -91,6 +91,6 @@ def test_presets_module_stays_free_of_torch():
     # the command line lists and checks presets without importing torch
     import subprocess
 
-    code = "import sys, comfy_diffusionrig.presets; print('torch' in sys.modules)"
+    code = "import sys, comfy_diffusionrig.face.presets; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip() == "False"

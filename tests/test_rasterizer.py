@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from comfy_diffusionrig import rasterizer
-from comfy_diffusionrig.flame import read_obj
-from comfy_diffusionrig.rasterizer import rasterize
+from comfy_diffusionrig.face import rasterizer
+from comfy_diffusionrig.face.flame import read_obj
+from comfy_diffusionrig.face.rasterizer import rasterize
 
 from conftest import reference_file
 

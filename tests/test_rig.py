@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from comfy_diffusionrig.rig import (FaceRig, axis_angle_to_matrix, copy_from, edit_pose, euler_matrix,
+from comfy_diffusionrig.face.rig import (FaceRig, axis_angle_to_matrix, copy_from, edit_pose, euler_matrix,
                                     matrix_to_axis_angle, sweep_values)
 
 
@@ -86,8 +86,8 @@ def test_batching_helpers():
 
 
 def test_sweep_makes_face_major_rows():
-    from comfy_diffusionrig.lighting import rotate_sh
-    from comfy_diffusionrig.rig import sweep
+    from comfy_diffusionrig.face.lighting import rotate_sh
+    from comfy_diffusionrig.face.rig import sweep
 
     rig = _rig(2)
     frames = sweep(rig, "light_azimuth", [0.0, 30.0, 60.0])
@@ -106,7 +106,7 @@ def test_sweep_makes_face_major_rows():
 
 
 def test_euler_angles_invert_euler_matrix():
-    from comfy_diffusionrig.rig import euler_angles
+    from comfy_diffusionrig.face.rig import euler_angles
 
     gen = torch.Generator().manual_seed(3)
     yaw, roll = (torch.rand(50, generator=gen, dtype=torch.float64) * 340 - 170 for _ in range(2))
@@ -117,9 +117,9 @@ def test_euler_angles_invert_euler_matrix():
 
 
 def test_a_preset_from_an_edit_redoes_the_edit_on_the_original():
-    from comfy_diffusionrig.lighting import sh_from_direction
-    from comfy_diffusionrig.presets import check_preset
-    from comfy_diffusionrig.rig import apply_preset, preset_from_rig
+    from comfy_diffusionrig.face.lighting import sh_from_direction
+    from comfy_diffusionrig.face.presets import check_preset
+    from comfy_diffusionrig.face.rig import apply_preset, preset_from_rig
 
     rig, donor = _rig(2, seed=4), _rig(1, seed=5)
     edited = copy_from(rig, donor, expression=True)

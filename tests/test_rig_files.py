@@ -11,16 +11,16 @@ import torch
 from PIL import Image, PngImagePlugin
 
 from comfy_diffusionrig.cli import main
-from comfy_diffusionrig.deca import load_deca
-from comfy_diffusionrig.demo import DemoConfig, World, demo_file_names, install_demo, run_demo, side_balance
+from comfy_diffusionrig.face.deca import load_deca
+from comfy_diffusionrig.demo.run import DemoConfig, World, demo_file_names, install_demo, run_demo, side_balance
 from comfy_diffusionrig.editing import edit_faces
-from comfy_diffusionrig.flame import head_id
-from comfy_diffusionrig.imaging import pil_to_tensor, tensor_to_pil
-from comfy_diffusionrig.lighting import sh_from_direction
+from comfy_diffusionrig.face.flame import head_id
+from comfy_diffusionrig.core.imaging import pil_to_tensor, tensor_to_pil
+from comfy_diffusionrig.face.lighting import sh_from_direction
 from comfy_diffusionrig.pipeline import Models, edit_photo, find_checkpoint
-from comfy_diffusionrig.rig import render_layers, render_rig
-from comfy_diffusionrig.rig_files import RIG_CHUNK, RigFileError, load_rigged_photo, read_rig, save_rigged_photo
-from comfy_diffusionrig.unet import DiffusionRig
+from comfy_diffusionrig.face.rig import render_layers, render_rig
+from comfy_diffusionrig.face.rig_files import RIG_CHUNK, RigFileError, load_rigged_photo, read_rig, save_rigged_photo
+from comfy_diffusionrig.model.unet import DiffusionRig
 
 NAMES = demo_file_names(DemoConfig())
 

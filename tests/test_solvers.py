@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from comfy_diffusionrig import diffusion as D
-from comfy_diffusionrig.feature_cache import FeatureCache
-from comfy_diffusionrig.presets import SAMPLING_PRESETS
+from comfy_diffusionrig.model import diffusion as D
+from comfy_diffusionrig.model.feature_cache import FeatureCache
+from comfy_diffusionrig.model.sampler_presets import SAMPLING_PRESETS
 
 MU, S = 0.2, 0.5  # data mean and std per pixel: inside [-1, 1] for |z| < 2.4
 ABAR = D.base_schedule().alphas_cumprod  # float64 [1000]

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from comfy_diffusionrig import load_diffusionrig
-from comfy_diffusionrig.checkpoints import save_diffusionrig
-from comfy_diffusionrig.dataset import DatasetError, load_dataset, write_dataset
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+from comfy_diffusionrig.model.checkpoints import save_diffusionrig
+from comfy_diffusionrig.train.dataset import DatasetError, load_dataset, write_dataset
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
 TINY = UNetConfig(image_size=16, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(8,),
                   num_head_channels=16, dropout=0.0)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from comfy_diffusionrig import load_diffusionrig
-from comfy_diffusionrig.album import Album
-from comfy_diffusionrig.lora import lora_layers
+from comfy_diffusionrig.train.album import Album
+from comfy_diffusionrig.model.lora import lora_layers
 from nodes import model_nodes, train_nodes
 
 from test_nodes import SMALL, models_dir  # noqa: F401  (fixture)

@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from comfy_diffusionrig import load_diffusionrig
-from comfy_diffusionrig import training as training_module
-from comfy_diffusionrig.checkpoints import CheckpointError, DiskFullError
-from comfy_diffusionrig.diffusion import p2_loss
-from comfy_diffusionrig.lora import lora_layers
-from comfy_diffusionrig.training import TrainConfig, TrainingData, TrainingError, train
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig
+from comfy_diffusionrig.train import loop as training_module
+from comfy_diffusionrig.model.checkpoints import CheckpointError, DiskFullError
+from comfy_diffusionrig.model.diffusion import p2_loss
+from comfy_diffusionrig.model.lora import lora_layers
+from comfy_diffusionrig.train.loop import TrainConfig, TrainingData, TrainingError, train
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
 # 32 px, two levels, attention at 16x16; dropout on so that resuming must restore the dropout RNG
 TINY = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from comfy_diffusionrig.unet import DiffusionRig, UNetConfig, timestep_embedding
+from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig, timestep_embedding
 
 from conftest import reference_file
 

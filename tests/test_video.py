@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_diffusionrig.alignment import Face, detect_faces, load_image
-from comfy_diffusionrig.lighting import sh_from_direction, sh_shading
+from comfy_diffusionrig.photo.alignment import Face, detect_faces, load_image
+from comfy_diffusionrig.face.lighting import sh_from_direction, sh_shading
 from comfy_diffusionrig.video import (frame_jitter, light_keyframes, one_euro, smooth_codes, smooth_sequence,
                                       track_faces)
 from nodes import host
@@ -181,7 +181,8 @@ def test_relight_video_cli_on_a_frames_folder(demo_models, tmp_path, capsys):
 
 
 def test_relight_video_cli_refuses_a_video_without_ffmpeg_before_loading_models(tmp_path, capsys, monkeypatch):
-    from comfy_diffusionrig import cli, pipeline
+    from comfy_diffusionrig import cli
+    from comfy_diffusionrig import pipeline
 
     monkeypatch.setattr(cli, "video_writer", lambda: None)
     monkeypatch.setattr(pipeline, "load_models", lambda *a, **k: pytest.fail("models loaded before the check"))
@@ -216,10 +217,10 @@ def test_steady_faces_smooth_landmark_jitter_and_follow_a_real_move():
 def test_a_still_head_gets_a_steady_crop_through_the_clip(demo_models, monkeypatch):
     """End to end: a still photo repeated as a clip, with dlib's landmarks jittered per frame (as on video): the
     pasted region (from each frame's alignment) stays put with smoothing and shakes without."""
-    from comfy_diffusionrig import alignment
-    from comfy_diffusionrig.deca import load_deca
+    from comfy_diffusionrig.photo import alignment
+    from comfy_diffusionrig.face.deca import load_deca
     from comfy_diffusionrig.pipeline import find_checkpoint
-    from comfy_diffusionrig.checkpoints import load_diffusionrig
+    from comfy_diffusionrig.model.checkpoints import load_diffusionrig
     from comfy_diffusionrig.video import relight_clip
 
     photo = load_image(host.EXAMPLE_IMAGES / "astronaut.png").resize((256, 256))

@@ -13,9 +13,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from comfy_diffusionrig.environment import studio_environment, write_hdr  # noqa: E402
-from comfy_diffusionrig.lighting import light_preset_document  # noqa: E402
-from comfy_diffusionrig.presets import LIGHT_PRESETS, light_preset_file_name, preset_json  # noqa: E402
+from comfy_diffusionrig.face.environment import studio_environment, write_hdr  # noqa: E402
+from comfy_diffusionrig.face.lighting import light_preset_document  # noqa: E402
+from comfy_diffusionrig.face.presets import LIGHT_PRESETS, light_preset_file_name, preset_json  # noqa: E402
 
 PRESETS_DIR = ROOT / "presets"
 STUDIO_HDR = ROOT / "example_images" / "studio_key_fill.hdr"

@@ -6,7 +6,7 @@ workflow against the nodes' INPUT_TYPES and runs them headless through ComfyUI's
 
 from __future__ import annotations
 
-from comfy_diffusionrig.synthetic import DEMO_UPSCALER_NAME
+from comfy_diffusionrig.demo.synthetic import DEMO_UPSCALER_NAME
 
 WIDGET_TYPES = ("INT", "FLOAT", "STRING", "BOOLEAN")
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conventions import ALBEDO, NORMAL, RENDERED
+from ..core.conventions import ALBEDO, NORMAL, RENDERED
 from .lighting import sh_shading
 from .rasterizer import rasterize
 

@@ -15,7 +15,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .presets import SAMPLER_NAMES
+from .sampler_presets import SAMPLER_NAMES
 
 Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 

@@ -18,9 +18,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import atomic_write
+from ..model.checkpoints import atomic_write
 from .dataset import shard_name, write_index, write_shard
-from .imaging import pil_to_tensor
+from ..core.imaging import pil_to_tensor
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MANIFEST = "manifest.json"
@@ -82,7 +82,7 @@ def _reject(photo: Path, reason: str) -> dict:
 
 def _align(photo: Path, config: PrepareConfig, models_dir):
     """-> (AlignedFace, None) or (None, reason)."""
-    from .alignment import align_face, detect_faces, load_image
+    from ..photo.alignment import align_face, detect_faces, load_image
 
     try:
         image = load_image(photo)
@@ -106,7 +106,7 @@ def prepare_chunk(number: int, photos: list[Path], out: Path, deca, config: Prep
     """Align, fit, render and write one chunk as shard `number`; returns (and writes) its report."""
     import numpy as np
 
-    from .rig import fit_faces, render_rig
+    from ..face.rig import fit_faces, render_rig
 
     rows, aligned = [], []
     for photo in photos:
@@ -140,7 +140,7 @@ _worker: dict = {}
 
 
 def _worker_start(deca_file: str, flame_dir: str, models_dir) -> None:
-    from .deca import load_deca
+    from ..face.deca import load_deca
 
     _worker["deca"] = load_deca(deca_file, flame_dir)
     _worker["models_dir"] = models_dir

@@ -31,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
 
-from .conventions import BROWS, EYE_LEFT, EYE_RIGHT, EYES, JAW_LINE, MOUTH_LEFT, MOUTH_RIGHT
+from ..core.conventions import BROWS, EYE_LEFT, EYE_RIGHT, EYES, JAW_LINE, MOUTH_LEFT, MOUTH_RIGHT
 
 MAX_PIXELS = 100_000_000  # images above 100 MP are refused before decoding (decompression bombs)
 DETECT_PIXELS = {"hog": 1_200_000, "cnn": 300_000}  # detection runs on a copy at most this big

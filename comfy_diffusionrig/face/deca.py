@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .buffers import DECA_CROP_SIZE, Renderer, project
-from .errors import ModelFileError, check_finite, unreadable
+from ..core.errors import ModelFileError, check_finite, unreadable
 from .flame import FLAME, FlameTexture, load_flame, load_flame_texture, read_obj, require_file
 from .flame import ffhq_center as face_center
-from .resnet import resnet50
+from ..model.resnet import resnet50
 
 # DECA's flattened code: name -> columns (decalib config n_shape, n_tex, n_exp, n_pose, n_cam, n_light)
 CODE_SLICES = {

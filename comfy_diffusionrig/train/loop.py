@@ -41,14 +41,14 @@ from typing import Callable
 
 import torch
 
-from .checkpoints import CheckpointError, DiskFullError, atomic_write, disk_full_error, free_bytes, \
+from ..model.checkpoints import CheckpointError, DiskFullError, atomic_write, disk_full_error, free_bytes, \
     remove_stale_temp_files
-from .devices import resolve_dtype
-from .diffusion import p2_loss
-from .errors import check_finite, unreadable
-from .lora import (DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_info, lora_layers, lora_numel,
+from ..core.devices import resolve_dtype
+from ..model.diffusion import p2_loss
+from ..core.errors import check_finite, unreadable
+from ..model.lora import (DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_info, lora_layers, lora_numel,
                    lora_state_dict)
-from .unet import AttentionBlock, DiffusionRig, ResBlock
+from ..model.unet import AttentionBlock, DiffusionRig, ResBlock
 
 TRAIN_FORMAT = "comfy-diffusionrig-train"
 # TrainConfig fields a resumed run must share with its checkpoint (the others may change)

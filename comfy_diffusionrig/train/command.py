@@ -58,11 +58,11 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from .checkpoints import atomic_write, load_diffusionrig, save_diffusionrig
+    from ..model.checkpoints import atomic_write, load_diffusionrig, save_diffusionrig
     from .dataset import load_dataset
-    from .devices import resolve_device
-    from .training import TrainConfig, train
-    from .unet import DiffusionRig, UNetConfig
+    from ..core.devices import resolve_device
+    from .loop import TrainConfig, train
+    from ..model.unet import DiffusionRig, UNetConfig
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = resolve_device(args.device)
@@ -166,6 +166,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"comfy_diffusionrig.train: error: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

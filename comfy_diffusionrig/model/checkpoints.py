@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .devices import parse_dtype, resolve_dtype
-from .errors import ModelFileError, check_finite, file_kind, unreadable
+from ..core.devices import parse_dtype, resolve_dtype
+from ..core.errors import ModelFileError, check_finite, file_kind, unreadable
 from .unet import DiffusionRig, UNetConfig
 
 FORMAT_TAG = "comfy-diffusionrig"

@@ -79,7 +79,7 @@ def save_rigged_photo(path: str | Path, image: Image.Image, rig: FaceRig, index:
                       overwrite: bool = False) -> Path:
     """Write the aligned face `image` as PNG carrying face `index` of `rig` (atomic; never replaces a file
     unless overwrite)."""
-    from .checkpoints import atomic_write
+    from ..model.checkpoints import atomic_write
 
     path = Path(path)
     if path.suffix.lower() != ".png":
@@ -118,7 +118,7 @@ def read_rig(path: str | Path) -> FaceRig | None:
 
 def load_rigged_photo(path: str | Path) -> tuple[Image.Image, FaceRig]:
     """(the aligned face as RGB, its one-face rig); RigFileError when the file carries no rig."""
-    from .alignment import load_image
+    from ..photo.alignment import load_image
 
     rig = read_rig(path)
     if rig is None:

@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoints import atomic_write
-from .errors import ModelFileError, unreadable
-from .imaging import pil_to_tensor
-from .training import TrainingData
+from ..model.checkpoints import atomic_write
+from ..core.errors import ModelFileError, unreadable
+from ..core.imaging import pil_to_tensor
+from .loop import TrainingData
 
 ALBUM_FORMAT = "comfy-diffusionrig-album-v2"
 
@@ -149,9 +149,9 @@ def build_album(photos: list[Image.Image], deca, names: list[str] | None = None,
     cache_dir: albums are stored there under a content key and reused when the same photos,
     names, settings and DECA come again; an unreadable or damaged entry is rebuilt and replaced.
     """
-    from .alignment import align_face
-    from .identity import DLIB_DISTANCE_THRESHOLD, face_descriptor
-    from .rig import fit_faces, render_rig
+    from ..photo.alignment import align_face
+    from ..photo.identity import DLIB_DISTANCE_THRESHOLD, face_descriptor
+    from ..face.rig import fit_faces, render_rig
 
     names = list(names) if names else [f"photo {i + 1}" for i in range(len(photos))]
     if len(names) != len(photos):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .checkpoints import CheckpointError, atomic_write, read_state_dict
-from .devices import parse_dtype
+from ..core.devices import parse_dtype
 from .unet import DiffusionRig, UNetConfig
 
 LORA_FORMAT = "comfy-diffusionrig-lora"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import atomic_write
-from .training import TrainingData
+from ..model.checkpoints import atomic_write
+from .loop import TrainingData
 
 DATASET_FORMAT = "comfy-diffusionrig-dataset"
 INDEX = "index.json"

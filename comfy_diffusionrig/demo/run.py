@@ -24,20 +24,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .buffers import DECA_CROP_SIZE, Renderer, project
-from .conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
-from .deca import FLAME_FILES
-from .editing import edit_faces
-from .flame import ffhq_center, head_id, load_flame, load_flame_texture, read_obj
-from .imaging import pil_to_tensor, tensor_to_pil
-from .lighting import sh_from_direction
+from ..face.buffers import DECA_CROP_SIZE, Renderer, project
+from ..core.conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
+from ..face.deca import FLAME_FILES
+from ..editing import edit_faces
+from ..face.flame import ffhq_center, head_id, load_flame, load_flame_texture, read_obj
+from ..core.imaging import pil_to_tensor, tensor_to_pil
+from ..face.lighting import sh_from_direction
 from .metrics import psnr, ssim
-from .pipeline import find_checkpoint
+from ..pipeline import find_checkpoint
 from .plotting import contact_sheet, loss_curve
-from .rig import FaceRig
+from ..face.rig import FaceRig
 from .synthetic import write_flame_files
-from .training import TrainConfig, TrainingData, train
-from .unet import DiffusionRig, UNetConfig
+from ..train.loop import TrainConfig, TrainingData, train
+from ..model.unet import DiffusionRig, UNetConfig
 
 EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -227,8 +227,8 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
     Writes out_dir/examples/<photo>_<light>.png (the whole photo with the face pasted back)
     and out_dir/examples.png (rows: photos; columns: aligned original, then each light).
     """
-    from .alignment import load_image
-    from .pipeline import edit_photo, load_models
+    from ..photo.alignment import load_image
+    from ..pipeline import edit_photo, load_models
 
     photos = photos if photos is not None else [EXAMPLE_IMAGES / "astronaut.png", EXAMPLE_IMAGES / "grace_hopper.jpg"]
     models = load_models(models_dir, checkpoint, device=device)
@@ -274,8 +274,8 @@ def install_demo(models_dir: str | Path, config: DemoConfig, flame_dir: Path, st
 
     Returns {"models": [...], "photos": [...], "stand-ins": [...], "skipped": reason or None}.
     """
-    from .checkpoints import save_diffusionrig
-    from .rig_files import save_rigged_photo
+    from ..model.checkpoints import save_diffusionrig
+    from ..face.rig_files import save_rigged_photo
     from .synthetic import SYNTHETIC_NOTE, make_head, write_deca_checkpoint
 
     root = Path(models_dir)
@@ -328,9 +328,9 @@ def light_sweep(models_dir: str | Path, out: Path, checkpoint: Path, photo: Path
     moving from image left to image right (`--light azimuth=A` of `comfy-diffusionrig relight`, on the same
     library path); write light_sweep.png and measure that the light moves: the face's right-half minus
     left-half brightness for each azimuth."""
-    from .alignment import load_image
-    from .pipeline import edit_photo, load_models
-    from .rig_files import read_rig
+    from ..photo.alignment import load_image
+    from ..pipeline import edit_photo, load_models
+    from ..face.rig_files import read_rig
 
     models = load_models(models_dir, checkpoint.name)
     lights = torch.stack([sh_from_direction(a, 15.0, intensity=0.9, ambient=0.45) for a in SWEEP_AZIMUTHS]).float()
@@ -352,7 +352,7 @@ def light_sweep(models_dir: str | Path, out: Path, checkpoint: Path, photo: Path
 # sampler settings the demo scores on its personalized model: every named preset, and the settings between
 # them that show where quality falls off (name: sampler, steps, cache interval)
 def sampler_settings() -> dict[str, tuple[str, int, int]]:
-    from .presets import SAMPLING_PRESETS
+    from ..model.sampler_presets import SAMPLING_PRESETS
 
     named = {f"{p['sampler']} {p['steps']}" + (f" + cache {p['cache_interval']}" if p["cache_interval"] > 1 else "")
              + f" (preset {name})": (p["sampler"], p["steps"], p["cache_interval"])
@@ -368,7 +368,7 @@ def score_samplers(model: DiffusionRig, source: torch.Tensor, source_buffers: to
     """Per sampler setting, on held-out photos: the edit's PSNR/SSIM against the true photo of the target view,
     the reconstruction PSNR (invert, then sample under the same buffers) and the UNet calls per edit (full
     evaluations, and all of them with feature caching). Every edit goes through `edit_faces`."""
-    from .diffusion import sampler_step_counts
+    from ..model.diffusion import sampler_step_counts
 
     with torch.no_grad():
         code = model.encode(source)

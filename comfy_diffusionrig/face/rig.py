@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from .conventions import GLOBAL_POSE, JAW_POSE
+from ..core.conventions import GLOBAL_POSE, JAW_POSE
 
 CODE_KEYS = ("shape", "tex", "exp", "pose", "cam", "light")
 

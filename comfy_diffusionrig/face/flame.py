@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
-from .errors import ModelFileError, check_finite, unreadable
+from ..core.conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
+from ..core.errors import ModelFileError, check_finite, unreadable
 
 # DECA's code sizes (decalib config: n_shape, n_exp, n_pose, n_tex)
 N_SHAPE, N_EXP, N_POSE, N_TEX = 100, 50, 6, 50
