@@ -26,8 +26,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from comfy_diffusionrig.photo.alignment import (_hog_detector, _shape_predictor, align_face, detect_faces, ffhq_align,
-                                          load_image, paste_back)
+from comfy_diffusionrig.photo.alignment import align_face, ffhq_align
+
+from comfy_diffusionrig.photo.detection import detect_faces
+
+from comfy_diffusionrig.photo.detector_models import _hog_detector, _shape_predictor
+
+from comfy_diffusionrig.photo.loading import load_image
+
+from comfy_diffusionrig.photo.paste import paste_back
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "example_images" / "grace_hopper.jpg"
 SIZES = {1: (1155, 866), 12: (4000, 3000)}  # megapixels -> 4:3 photo

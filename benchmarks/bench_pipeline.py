@@ -43,7 +43,7 @@ def main() -> None:
                         help="CPU threads for torch (default: torch's default, one per core)")
     args = parser.parse_args()
 
-    from comfy_diffusionrig.photo.alignment import load_image
+    from comfy_diffusionrig.photo.loading import load_image
     from comfy_diffusionrig.model.checkpoints import for_inference
     from comfy_diffusionrig.cli import main as cli
     from comfy_diffusionrig.face.deca import load_deca

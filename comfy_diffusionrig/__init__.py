@@ -24,9 +24,9 @@ _EXPORTS = {
     "p2_loss": "model.diffusion",
     "load_flame": "face.flame",
     "load_deca": "face.deca",
-    "detect_faces": "photo.alignment",
+    "detect_faces": "photo.detection",
     "align_face": "photo.alignment",
-    "paste_back": "photo.alignment",
+    "paste_back": "photo.paste",
     "sh_from_environment": "face.environment",
 }
 

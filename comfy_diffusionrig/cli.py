@@ -226,7 +226,8 @@ def _check_run(args) -> None:
 
 
 def _run_edits(args, make_edit, suffix: str) -> int:
-    from .photo.alignment import NoFaceError, load_image
+    from .photo.detection import NoFaceError
+    from .photo.loading import load_image
     from .pipeline import edit_photo, load_models
     from .face.rig_files import read_rig
 
@@ -345,7 +346,7 @@ def _save_new(image, path: Path, overwrite: bool) -> None:
 
 
 def _reference_rig(models, path: str):
-    from .photo.alignment import load_image
+    from .photo.loading import load_image
     from .pipeline import fit_photo
     from .face.rig_files import read_rig
 
@@ -393,7 +394,7 @@ def _clip_frames(source: Path, scratch: Path) -> list[Path]:
 def _cmd_relight_video(args) -> int:
     import tempfile
 
-    from .photo.alignment import load_image
+    from .photo.loading import load_image
     from .face.lighting import preset_light, rotate_sh
     from .pipeline import load_models
     from .video import check_strength, relight_clip

@@ -17,7 +17,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .photo.alignment import align_faces, paste_back
+from .photo.alignment import align_faces
+
+from .photo.paste import paste_back
 from .model.checkpoints import load_diffusionrig
 from .face.deca import load_deca
 from .editing import check_edit_settings, edit_faces

@@ -154,7 +154,7 @@ def track_faces(detections: Sequence[Sequence], first: int = 0, describe: Callab
                 max_distance: float | None = None, min_iou: float = MIN_IOU) -> list[int | None]:
     """Which detected face is the tracked person in each frame (an index into that frame's list, or None).
 
-    detections: per frame, the faces found (`alignment.Face`, largest first); first: which face
+    detections: per frame, the faces found (`photo.detection.Face`, largest first); first: which face
     of the first frame with a face to follow (0 = its largest). Each next frame takes the face
     overlapping the last tracked box most (IoU >= min_iou), so a larger face entering the clip
     does not steal the track. When none overlaps (the person moved fast, or was hidden), and
@@ -198,7 +198,7 @@ def _first_tracked(detections, chosen) -> tuple[int, object]:
 
 
 def steady_faces(faces: Sequence, strength: float, speed: float = SPEED, runs: Sequence[slice] | None = None) -> list:
-    """The tracked face of each frame (alignment.Face, in frame order) with its 68 landmarks smoothed over
+    """The tracked face of each frame (photo.detection.Face, in frame order) with its 68 landmarks smoothed over
     time (`smooth_sequence`), so the FFHQ crop of a still head stays put: dlib's landmarks jitter by a
     pixel or so from frame to frame, which shakes the crop, the model's input and so its output.
     strength 0 returns the faces as detected; runs: as `smooth_sequence`."""
@@ -260,7 +260,9 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     dlib descriptors to find the person again after the track is lost. The edit is `edit_faces`
     with the same settings (sampler and cache_interval too) and noise policy for every frame.
     """
-    from .photo.alignment import align_face, detect_faces, pasted_mask, paste_back
+    from .photo.alignment import align_face
+    from .photo.detection import detect_faces
+    from .photo.paste import paste_back, pasted_mask
     from .editing import check_edit_settings, edit_faces
     from .face.rig import fit_faces, render_layers, render_rig, stack_buffers
 

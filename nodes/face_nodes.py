@@ -7,7 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from comfy_diffusionrig.photo import alignment as align_lib
+from comfy_diffusionrig.photo import alignment as photo_alignment
+from comfy_diffusionrig.photo import detection, loading, paste
 from comfy_diffusionrig.photo import identity
 from comfy_diffusionrig.face.buffers import buffer_images
 from comfy_diffusionrig.face.deca import FLAME_FILES, load_deca
@@ -22,14 +23,14 @@ from .host import (RIG_FOLDER, check_interrupt, file_fingerprint, find_model_fil
                    models_root, pil_to_image, storage_device, use_model)
 
 CATEGORY = "DiffusionRig"
-DETECTORS = list(align_lib.DETECTORS)
+DETECTORS = list(detection.DETECTORS)
 
 
 @dataclass
 class FaceAlignments:
     """FACE_ALIGNMENT: the aligned faces of a batch of photos, and which photo each came from."""
 
-    faces: list  # comfy_diffusionrig.alignment.AlignedFace
+    faces: list  # comfy_diffusionrig.photo.alignment.AlignedFace
     sources: list[int]
 
     def __len__(self) -> int:
@@ -53,7 +54,7 @@ class LoadFacePhoto:
                                                                   "(examples/...)."})}}
 
     def load(self, image):
-        return (pil_to_image([align_lib.load_image(input_path(image, "Load Face Photo"))]),)
+        return (pil_to_image([loading.load_image(input_path(image, "Load Face Photo"))]),)
 
     @classmethod
     def IS_CHANGED(cls, image):
@@ -123,7 +124,7 @@ class DetectAlignFace:
         for i, photo in enumerate(image_to_pil(image, node)):
             check_interrupt()
             try:
-                found = align_lib.align_faces(photo, mode=faces, index=index, size=size, detector=detector,
+                found = photo_alignment.align_faces(photo, mode=faces, index=index, size=size, detector=detector,
                                               models_dir=str(models_root()))
             except ValueError as err:
                 raise ValueError(f"{node}, photo {i + 1} of {image.shape[0]}: {err}") from err
@@ -158,7 +159,7 @@ class DECAFit:
         else:
             landmarks = []
             for i, face in enumerate(image_to_pil(aligned, node)):
-                found = align_lib.detect_faces(face, models_dir=str(models_root()))
+                found = detection.detect_faces(face, models_dir=str(models_root()))
                 if not found:
                     raise ValueError(f"{node}: no face found in aligned image {i + 1}; connect the alignment output "
                                      "of Detect & Align Face, or check the image")
@@ -456,8 +457,8 @@ class PasteFaceBack:
         for source, faces, face_edits in jobs:
             check_interrupt()
             photo = photos[source]
-            images.append(align_lib.paste_back(photo, faces, face_edits, color_match=color_match, feather=feather))
-            masks.append(align_lib.pasted_mask(photo.size, faces, feather))
+            images.append(paste.paste_back(photo, faces, face_edits, color_match=color_match, feather=feather))
+            masks.append(paste.pasted_mask(photo.size, faces, feather))
         sizes = {im.size for im in images}
         if len(sizes) > 1:
             raise ValueError(f"{node}: the photos have different sizes {sorted(sizes)}, which one IMAGE batch cannot "
@@ -501,7 +502,7 @@ class FaceIdentitySimilarity:
             try:
                 result = identity.face_similarity(a[i if len(a) > 1 else 0], picture, backend=backend,
                                                   models_dir=str(models_root()))
-            except align_lib.NoFaceError as exc:  # an edit that lost the face is an answer here, not a failure
+            except detection.NoFaceError as exc:  # an edit that lost the face is an answer here, not a failure
                 verdicts.append(str(exc).split(";")[0])  # what was not found, without the advice
                 scores.append(NO_FACE_SCORE)
                 continue

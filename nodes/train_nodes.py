@@ -11,7 +11,8 @@ import torch
 
 from comfy_diffusionrig import ddim_sample
 from comfy_diffusionrig.train.album import build_album
-from comfy_diffusionrig.photo.alignment import DETECTORS, load_image
+from comfy_diffusionrig.photo.detection import DETECTORS
+from comfy_diffusionrig.photo.loading import load_image
 from comfy_diffusionrig.model.checkpoints import save_diffusionrig
 from comfy_diffusionrig.model.lora import lora_layers, save_lora
 from comfy_diffusionrig.demo.plotting import loss_curve

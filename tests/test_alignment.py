@@ -26,19 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from bench_align import official_detection as official_faces  # noqa: E402
 from bench_align import psnr as _psnr  # noqa: E402
 from comfy_diffusionrig import align_face, detect_faces, paste_back  # noqa: E402
-from comfy_diffusionrig.photo.alignment import (  # noqa: E402
-    AlignedFace,
-    Face,
-    apply_transform,
-    dlib_model_path,
-    face_region_mask,
-    ffhq_align,
-    ffhq_quad,
-    load_image,
-    select_faces,
-    to_rgb,
-    align_faces,
-)
+from comfy_diffusionrig.photo.alignment import AlignedFace, align_faces, apply_transform, ffhq_align, ffhq_quad  # noqa: E402
+from comfy_diffusionrig.photo.detection import Face, select_faces  # noqa: E402
+from comfy_diffusionrig.photo.detector_models import dlib_model_path  # noqa: E402
+from comfy_diffusionrig.photo.loading import load_image, to_rgb  # noqa: E402
+from comfy_diffusionrig.photo.paste import face_region_mask  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"
 
@@ -421,25 +413,26 @@ def test_a_level_up_is_cut_from_the_last_window_and_finds_the_same_hit(phone_pho
     instead of resampling the photo again, where such a cut fits in the last window (else the photo is
     resampled as before): its hit is the hit of a window resampled from the photo for that level (same
     box and level; both scores within 5 % of the whole photo's), and the boxes stay the official ones."""
-    from comfy_diffusionrig.photo import alignment
+    from comfy_diffusionrig.photo import pyramid
+    from comfy_diffusionrig.photo.detector_models import _hog_detector
 
-    derived, original = [], alignment._derived_window
+    derived, original = [], pyramid._derived_window
 
     def spy(full, box, window):
         out = original(full, box, window)
         derived.append((full, box, window.level + 1, out))
         return out
 
-    monkeypatch.setattr(alignment, "_derived_window", spy)
+    monkeypatch.setattr(pyramid, "_derived_window", spy)
     _check_official(phone_photo, 1)
     _check_official(group_photo, 4)
     used = [d for d in derived if d[3] is not None and d[3][0] is not None]
     assert used, "no level was climbed by cutting the last window"  # the phone photo's face does (15 -> 16)
     for full, box, level, (hit, window) in used:
-        resampled, _ = alignment._window_hit(full, box, level)
+        resampled, _ = pyramid._window_hit(full, box, level)
         assert window.level == level and hit[0] == resampled[0] and hit[2] == resampled[2]
         # both windows' scores are approximations of the whole photo's: within a few per cent of it
-        rects, scores, _ = alignment._hog_detector().run(full, 1)
+        rects, scores, _ = _hog_detector().run(full, 1)
         official = {(r.left(), r.top(), r.right() + 1, r.bottom() + 1): score for r, score in zip(rects, scores)}
         score = official[tuple(int(v) for v in hit[0])]
         assert abs(hit[1] - score) <= 0.05 * score and abs(resampled[1] - score) <= 0.05 * score
@@ -448,9 +441,9 @@ def test_a_level_up_is_cut_from_the_last_window_and_finds_the_same_hit(phone_pho
 def test_coarse_box_alone_is_not_the_official_one(phone_photo, monkeypatch):
     """The check above has teeth: without the full-resolution box (the old behaviour) the phone
     photo's landmarks and crop are off (issue #15 measured 3 px mean landmark error, 23.8 dB)."""
-    from comfy_diffusionrig.photo import alignment
+    from comfy_diffusionrig.photo import detection
 
-    monkeypatch.setattr(alignment, "_official_hog_box", lambda full, box: None)
+    monkeypatch.setattr(detection, "_official_hog_box", lambda full, box: None)
     (box, landmarks), = official_faces(phone_photo)
     face = detect_faces(phone_photo)[0]
     assert tuple(int(v) for v in face.box) != box
@@ -461,13 +454,13 @@ def test_coarse_box_alone_is_not_the_official_one(phone_photo, monkeypatch):
 def test_small_photo_detection_unchanged(hopper, monkeypatch):
     """Photos within DETECT_PIXELS are detected at full resolution as before: no refinement, the
     box is dlib's own box of the grey photo."""
-    from comfy_diffusionrig.photo import alignment
-    from comfy_diffusionrig.photo.alignment import _hog_detector
+    from comfy_diffusionrig.photo import detection
+    from comfy_diffusionrig.photo.detector_models import _hog_detector
 
     def refuse(full, box):
         raise AssertionError("a photo detected at full resolution was refined")
 
-    monkeypatch.setattr(alignment, "_official_hog_box", refuse)
+    monkeypatch.setattr(detection, "_official_hog_box", refuse)
     rect = _hog_detector()(np.asarray(hopper.convert("L")), 1)[0]
     face = detect_faces(hopper)[0]
     assert face.box == (rect.left(), rect.top(), rect.right() + 1, rect.bottom() + 1)
@@ -480,7 +473,9 @@ def test_window_pyramid_is_dlibs_pyramid(astronaut, level):
     (different sizes change it), and the hit maps back to the official box by _hog_rect."""
     import dlib
 
-    from comfy_diffusionrig.photo.alignment import _hog_cell_of, _hog_detector, _hog_rect, _lround, _pyramid_sizes
+    from comfy_diffusionrig.photo.detector_models import _hog_detector
+
+    from comfy_diffusionrig.photo.pyramid import _hog_cell_of, _hog_rect, _lround, _pyramid_sizes
 
     photo = np.asarray(astronaut.resize((400, 400), Image.LANCZOS))
     rects, scores, _ = _hog_detector().run(photo, 1)
@@ -574,7 +569,7 @@ def test_insightface_detector_plumbing(tmp_path, monkeypatch, hopper_face, hoppe
     """insightface is optional: a stand-in package checks the calls (pack found, CPU, no download)."""
     import types
 
-    from comfy_diffusionrig.photo import alignment
+    from comfy_diffusionrig.photo.detector_models import insightface_app
 
     calls = {}
 
@@ -596,14 +591,14 @@ def test_insightface_detector_plumbing(tmp_path, monkeypatch, hopper_face, hoppe
     module.app = app_module
     monkeypatch.setitem(sys.modules, "insightface", module)
     monkeypatch.setitem(sys.modules, "insightface.app", app_module)
-    alignment.insightface_app.cache_clear()
+    insightface_app.cache_clear()
     with pytest.raises(FileNotFoundError, match="no insightface model pack"):
         detect_faces(hopper, detector="insightface", models_dir=tmp_path)
     pack = tmp_path / "insightface" / "models" / "buffalo_l"
     pack.mkdir(parents=True)
     (pack / "det_10g.onnx").write_bytes(b"")
     faces = detect_faces(hopper, detector="insightface", models_dir=tmp_path)
-    alignment.insightface_app.cache_clear()
+    insightface_app.cache_clear()
     assert calls == {"name": "buffalo_l", "root": str(tmp_path / "insightface"), "providers": ["CPUExecutionProvider"],
                      "ctx_id": -1, "shape": (600, 512, 3)}
     np.testing.assert_array_equal(faces[0].landmarks, hopper_face.landmarks)
@@ -620,7 +615,7 @@ def test_runs_with_network_blocked():
         socket.create_connection = refuse
         socket.getaddrinfo = refuse
         from comfy_diffusionrig import align_face, detect_faces, paste_back
-        from comfy_diffusionrig.photo.alignment import load_image
+        from comfy_diffusionrig.photo.loading import load_image
         from comfy_diffusionrig.photo.identity import face_similarity
         image = load_image({str(EXAMPLES / "grace_hopper.jpg")!r})
         faces = detect_faces(image)
@@ -638,7 +633,7 @@ def test_runs_with_network_blocked():
 
 
 def test_no_face_is_a_value_error_of_its_own_type():
-    from comfy_diffusionrig.photo.alignment import NoFaceError
+    from comfy_diffusionrig.photo.detection import NoFaceError
 
     with pytest.raises(NoFaceError, match="no face") as caught:
         align_face(Image.new("RGB", (200, 200), (128, 128, 128)))

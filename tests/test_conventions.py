@@ -108,7 +108,8 @@ def test_ssim_matches_an_independent_implementation():
 @pytest.fixture(scope="module")
 def head(demo_models):
     """The synthetic DECA/FLAME of `demo-assets`, framed as it fits the astronaut photo, turned frontal and neutral."""
-    from comfy_diffusionrig.photo.alignment import align_faces, load_image
+    from comfy_diffusionrig.photo.alignment import align_faces
+    from comfy_diffusionrig.photo.loading import load_image
     from comfy_diffusionrig.face.deca import load_deca
     from comfy_diffusionrig.face.rig import fit_faces
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_diffusionrig.photo.alignment import load_image
+from comfy_diffusionrig.photo.loading import load_image
 from comfy_diffusionrig.face.rig import sweep_values
 from nodes import face_nodes as fn
 from nodes import host

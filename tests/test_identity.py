@@ -15,7 +15,10 @@ from conftest import NO_DLIB  # noqa: E402
 
 pytest.importorskip("dlib", reason=NO_DLIB)
 
-from comfy_diffusionrig.photo.alignment import align_face, dlib_model_path, insightface_app, load_image  # noqa: E402
+from comfy_diffusionrig.photo.alignment import align_face  # noqa: E402
+from comfy_diffusionrig.photo.loading import load_image  # noqa: E402
+
+from comfy_diffusionrig.photo.detector_models import dlib_model_path, insightface_app
 from comfy_diffusionrig.photo.identity import (  # noqa: E402
     ARCFACE_COSINE_THRESHOLD,
     DLIB_DISTANCE_THRESHOLD,

@@ -12,7 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-from comfy_diffusionrig.photo.alignment import Face, detect_faces, load_image
+from comfy_diffusionrig.photo.detection import Face, detect_faces
+
+from comfy_diffusionrig.photo.loading import load_image
 from comfy_diffusionrig.face.lighting import sh_from_direction, sh_shading
 from comfy_diffusionrig.video import (frame_jitter, light_keyframes, one_euro, smooth_codes, smooth_sequence,
                                       track_faces)
@@ -217,7 +219,7 @@ def test_steady_faces_smooth_landmark_jitter_and_follow_a_real_move():
 def test_a_still_head_gets_a_steady_crop_through_the_clip(demo_models, monkeypatch):
     """End to end: a still photo repeated as a clip, with dlib's landmarks jittered per frame (as on video): the
     pasted region (from each frame's alignment) stays put with smoothing and shakes without."""
-    from comfy_diffusionrig.photo import alignment
+    from comfy_diffusionrig.photo import detection
     from comfy_diffusionrig.face.deca import load_deca
     from comfy_diffusionrig.pipeline import find_checkpoint
     from comfy_diffusionrig.model.checkpoints import load_diffusionrig
@@ -227,7 +229,7 @@ def test_a_still_head_gets_a_steady_crop_through_the_clip(demo_models, monkeypat
     (face,) = detect_faces(photo)[:1]
     gen = np.random.default_rng(1)
     jitter = iter([gen.normal(0, 1.5, (68, 2)) for _ in range(16)])
-    monkeypatch.setattr(alignment, "detect_faces", lambda *a, **k: [Face(face.box, face.landmarks + next(jitter),
+    monkeypatch.setattr(detection, "detect_faces", lambda *a, **k: [Face(face.box, face.landmarks + next(jitter),
                                                                           face.score, face.detector)])
     model = load_diffusionrig(find_checkpoint(demo_models), dtype="fp32")
     deca = load_deca(demo_models / "deca" / "deca_model.tar", demo_models / "flame")

@@ -227,7 +227,7 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
     Writes out_dir/examples/<photo>_<light>.png (the whole photo with the face pasted back)
     and out_dir/examples.png (rows: photos; columns: aligned original, then each light).
     """
-    from ..photo.alignment import load_image
+    from ..photo.loading import load_image
     from ..pipeline import edit_photo, load_models
 
     photos = photos if photos is not None else [EXAMPLE_IMAGES / "astronaut.png", EXAMPLE_IMAGES / "grace_hopper.jpg"]
@@ -328,7 +328,7 @@ def light_sweep(models_dir: str | Path, out: Path, checkpoint: Path, photo: Path
     moving from image left to image right (`--light azimuth=A` of `comfy-diffusionrig relight`, on the same
     library path); write light_sweep.png and measure that the light moves: the face's right-half minus
     left-half brightness for each azimuth."""
-    from ..photo.alignment import load_image
+    from ..photo.loading import load_image
     from ..pipeline import edit_photo, load_models
     from ..face.rig_files import read_rig
 

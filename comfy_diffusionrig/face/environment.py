@@ -369,7 +369,7 @@ def load_environment(path: str | os.PathLike) -> np.ndarray:
         return read_hdr(path)
     if suffix == ".exr":
         return _read_exr(path)
-    from ..photo.alignment import load_image
+    from ..photo.loading import load_image
 
     picture = np.asarray(load_image(path), dtype=np.float32) / 255.0
     return srgb_to_linear(picture).astype(np.float32)

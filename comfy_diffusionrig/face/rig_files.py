@@ -118,7 +118,7 @@ def read_rig(path: str | Path) -> FaceRig | None:
 
 def load_rigged_photo(path: str | Path) -> tuple[Image.Image, FaceRig]:
     """(the aligned face as RGB, its one-face rig); RigFileError when the file carries no rig."""
-    from ..photo.alignment import load_image
+    from ..photo.loading import load_image
 
     rig = read_rig(path)
     if rig is None:

@@ -14,16 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .alignment import (
-    Face,
-    detect_faces,
-    dlib_model_path,
-    insightface_app,
-    insightface_pack,
-    no_face_error,
-    require_dlib,
-    to_rgb,
-)
+from .detection import Face, detect_faces, no_face_error
+
+from .detector_models import dlib_model_path, insightface_app, insightface_pack, require_dlib
+
+from .loading import to_rgb
 
 BACKENDS = ("auto", "dlib", "arcface")
 DLIB_DISTANCE_THRESHOLD = 0.6  # dlib's documented same-person Euclidean distance (99.38 % on LFW)

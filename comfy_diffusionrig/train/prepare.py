@@ -82,7 +82,9 @@ def _reject(photo: Path, reason: str) -> dict:
 
 def _align(photo: Path, config: PrepareConfig, models_dir):
     """-> (AlignedFace, None) or (None, reason)."""
-    from ..photo.alignment import align_face, detect_faces, load_image
+    from ..photo.alignment import align_face
+    from ..photo.detection import detect_faces
+    from ..photo.loading import load_image
 
     try:
         image = load_image(photo)
