@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from comfy_diffusionrig.face.buffers import Renderer, _raster_verts, project
-from comfy_diffusionrig.face.flame import read_obj
+from comfy_diffusionrig.face.flame_files import read_obj
 from comfy_diffusionrig.face.rasterizer import _pytorch3d_available, rasterize
 
 REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "flame"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig.face.buffers import Renderer, project, transform_points, vertex_normals
-from comfy_diffusionrig.face.flame import read_obj
+from comfy_diffusionrig.face.flame_files import read_obj
 
 from conftest import reference_file
 

@@ -23,7 +23,8 @@ from comfy_diffusionrig.face.deca import (
     split_codes,
     warp_crop,
 )
-from comfy_diffusionrig.face.flame import load_flame, load_flame_texture, read_obj
+from comfy_diffusionrig.face.flame import load_flame, load_flame_texture
+from comfy_diffusionrig.face.flame_files import read_obj
 
 from conftest import reference_file
 

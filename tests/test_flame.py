@@ -11,16 +11,8 @@ import pytest
 import torch
 
 from comfy_diffusionrig import load_flame
-from comfy_diffusionrig.face.flame import (
-    FlameAssetError,
-    MissingAssetError,
-    dynamic_lut_rows,
-    ffhq_center,
-    load_flame_texture,
-    read_flame_model,
-    read_landmark_embedding,
-    read_obj,
-)
+from comfy_diffusionrig.face.flame import dynamic_lut_rows, ffhq_center, load_flame_texture
+from comfy_diffusionrig.face.flame_files import FlameAssetError, MissingAssetError, read_flame_model, read_landmark_embedding, read_obj
 
 from conftest import reference_file
 

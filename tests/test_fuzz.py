@@ -30,8 +30,8 @@ from comfy_diffusionrig.train.album import Album, AlbumFileError, read_album, sa
 from comfy_diffusionrig.model.checkpoints import CheckpointError, read_state_dict
 from comfy_diffusionrig.face.deca import DecaAssetError, _read_e_flame
 from comfy_diffusionrig.core.errors import ModelFileError
-from comfy_diffusionrig.face.flame import FlameAssetError, load_flame_texture, read_flame_model, read_landmark_embedding, \
-    read_obj
+from comfy_diffusionrig.face.flame import load_flame_texture
+from comfy_diffusionrig.face.flame_files import FlameAssetError, read_flame_model, read_landmark_embedding, read_obj
 from comfy_diffusionrig.model.lora import read_lora
 
 SEED = 1234

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from comfy_diffusionrig.face import rasterizer
-from comfy_diffusionrig.face.flame import read_obj
+from comfy_diffusionrig.face.flame_files import read_obj
 from comfy_diffusionrig.face.rasterizer import rasterize
 
 from conftest import reference_file

@@ -28,7 +28,8 @@ from ..face.buffers import DECA_CROP_SIZE, Renderer, project
 from ..core.conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
 from ..face.deca import FLAME_FILES
 from ..editing import edit_faces
-from ..face.flame import ffhq_center, head_id, load_flame, load_flame_texture, read_obj
+from ..face.flame import ffhq_center, head_id, load_flame, load_flame_texture
+from ..face.flame_files import read_obj
 from ..core.imaging import pil_to_tensor, tensor_to_pil
 from ..face.lighting import sh_from_direction
 from .metrics import psnr, ssim

@@ -22,7 +22,8 @@ from torch import nn
 
 from .buffers import DECA_CROP_SIZE, Renderer, project
 from ..core.errors import ModelFileError, check_finite, unreadable
-from .flame import FLAME, FlameTexture, load_flame, load_flame_texture, read_obj, require_file
+from .flame import FLAME, FlameTexture, load_flame, load_flame_texture
+from .flame_files import read_obj, require_file
 from .flame import ffhq_center as face_center
 from ..model.resnet import resnet50
 
