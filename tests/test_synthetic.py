@@ -12,8 +12,8 @@ import torch
 from comfy_diffusionrig import load_deca, load_flame
 from comfy_diffusionrig.face.deca import CODE_SLICES, FLAME_FILES, crop_from_landmarks, warp_crop
 from comfy_diffusionrig.face.flame_files import read_flame_model, read_landmark_embedding
-from comfy_diffusionrig.demo.synthetic import (DEMO_UPSCALER_NAME, deca_camera, make_head, write_demo_assets,
-                                          write_demo_upscaler, write_flame_files)
+from comfy_diffusionrig.demo.synthetic import deca_camera, DEMO_UPSCALER_NAME, write_demo_assets, write_demo_upscaler, write_flame_files
+from comfy_diffusionrig.demo.synthetic_head import make_head
 
 from conftest import reference_file
 

@@ -277,7 +277,8 @@ def install_demo(models_dir: str | Path, config: DemoConfig, flame_dir: Path, st
     """
     from ..model.checkpoints import save_diffusionrig
     from ..face.rig_files import save_rigged_photo
-    from .synthetic import SYNTHETIC_NOTE, make_head, write_deca_checkpoint
+    from .synthetic import SYNTHETIC_NOTE, write_deca_checkpoint
+    from .synthetic_head import make_head
 
     root = Path(models_dir)
     names = demo_file_names(config, quick)
