@@ -26,7 +26,8 @@ import torch
 
 from bench_sample import Counted
 from comfy_diffusionrig.model import diffusion as D
-from comfy_diffusionrig.demo.run import DemoConfig, World, _flame_dir
+from comfy_diffusionrig.demo.run import _flame_dir, DemoConfig
+from comfy_diffusionrig.demo.world import World
 from comfy_diffusionrig.model.feature_cache import FeatureCache
 from comfy_diffusionrig.demo.metrics import psnr
 from comfy_diffusionrig.train.loop import TrainConfig, TrainingData, train

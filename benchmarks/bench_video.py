@@ -26,7 +26,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from comfy_diffusionrig.face.buffers import project  # noqa: E402
-from comfy_diffusionrig.demo.run import DemoConfig, World, _flame_dir  # noqa: E402
+from comfy_diffusionrig.demo.run import _flame_dir, DemoConfig  # noqa: E402
+from comfy_diffusionrig.demo.world import World  # noqa: E402
 from comfy_diffusionrig.editing import edit_faces  # noqa: E402
 from comfy_diffusionrig.face.lighting import sh_from_direction  # noqa: E402
 from comfy_diffusionrig.demo.metrics import psnr  # noqa: E402

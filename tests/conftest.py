@@ -61,7 +61,8 @@ def demo_models(tmp_path_factory):
 def demo_person(demo_models):
     """demo_models plus what `comfy-diffusionrig demo` installs there: its 32 px models (here untrained) and
     rigged photos of its person (synthetic_demo_person_<k>.png in face_rigs/)."""
-    from comfy_diffusionrig.demo.run import DemoConfig, World, install_demo
+    from comfy_diffusionrig.demo.run import DemoConfig, install_demo
+    from comfy_diffusionrig.demo.world import World
     from comfy_diffusionrig.model.unet import DiffusionRig
 
     config = DemoConfig()

@@ -7,7 +7,8 @@ import numpy as np
 import torch
 
 from comfy_diffusionrig.cli import main
-from comfy_diffusionrig.demo.run import DemoConfig, World, run_demo
+from comfy_diffusionrig.demo.run import DemoConfig, run_demo
+from comfy_diffusionrig.demo.world import World
 from comfy_diffusionrig.demo.synthetic import write_flame_files
 
 TINY = replace(DemoConfig(), subjects=3, views=4, album=4, held_out=2, stage1_steps=40, stage2_steps=4,

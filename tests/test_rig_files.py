@@ -12,7 +12,8 @@ from PIL import Image, PngImagePlugin
 
 from comfy_diffusionrig.cli import main
 from comfy_diffusionrig.face.deca import load_deca
-from comfy_diffusionrig.demo.run import DemoConfig, World, demo_file_names, install_demo, run_demo, side_balance
+from comfy_diffusionrig.demo.run import demo_file_names, DemoConfig, install_demo, run_demo, side_balance
+from comfy_diffusionrig.demo.world import World
 from comfy_diffusionrig.editing import edit_faces
 from comfy_diffusionrig.face.flame import head_id
 from comfy_diffusionrig.core.imaging import pil_to_tensor, tensor_to_pil

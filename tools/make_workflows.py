@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tools")]
 
-from comfy_diffusionrig.demo.run import DemoConfig, demo_file_names  # noqa: E402
+from comfy_diffusionrig.demo.run import demo_file_names, DemoConfig  # noqa: E402
 from comfy_diffusionrig.demo.synthetic import DEMO_MODEL_NAME as DR_MODEL  # noqa: E402
 from comfy_diffusionrig.demo.synthetic import DEMO_UPSCALER_NAME as UPSCALER  # noqa: E402
 from workflow_format import Graph  # noqa: E402

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -22,25 +21,22 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from ..face.buffers import DECA_CROP_SIZE, Renderer, project
-from ..core.conventions import EYE_LEFT, EYE_RIGHT, MOUTH_LEFT, MOUTH_RIGHT
 from ..face.deca import FLAME_FILES
 from ..editing import edit_faces
-from ..face.flame import ffhq_center, head_id, load_flame, load_flame_texture
-from ..face.flame_files import read_obj
 from ..core.imaging import pil_to_tensor, tensor_to_pil
 from ..face.lighting import sh_from_direction
 from .metrics import psnr, ssim
 from ..pipeline import find_checkpoint
-from .plotting import contact_sheet, loss_curve
+from .plotting import contact_sheet
 from ..face.rig import FaceRig
+from .report import report_markdown, save_pictures
 from .synthetic import write_flame_files
+from .world import World
 from ..train.loop import TrainConfig, TrainingData, train
 from ..model.unet import DiffusionRig, UNetConfig
 
-EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
+EXAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "example_images"
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
@@ -65,118 +61,6 @@ class DemoConfig:
     def unet(self) -> UNetConfig:
         return UNetConfig(image_size=self.size, num_channels=32, num_res_blocks=1, channel_mult=(1, 2, 2),
                           attention_resolutions=(self.size // 4,), num_head_channels=16, dropout=0.0)
-
-
-class World:
-    """Renders photos and DiffusionRig buffers of synthetic subjects."""
-
-    def __init__(self, flame_dir: Path, size: int, seed: int):
-        self.flame = load_flame(flame_dir / "generic_model.pkl", flame_dir / "landmark_embedding.npy")
-        self.texture = load_flame_texture(flame_dir / "FLAME_texture.npz")
-        faces, uvcoords, uvfaces = read_obj(flame_dir / "head_template.obj", n_vertices=self.flame.v_template.shape[0],
-                                            n_faces=self.flame.faces.shape[0])
-        self.renderer = Renderer(faces, uvcoords, uvfaces, backend="torch")
-        self.size = size
-        self.gen = torch.Generator().manual_seed(seed)
-        self.cam = self._ffhq_camera()
-        self.mark_sites = self._front_uv(uvcoords, uvfaces)
-
-    def _ffhq_camera(self) -> torch.Tensor:
-        """[s, tx, ty] framing the neutral head as FFHQ alignment frames a face (eyes/mouth rule)."""
-        zeros = lambda n: torch.zeros(1, n)  # noqa: E731
-        _, lmk2d, _ = self.flame(zeros(100), zeros(50), zeros(6))
-        p = lmk2d[0, :, :2].double()
-        eye_l, eye_r = p[EYE_LEFT].mean(0), p[EYE_RIGHT].mean(0)
-        eye_avg, mouth_avg = (eye_l + eye_r) / 2, (p[MOUTH_LEFT] + p[MOUTH_RIGHT]) / 2
-        half = max(float((eye_r - eye_l).norm()) * 2.0, float((mouth_avg - eye_avg).norm()) * 1.8)  # FFHQ quad
-        centre = ffhq_center(lmk2d)[0, :2].double()
-        return torch.tensor([1.0 / half, -float(centre[0]), -float(centre[1])])
-
-    def _front_uv(self, uvcoords: torch.Tensor, uvfaces: torch.Tensor) -> torch.Tensor:
-        """UV positions of the front of the neutral face (where personal marks are visible)."""
-        zeros = lambda n: torch.zeros(1, n)  # noqa: E731
-        verts, _, _ = self.flame(zeros(100), zeros(50), zeros(6))
-        v = verts[0]
-        faces = self.flame.faces
-        tri = v[faces]
-        normal = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
-        normal = normal / normal.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        centre = tri.mean(1)
-        proj = project(centre[None], self.cam[None])[0]
-        front = (normal[:, 2] > 0.6) & (proj[:, :2].abs().max(-1).values < 0.6)
-        return uvcoords[uvfaces[front]].mean(1)
-
-    def subjects(self, n: int) -> list[dict]:
-        """Identity of n subjects: shape, texture code, personal albedo marks, background colours."""
-        g = self.gen
-        out = []
-        for _ in range(n):
-            marks = torch.zeros(3, 256, 256)
-            yy, xx = torch.meshgrid(torch.linspace(1, 0, 256), torch.linspace(0, 1, 256), indexing="ij")
-            for _ in range(int(torch.randint(2, 5, (1,), generator=g))):
-                site = self.mark_sites[int(torch.randint(len(self.mark_sites), (1,), generator=g))]
-                sigma = 0.015 + 0.03 * float(torch.rand(1, generator=g))
-                blob = torch.exp(-((xx - site[0]) ** 2 + (yy - site[1]) ** 2) / (2 * sigma ** 2))
-                colour = torch.rand(3, generator=g) * 1.2 - 0.7  # darker or coloured marks
-                marks += colour[:, None, None] * blob
-            out.append({"shape": 1.2 * torch.randn(100, generator=g) * torch.linspace(1, 0.2, 100),
-                        "tex": 1.2 * torch.randn(50, generator=g) * torch.linspace(1, 0.2, 50),
-                        "marks": marks, "background": torch.rand(2, 3, generator=g) * 0.8 + 0.1})
-        return out
-
-    def views(self, n: int) -> list[dict]:
-        """n random photo conditions: expression, head and jaw pose, light, small framing jitter."""
-        g = self.gen
-        out = []
-        for _ in range(n):
-            u = lambda lo, hi: lo + (hi - lo) * float(torch.rand(1, generator=g))  # noqa: E731
-            pose = torch.zeros(6)
-            pose[0], pose[1] = math.radians(u(-12, 12)), math.radians(u(-30, 30))
-            pose[3] = math.radians(u(0, 12))
-            tint = 1 + 0.15 * (torch.rand(3, generator=g) - 0.5)
-            light = sh_from_direction(u(-80, 80), u(-30, 60), intensity=u(0.6, 1.1), ambient=u(0.35, 0.7),
-                                      color=tint)
-            cam = self.cam * torch.tensor([u(0.95, 1.05), 1.0, 1.0]) + torch.tensor([0.0, u(-0.004, 0.004),
-                                                                                     u(-0.004, 0.004)])
-            out.append({"exp": 0.8 * torch.randn(50, generator=g) * torch.linspace(1, 0.1, 50), "pose": pose,
-                        "light": torch.as_tensor(light, dtype=torch.float32), "cam": cam})
-        return out
-
-    @torch.no_grad()
-    def rig(self, subject: dict, views: list[dict]) -> FaceRig:
-        """The true rig of `photograph(subject, views)`, as the pack's renderer takes it: `render_rig` of it
-        with a DECA holding this world's FLAME files gives photograph's buffers (the crop space drawn
-        straight onto the S px image, the head left where the camera put it)."""
-        n = len(views)
-        stack = lambda key: torch.stack([v[key] for v in views]).float()  # noqa: E731
-        codes = {"shape": subject["shape"].expand(n, -1).clone(), "tex": subject["tex"].expand(n, -1).clone(),
-                 "exp": stack("exp"), "pose": stack("pose"), "cam": stack("cam"), "light": stack("light")}
-        _, lmk2d, _ = self.flame(codes["shape"], codes["exp"], codes["pose"])
-        scale = self.size / DECA_CROP_SIZE  # crop pixels -> image pixels: the identity in [-1, 1] coordinates
-        tform = torch.diag(torch.tensor([scale, scale, 1.0])).expand(n, 3, 3).clone()
-        return FaceRig(codes, tform, ffhq_center(lmk2d), (self.size, self.size), head_id(self.flame))
-
-    @torch.no_grad()
-    def photograph(self, subject: dict, views: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> photos [N,3,S,S] in [-1,1] (2x supersampled, with the marks) and buffers [N,9,S,S] (DECA-like)."""
-        n = len(views)
-        stack = lambda key: torch.stack([v[key] for v in views])  # noqa: E731
-        shape, tex = subject["shape"].expand(n, -1), subject["tex"].expand(n, -1)
-        verts, _, _ = self.flame(shape, stack("exp"), stack("pose"))
-        trans = project(verts, stack("cam"))
-        albedo = self.texture(tex)
-        marked = albedo + F.interpolate(subject["marks"][None], size=albedo.shape[-2:], mode="bilinear",
-                                        align_corners=False)
-        light = stack("light")
-        s = self.size
-        big = self.renderer(verts, trans, marked, light, image_size=(2 * s, 2 * s))
-        lo, hi = subject["background"]
-        ramp = torch.linspace(0, 1, 2 * s)[:, None].expand(2 * s, 2 * s)
-        background = lo[:, None, None] * (1 - ramp) + hi[:, None, None] * ramp
-        photo = big["alpha"] * big["rendered"].clamp(0, 1) + (1 - big["alpha"]) * background
-        photo = F.avg_pool2d(photo, 2) * 2 - 1
-        buffers = self.renderer.buffers(verts, trans, albedo, light, image_size=(s, s))
-        return photo.clamp(-1, 1), buffers
 
 
 def _licensed(folder: Path, files) -> bool:
@@ -531,28 +415,8 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
                "ssim": float(ssim((source + 1) / 2, (target + 1) / 2).mean())}
     lap("edits", t)
 
-    images_dir = out / "images"
-    images_dir.mkdir(exist_ok=True)
-    rows = []
-    for i in range(config.held_out):
-        row = [tensor_to_pil(source[i]), tensor_to_pil(target[i])] + [tensor_to_pil(edits[name][i]) for name in candidates]
-        for label, picture in zip(["source", "target", "untrained", "stage1", "personalized", "lora"], row):
-            picture.save(images_dir / f"edit{i:02d}_{label}.png")
-        rows.append(row)
-    labels = ["source photo (input)", "ground truth (true photo of the target view)", "untrained model",
-              "stage 1 (generic)", "personalized", f"LoRA r{config.lora_rank}"]
-    names = list(candidates)
-    row_labels = [f"edit {i + 1}\nstage 1 {results[names[1]]['psnr per edit'][i]:.1f} dB\n"
-                  f"personal {results[names[2]]['psnr per edit'][i]:.1f} dB" for i in range(config.held_out)]
-    sheet = contact_sheet(rows, row_labels=row_labels, column_labels=labels, cell=128)
-    sheet.save(out / "contact_sheet.png")
-    loss_curve(losses1, title="stage 1 loss").save(out / "loss_stage1.png")
-    loss_curve(losses2, title="stage 2 loss").save(out / "loss_stage2.png")
-    album_row = [tensor_to_pil(p) for p in album_photos[:8]]
-    buffer_rows = [[tensor_to_pil(b[i:i + 3] * (1 if i == 3 else 2) - (0 if i == 3 else 1)) for b in album_buffers[:8]]
-                   for i in (0, 3, 6)]
-    contact_sheet([album_row] + buffer_rows, row_labels=["album photos", "rendered", "normal", "albedo"],
-                  cell=96).save(out / "album.png")
+    save_pictures(out, config, list(candidates), source, target, edits, results, losses1, losses2, album_photos,
+                  album_buffers)
 
     gain = results["personalized"]["psnr"] - results["stage 1 (generic)"]["psnr"]
     lora_gain = results[f"personalized LoRA r{config.lora_rank}"]["psnr"] - results["stage 1 (generic)"]["psnr"]
@@ -584,68 +448,9 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
         lap("relight example photos", t)
         report["examples"] = f"the example photos relit with {checkpoint.name}: examples.png, examples/"
         report["total_seconds"] = round(time.perf_counter() - start, 1)
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    lines = ["# comfy-diffusionrig offline demo", ""]
     if quick:
         report["warning"] = QUICK_WARNING
-        lines += [f"**{QUICK_WARNING}**", ""]
-    lines += [verdict, "",
-              "What was done: a small DiffusionRig learned synthetic faces (stage 1), then was personalized on one "
-              "new synthetic person's album (stage 2). Each held-out edit takes a photo of that person (the source), "
-              "re-renders it under another light, expression and head pose with each model, and is scored against "
-              "the true photo of that target view (the ground truth): PSNR in dB (higher is better) and SSIM "
-              "(1 = identical).", "",
-              "contact_sheet.png: one row per held-out edit (the row label gives that edit's PSNR for the stage-1 "
-              "and the personalized model); columns: the source photo (the input), the ground truth, then the "
-              "output of each model.", "",
-              f"Head: {head_source}. Stage 1: {config.subjects} subjects x {config.views} photos at "
-             f"{config.size}px, {config.stage1_steps} steps. Stage 2: an album of {config.album} photos of a new "
-             f"subject, {config.stage2_steps} steps (full fine-tune, and LoRA rank {config.lora_rank}).",
-             f"Held-out edits: {config.held_out} (invert a photo, re-render under another light, expression and "
-             "pose, compare with the true photo).", "",
-             "| model | PSNR (dB) | SSIM |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {r['psnr']:.2f} | {r['ssim']:.3f} |" for name, r in results.items()]
-    lines += [f"| (the source photo itself) | {no_edit['psnr']:.2f} | {no_edit['ssim']:.3f} |", "",
-              f"Sampler settings, on the personalized model and {config.sampler_edits} more held-out edits (UNet "
-              "calls per edit, inversion + sampling; edit PSNR/SSIM against the ground truth; reconstruction: "
-              "invert, then sample under the same buffers):", "",
-              "| setting | UNet calls (full) | edit PSNR (dB) | vs official | edit SSIM | reconstruction PSNR (dB) |",
-              "| --- | ---: | ---: | ---: | ---: | ---: |"]
-    official = next(iter(samplers.values()))
-    lines += [f"| {name} | {r['unet calls']} ({r['full unet calls']}) | {r['edit psnr']:.2f} | "
-              f"{r['edit psnr'] - official['edit psnr']:+.2f} | {r['edit ssim']:.3f} | {r['reconstruction psnr']:.2f} |"
-              for name, r in samplers.items()]
-    lines += ["",
-              "Time (s): " + ", ".join(f"{k} {v}" for k, v in timings.items())
-              + f"; total {report['total_seconds']}", "",
-              "Files: contact_sheet.png (rows: held-out edits), album.png, images/, loss_stage1.png, "
-              "loss_stage2.png, report.json."]
-    installed = report.get("installed")
-    if installed:
-        lines += ["", "## Try it yourself", "",
-                  "The demo's models, trained on synthetic faces only, are now in the models folder: "
-                  + ", ".join(Path(p).name for p in installed["models"]) + "."]
-        if installed["photos"]:
-            photo = installed["photos"][0]
-            sweep = report["light sweep"]
-            lines += [f"Rigged photos of the demo's person (each carries its true rig, so no face fitting is "
-                      f"needed) are in {Path(photo).parent}/. light_sweep.png shows the personalized model "
-                      "relighting one of them with the key light moving from image left to image right. "
-                      + sweep["verdict"] + " Face brightness, right half minus left half: "
-                      + ", ".join(f"{a:+.0f} deg: {b:+.3f}" for a, b in
-                                  zip(sweep["azimuth (deg, + = from image right)"],
-                                      sweep["face brightness right half minus left half"])) + ".", "",
-                      "The same from the command line:", "",
-                      f"    comfy-diffusionrig relight {photo} --models {models_dir} --checkpoint {sweep['model']} "
-                      "--light-preset rembrandt --out relit.png",
-                      f"    comfy-diffusionrig sweep {photo} --models {models_dir} --checkpoint {sweep['model']} "
-                      "--light-azimuth=-60:60 --frames 8 --out sweep/", "",
-                      "and in ComfyUI: workflows/relight_demo_person.json (the demo's models folder must be "
-                      "ComfyUI's models folder, or listed in extra_model_paths.yaml)."]
-        if installed["skipped"]:
-            lines += ["", f"No rigged photos were written: {installed['skipped']}."]
-    if checkpoint is not None:
-        lines += ["", f"Example photos relit with your {checkpoint.name}: examples.png (rows: photos; columns: "
-                  + ", ".join(EXAMPLE_LIGHTS) + ") and examples/ (whole photos)."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report, config, models_dir, checkpoint,
+                                                          list(EXAMPLE_LIGHTS)))
     return report
