@@ -53,7 +53,8 @@ def detect_faces(image, detector: str = "hog", upsample: int | None = None, dete
     upsample: dlib's pyramid upsampling, default UPSAMPLE[detector] (HOG at 1, the official
     setting, finds faces from ~40 px; the CNN at 0 from ~60 px of the detection copy).
     detect_pixels: dlib detects on a copy scaled down to at most this many pixels (default
-    DETECT_PIXELS[detector]). Each face found on a smaller copy, and each CNN face, then gets the
+    DETECT_PIXELS[detector]). A HOG detection within it is the official recipe's own (the RGB photo,
+    upsampled once). Each face found on a smaller copy, and each CNN face, then gets the
     box the official recipe's full-resolution HOG detection (RGB, upsampled once) gives it, when
     that detection sees the face, and landmarks are fitted on the full-resolution image.
     """
@@ -79,9 +80,12 @@ def _dlib_faces(rgb: Image.Image, detector: str, upsample: int, detect_pixels: i
                                                 Image.BILINEAR, reducing_gap=2.0)
     sx, sy = width / work.size[0], height / work.size[1]
     if detector == "hog":
-        # grey is 1.5x faster than RGB (where dlib takes each pixel's strongest channel) and
-        # gives the same boxes on the example photos
-        rects, scores, _ = _hog_detector().run(np.asarray(work.convert("L")), upsample)
+        # at full resolution this is the official detection itself, on the RGB photo: dlib's HOG takes
+        # each pixel's strongest-gradient channel, and grey (1.3x faster) can pick another face box
+        # (a group photo's face got a box a pyramid level larger, 1.2x). A downscaled copy's boxes only
+        # seed the full-resolution search, which reads the RGB photo, so the copy is scanned in grey.
+        scan = np.asarray(work if scale == 1.0 else work.convert("L"))
+        rects, scores, _ = _hog_detector().run(scan, upsample)
     else:
         found = _cnn_detector(models_dir)(np.asarray(work), upsample)
         rects, scores = [d.rect for d in found], [d.confidence for d in found]
