@@ -93,7 +93,7 @@ def main():
                     screen = _raster_verts(trans, args.size, args.size)
                     raster = seconds(lambda: rasterize(screen, renderer.faces, args.size, backend), args.repeat, device)
                     with torch.no_grad():
-                        render = seconds(lambda: renderer.buffers(world, trans, tex, sh, args.size), args.repeat, device)
+                        render = seconds(lambda: renderer.render_buffers(world, trans, tex, sh, args.size), args.repeat, device)
                     print(f"{name:<24}{device.type:<8}{backend:<11}{batch:>6}{raster:>11.4f}{render:>11.4f}{render / batch:>14.4f}")
 
 

@@ -84,7 +84,7 @@ def render_buffers(world: World, subject: dict, codes: dict, light: torch.Tensor
     verts, _, _ = world.flame(codes["shape"], codes["exp"], codes["pose"])
     albedo = world.texture(subject["tex"].expand(len(verts), -1))
     sh = codes["light"] if light is None else light.expand(len(verts), 9, 3)
-    return world.renderer.buffers(verts, project(verts, codes["cam"]), albedo, sh, image_size=(world.size,) * 2)
+    return world.renderer.render_buffers(verts, project(verts, codes["cam"]), albedo, sh, image_size=(world.size,) * 2)
 
 
 def variant(codes: dict, share_shape: bool, strength: float) -> dict:

@@ -80,7 +80,7 @@ def test_vertex_normals_match_deca(fixture):
 def test_buffers_stack_rendered_normal_albedo(fixture):
     renderer, cases, albedo = fixture
     out, inputs = _render(renderer, cases["direct_64"], albedo)
-    stacked = renderer.buffers(**inputs)
+    stacked = renderer.render_buffers(**inputs)
     assert stacked.shape == (2, 9, 64, 64)
     assert torch.equal(stacked, torch.cat([out["rendered"], out["normal"], out["albedo"]], 1))
 
@@ -104,3 +104,11 @@ def test_non_invertible_tform_is_rejected(fixture):
     case["tform"] = torch.eye(4)[None]
     with pytest.raises(ValueError, match="tform"):
         _render(renderer, case, albedo)
+
+
+def test_renderer_keeps_torch_module_buffers():
+    # generic code (memory accounting) asks a module for its buffers: the renderer must not shadow nn.Module.buffers
+    faces, uvcoords, uvfaces = read_obj(reference_file("flame", "head_template_synthetic.obj"))
+    renderer = Renderer(faces, uvcoords, uvfaces, backend="torch")
+    names = {name for name, _ in renderer.named_buffers()}
+    assert len(list(renderer.buffers())) == len(names) > 0

@@ -125,5 +125,5 @@ class World:
         background = lo[:, None, None] * (1 - ramp) + hi[:, None, None] * ramp
         photo = big["alpha"] * big["rendered"].clamp(0, 1) + (1 - big["alpha"]) * background
         photo = F.avg_pool2d(photo, 2) * 2 - 1
-        buffers = self.renderer.buffers(verts, trans, albedo, light, image_size=(s, s))
+        buffers = self.renderer.render_buffers(verts, trans, albedo, light, image_size=(s, s))
         return photo.clamp(-1, 1), buffers

@@ -196,7 +196,7 @@ class Renderer(nn.Module):
             "bary": fragments.bary,
         }
 
-    def buffers(
+    def render_buffers(
         self,
         verts: torch.Tensor,
         trans_verts: torch.Tensor,
