@@ -608,7 +608,7 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.set_defaults(func=_cmd_prepare_data)
 
     demo = sub.add_parser("demo", help="offline demo: train, personalize and score a small DiffusionRig on "
-                                       "synthetic faces (about 7 minutes on 2 CPU cores)")
+                                       "synthetic faces (about 12-15 minutes on 2 CPU cores)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--models", default=None,
                       help="a ComfyUI-style models folder (default: $COMFY_DIFFUSIONRIG_MODELS or ./models); when it "

@@ -109,8 +109,8 @@ PRESET_TIP = ("custom: use sampler, steps and cache_interval as set. official: d
 
 
 class DiffusionRigSampler:
-    DESCRIPTION = ("Generates the edited portraits from the rig buffers and global codes with DDIM. 'inversion' "
-                   "starts each face from the DDIM inversion of its own source photo under its own buffers, which "
+    DESCRIPTION = ("Generates the edited portraits from the rig buffers and global codes with DDIM or DPM-Solver++ (sampler, "
+                   "steps, or a named preset). 'inversion' starts each face from the inversion of its own source photo under its own buffers, which "
                    "keeps the background and fine details; 'noise' starts from one seeded noise shared by every "
                    "face and frame. Each face of a batch comes out as it would alone.")
     CATEGORY = CATEGORY

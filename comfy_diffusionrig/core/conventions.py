@@ -1,4 +1,4 @@
-"""Named layouts that several modules share, so each is written once.
+"""Named layouts that several modules share: their one home (import them from here, never write them again).
 
 The 68 facial landmarks (dlib / iBUG 300-W order, as the official align.py and DECA use them),
 the parts of DECA's pose code, the channels of DiffusionRig's 9-channel buffers, the photo

@@ -1,6 +1,7 @@
-"""Stage-2 personalization: fine-tune a DiffusionRig on a small album of one person.
+"""The training loop of both stages: stage 1 (a DiffusionRig, encoder included, on many faces) and stage 2
+(personalization: fine-tune it on a small album of one person).
 
-The official recipe (scripts/train.py --stage 2 and utils/train_util.py) by default: encoder
+Stage 2 follows the official recipe (scripts/train.py --stage 2 and utils/train_util.py) by default: encoder
 parameters frozen but the whole model in train mode, so the encoder's BatchNorm normalises
 with batch statistics, updates its running statistics, and re-encodes the global code from
 every batch; Adam at lr 1e-5 without weight decay; each step draws `batch_size` distinct
@@ -110,7 +111,8 @@ class TrainingData:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Stage-2 settings; defaults are the official ones.
+    """Training settings of either stage; defaults are the official stage-2 ones (train/command.py STAGES
+    holds both stages').
 
     precision: "auto" = bf16 autocast on GPUs with bf16 (fp16 + loss scaling on older ones,
     as official) and on CPUs with native bf16, else fp32; weights and optimizer stay fp32.
@@ -335,7 +337,8 @@ def _check_album(model: DiffusionRig, data: TrainingData, config: TrainConfig, w
 
 
 def _trainable_parameters(model: DiffusionRig, config: TrainConfig) -> list[torch.nn.Parameter]:
-    """Make the model trainable in fp32 and freeze all but the UNet (or its adapters); returns what trains."""
+    """Make the model trainable in fp32 and freeze all but the UNet (or its LoRA adapters) and, with
+    train_encoder, the global encoder; returns what trains."""
     if any(t.is_inference() for t in model.state_dict().values()):
         # ComfyUI runs nodes under inference_mode; such tensors cannot be trained: take plain copies
         model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
