@@ -294,7 +294,7 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
     DDIM's first-order error: about half the steps for DDIM's accuracy. An int `steps` takes
     timesteps evenly spaced in log-SNR ("logsnrN", from t = 950 down to 0: integer timesteps the
     model was trained on); any `respace` spacing string works too ("ddim10", the official
-    stride, has uneven log-SNR steps and edits 2 dB worse in benchmarks/bench_quality.py).
+    stride, has uneven log-SNR steps: benchmarks/bench_quality.py compares the spacings).
     x0 is clipped as DDIM's `clip`. The first step and the last (to the clean image) are DDIM steps. eta as
     DDIM's (0 deterministic; 1 the DDPM noise level, drawn from `generator`); with eta > 0 the
     correction applies to the data term only (the midpoint SDE form).
