@@ -38,6 +38,7 @@ class FaceAlignments:
 
 
 class LoadFacePhoto:
+    DISPLAY_NAME = "Load Face Photo"
     DESCRIPTION = ("Loads a photo from ComfyUI's input folder or the pack's example images, upright (EXIF "
                    "orientation applied) and as 8-bit RGB whatever the file (RGBA, grey, CMYK, 16-bit).")
     CATEGORY = f"{CATEGORY}/faces"
@@ -54,14 +55,15 @@ class LoadFacePhoto:
                                                                   "(examples/...)."})}}
 
     def load(self, image):
-        return (pil_to_image([loading.load_image(input_path(image, "Load Face Photo"))]),)
+        return (pil_to_image([loading.load_image(input_path(image, self.DISPLAY_NAME))]),)
 
     @classmethod
     def IS_CHANGED(cls, image):
-        return file_fingerprint([input_path(image, "Load Face Photo")])
+        return file_fingerprint([input_path(image, cls.DISPLAY_NAME)])
 
 
 class LoadDECA:
+    DISPLAY_NAME = "Load DECA"
     DESCRIPTION = ("Loads DECA (the 3D face fitter) from models/deca/deca_model.tar and the FLAME files from "
                    "models/flame/ (generic_model.pkl, landmark_embedding.npy, head_template.obj, "
                    "FLAME_texture.npz).")
@@ -82,7 +84,7 @@ class LoadDECA:
         }}
 
     def load(self, deca_model, rasterizer):
-        node = "Load DECA"
+        node = self.DISPLAY_NAME
         path = model_path("deca", deca_model, node)
         flame = find_model_files("flame", FLAME_FILES, node)
         return (managed(load_deca(path, flame, device=storage_device(), backend=rasterizer)),)
@@ -94,6 +96,7 @@ class LoadDECA:
 
 
 class DetectAlignFace:
+    DISPLAY_NAME = "Detect & Align Face"
     DESCRIPTION = ("Finds faces (dlib, offline) and FFHQ-aligns them to squares as DiffusionRig expects. Keeps "
                    "the alignment so Paste Face Back can put the edit into the photo.")
     CATEGORY = f"{CATEGORY}/faces"
@@ -119,7 +122,7 @@ class DetectAlignFace:
         }}
 
     def align(self, image, faces, index, detector, size):
-        node = "Detect & Align Face"
+        node = self.DISPLAY_NAME
         aligned, sources = [], []
         for i, photo in enumerate(image_to_pil(image, node)):
             check_interrupt()
@@ -134,6 +137,7 @@ class DetectAlignFace:
 
 
 class DECAFit:
+    DISPLAY_NAME = "DECA Fit"
     DESCRIPTION = ("Fits DECA's 3D face model to aligned faces: shape, texture, expression, pose, camera and "
                    "spherical-harmonics light (a FACE_RIG to edit).")
     CATEGORY = CATEGORY
@@ -153,7 +157,7 @@ class DECAFit:
         }}
 
     def fit(self, deca, aligned, alignment=None):
-        node = "DECA Fit"
+        node = self.DISPLAY_NAME
         if alignment is not None and len(alignment) == aligned.shape[0]:
             landmarks = np.stack([a.landmarks for a in alignment.faces])
         else:
@@ -170,6 +174,7 @@ class DECAFit:
 
 
 class LoadFaceRig:
+    DISPLAY_NAME = "Load Face Rig"
     DESCRIPTION = ("Loads a rigged photo from models/face_rigs/: an aligned face that carries its face rig (written "
                    "by Save Face Rig, or the offline demo's synthetic person). No detection, no DECA fit: edit and "
                    "render it as the output of DECA Fit.")
@@ -186,7 +191,7 @@ class LoadFaceRig:
                                            {"tooltip": "A .png in models/face_rigs/ that carries a face rig."})}}
 
     def load(self, rig_photo):
-        node = "Load Face Rig"
+        node = self.DISPLAY_NAME
         try:
             image, rig = load_rigged_photo(model_path(RIG_FOLDER, rig_photo, node))
         except RigFileError as err:
@@ -199,6 +204,7 @@ class LoadFaceRig:
 
 
 class SaveFaceRig:
+    DISPLAY_NAME = "Save Face Rig"
     DESCRIPTION = ("Saves aligned faces with their rigs as rigged photos (PNG, the rig inside) in "
                    "models/face_rigs/: load them again with Load Face Rig to edit without fitting, or share them.")
     CATEGORY = f"{CATEGORY}/faces"
@@ -218,7 +224,7 @@ class SaveFaceRig:
         }}
 
     def save(self, aligned, rig, name_prefix):
-        node = "Save Face Rig"
+        node = self.DISPLAY_NAME
         if aligned.shape[0] != len(rig):
             raise ValueError(f"{node}: {aligned.shape[0]} aligned images but the rig has {len(rig)} faces; connect "
                              "the aligned output that DECA Fit fitted")
@@ -263,6 +269,7 @@ LIGHT_SLIDERS = {
 
 
 class Relight:
+    DISPLAY_NAME = "Relight"
     DESCRIPTION = ("Changes the light of a face rig: set a light with sliders, pick a named lighting setup "
                    "(Rembrandt, split, rim, golden hour...), rotate the fitted light, or copy the light of a "
                    "reference face. The lit sphere shows the light before sampling.")
@@ -292,7 +299,7 @@ class Relight:
 
     def relight(self, rig, mode, azimuth, elevation, intensity, ambient, color, preset="rembrandt",
                 mirror_preset=False, reference=None):
-        node = "Relight"
+        node = self.DISPLAY_NAME
         if mode == "preset":
             light = preset_light(preset, mirror=mirror_preset)
             out = rig.with_light(light)
@@ -309,6 +316,7 @@ class Relight:
 
 
 class EditExpressionPose:
+    DISPLAY_NAME = "Edit Expression & Pose"
     DESCRIPTION = ("Edits expression and pose of a face rig: open the jaw, turn the head, exaggerate or calm "
                    "the expression, or copy expression / jaw / head pose from a reference face.")
     CATEGORY = CATEGORY
@@ -346,6 +354,7 @@ class EditExpressionPose:
 
 
 class RenderBuffers:
+    DISPLAY_NAME = "Render Buffers"
     DESCRIPTION = ("Renders the physical buffers DiffusionRig is conditioned on: SH-shaded face, normals and "
                    "albedo, aligned with the photo. Each buffer also comes out as its own IMAGE and the face "
                    "coverage as a MASK, to chain into ControlNet (normal), IC-Light or inpainting nodes.")
@@ -386,6 +395,7 @@ SWEEPS = list(SWEEP_PARAMETERS)
 
 
 class RigSweep:
+    DISPLAY_NAME = "Rig Sweep"
     DESCRIPTION = ("Animates one parameter of a face over frames (a FACE_RIG batch): light direction or strength, "
                    "jaw, head turn, expression. With the sampler's shared noise the frames stay consistent: a "
                    "turntable or light sweep for video.")
@@ -414,11 +424,12 @@ class RigSweep:
 
     def sweep(self, rig, parameter, start, end, frames, ease, face_index):
         if face_index >= len(rig):
-            raise ValueError(f"Rig Sweep: face_index {face_index} but the rig has {len(rig)} face(s)")
+            raise ValueError(f"{self.DISPLAY_NAME}: face_index {face_index} but the rig has {len(rig)} face(s)")
         return (sweep(rig.select(face_index), parameter, sweep_values(start, end, frames, ease)),)
 
 
 class PasteFaceBack:
+    DISPLAY_NAME = "Paste Face Back"
     DESCRIPTION = ("Puts edited faces back into the original photos with a feathered face mask; every pixel "
                    "outside the face region stays exactly as it was. Chain an upscaler after it.")
     CATEGORY = f"{CATEGORY}/faces"
@@ -440,7 +451,7 @@ class PasteFaceBack:
         }}
 
     def paste(self, original, alignment, edited, color_match, feather):
-        node = "Paste Face Back"
+        node = self.DISPLAY_NAME
         photos, edits = image_to_pil(original, f"{node} (original)"), image_to_pil(edited, f"{node} (edited)")
         if len(alignment) == 1 and len(edits) > 1:  # frames of one face: one output photo per frame
             jobs = [(alignment.sources[0], [alignment.faces[0]], [e]) for e in edits]
@@ -470,6 +481,7 @@ NO_FACE_SCORE = -1.0  # below every backend's same-person threshold
 
 
 class FaceIdentitySimilarity:
+    DISPLAY_NAME = "Face Identity Similarity"
     DESCRIPTION = ("Scores whether two face images show the same person (dlib face descriptors, or ArcFace when "
                    "insightface and its models are installed): check that an edit kept the identity.")
     CATEGORY = f"{CATEGORY}/faces"
@@ -491,10 +503,10 @@ class FaceIdentitySimilarity:
         }}
 
     def compare(self, image_a, image_b, backend):
-        node = "Face Identity Similarity"
+        node = self.DISPLAY_NAME
         a, b = image_to_pil(image_a, f"{node} (image_a)"), image_to_pil(image_b, f"{node} (image_b)")
         if len(a) not in (1, len(b)):
-            raise ValueError(f"Face Identity Similarity: {len(a)} images against {len(b)}; give one image_a or as "
+            raise ValueError(f"{self.DISPLAY_NAME}: {len(a)} images against {len(b)}; give one image_a or as "
                              "many as image_b")
         verdicts, scores = [], []
         for i, picture in enumerate(b):
@@ -526,17 +538,4 @@ NODE_CLASS_MAPPINGS = {
     "DiffusionRigLoadFaceRig": LoadFaceRig,
     "DiffusionRigSaveFaceRig": SaveFaceRig,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffusionRigLoadPhoto": "Load Face Photo",
-    "DiffusionRigLoadDECA": "Load DECA",
-    "DiffusionRigDetectAlign": "Detect & Align Face",
-    "DiffusionRigDECAFit": "DECA Fit",
-    "DiffusionRigRelight": "Relight",
-    "DiffusionRigEditExpressionPose": "Edit Expression & Pose",
-    "DiffusionRigRenderBuffers": "Render Buffers",
-    "DiffusionRigRigSweep": "Rig Sweep",
-    "DiffusionRigPasteBack": "Paste Face Back",
-    "DiffusionRigIdentity": "Face Identity Similarity",
-    "DiffusionRigLoadFaceRig": "Load Face Rig",
-    "DiffusionRigSaveFaceRig": "Save Face Rig",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

@@ -21,6 +21,7 @@ PACK_PREFIX = "pack/"
 
 
 class LightFromEnvironment:
+    DISPLAY_NAME = "Light from Environment (HDRI)"
     DESCRIPTION = ("Lights a face rig with an environment map: an equirectangular HDR panorama (Radiance .hdr; "
                    ".exr with the OpenEXR package) or an 8-bit panorama from any image loader (read as sRGB). "
                    "Layout: top = up, centre = what the camera sees behind the face, left/right edges = behind "
@@ -58,11 +59,11 @@ class LightFromEnvironment:
     def IS_CHANGED(cls, rig, environment, yaw, exposure, level, panorama=None):
         if environment == NO_FILE:
             return ""
-        path = input_path(environment, "Light from Environment")
+        path = input_path(environment, cls.DISPLAY_NAME)
         return f"{path}:{path.stat().st_mtime_ns}"
 
     def relight(self, rig, environment, yaw, exposure, level, panorama=None):
-        node = "Light from Environment"
+        node = self.DISPLAY_NAME
         if panorama is not None:
             env = srgb_to_linear(panorama[0, ..., :3].double().clamp(0, 1))
         elif environment == NO_FILE:
@@ -98,6 +99,7 @@ def preset_path(name: str, node: str) -> Path:
 
 
 class SaveRigPreset:
+    DISPLAY_NAME = "Save Rig Preset"
     DESCRIPTION = ("Saves the light and/or the expression and pose edit of a face rig as a small JSON preset in "
                    "models/diffusionrig_presets/, to reuse with Load Rig Preset or share like a workflow.")
     CATEGORY = CATEGORY
@@ -123,7 +125,7 @@ class SaveRigPreset:
         }}
 
     def save(self, rig, name, save_light, save_expression, save_jaw, face_index, overwrite, original=None):
-        node = "Save Rig Preset"
+        node = self.DISPLAY_NAME
         path = new_model_file(PRESET_FOLDER, name, node, ".json")
         try:
             document = preset_from_rig(rig, face_index, original=original, light=save_light,
@@ -135,6 +137,7 @@ class SaveRigPreset:
 
 
 class LoadRigPreset:
+    DISPLAY_NAME = "Load Rig Preset"
     DESCRIPTION = ("Applies a rig preset (JSON from Save Rig Preset, a shared file, or one of the pack's named "
                    "lights) to every face of a rig: its light, expression, jaw and head turn.")
     CATEGORY = CATEGORY
@@ -156,11 +159,11 @@ class LoadRigPreset:
 
     @classmethod
     def IS_CHANGED(cls, rig, preset, apply_light, apply_expression, apply_pose):
-        path = preset_path(preset, "Load Rig Preset")
+        path = preset_path(preset, cls.DISPLAY_NAME)
         return f"{path}:{path.stat().st_mtime_ns}"
 
     def load(self, rig, preset, apply_light, apply_expression, apply_pose):
-        node = "Load Rig Preset"
+        node = self.DISPLAY_NAME
         try:
             document = load_preset(preset_path(preset, node))
         except ValueError as exc:
@@ -174,8 +177,4 @@ NODE_CLASS_MAPPINGS = {
     "DiffusionRigSavePreset": SaveRigPreset,
     "DiffusionRigLoadPreset": LoadRigPreset,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffusionRigLightFromEnvironment": "Light from Environment (HDRI)",
-    "DiffusionRigSavePreset": "Save Rig Preset",
-    "DiffusionRigLoadPreset": "Load Rig Preset",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

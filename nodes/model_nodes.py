@@ -20,6 +20,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 class LoadDiffusionRigModel:
+    DISPLAY_NAME = "Load DiffusionRig Model"
     DESCRIPTION = ("Loads a DiffusionRig denoiser + global encoder from models/diffusionrig/: the official stage-1 "
                    "model.pt, a personalized stage-2 .pt, or a .safetensors saved by this pack.")
     CATEGORY = f"{CATEGORY}/loaders"
@@ -46,7 +47,7 @@ class LoadDiffusionRigModel:
         }}
 
     def load(self, ckpt_name, precision, lora_name="none", lora_strength=1.0):
-        node = "Load DiffusionRig Model"
+        node = self.DISPLAY_NAME
         path = model_path("diffusionrig", ckpt_name, node)
         if lora_name == "none":
             return (managed(load_diffusionrig(path, device=storage_device(), dtype=precision,
@@ -74,6 +75,7 @@ def _to_model_size(image: torch.Tensor, model, node: str) -> torch.Tensor:
 
 
 class EncodeGlobalCode:
+    DISPLAY_NAME = "Encode Global Code"
     DESCRIPTION = ("Encodes an aligned face photo into DiffusionRig's 64-d global code (hair, clothes, background: "
                    "what the 3D face model cannot describe). Encode another photo to borrow its appearance.")
     CATEGORY = CATEGORY
@@ -91,7 +93,7 @@ class EncodeGlobalCode:
         }}
 
     def encode(self, dr_model, aligned_image):
-        image = _to_model_size(image_to_model(aligned_image, "Encode Global Code"), dr_model, "Encode Global Code")
+        image = _to_model_size(image_to_model(aligned_image, self.DISPLAY_NAME), dr_model, self.DISPLAY_NAME)
         device = use_model(dr_model)
         with torch.no_grad():
             return (dr_model.encode(image.to(device)).cpu(),)
@@ -109,6 +111,7 @@ PRESET_TIP = ("custom: use sampler, steps and cache_interval as set. official: d
 
 
 class DiffusionRigSampler:
+    DISPLAY_NAME = "DiffusionRig Sampler"
     DESCRIPTION = ("Generates the edited portraits from the rig buffers and global codes with DDIM or DPM-Solver++ (sampler, "
                    "steps, or a named preset). 'inversion' starts each face from the inversion of its own source photo under its own buffers, which "
                    "keeps the background and fine details; 'noise' starts from one seeded noise shared by every "
@@ -154,7 +157,7 @@ class DiffusionRigSampler:
 
     def sample(self, dr_model, rig_buffers, global_code, seed, steps, eta, start, batch_size,
                source_image=None, source_buffers=None, sampler="ddim", cache_interval=1, preset="custom"):
-        node = "DiffusionRig Sampler"
+        node = self.DISPLAY_NAME
         if preset != "custom":
             if preset not in SAMPLING_PRESETS:
                 raise ValueError(f"{node}: unknown preset {preset!r}; choose custom or one of "
@@ -202,8 +205,4 @@ NODE_CLASS_MAPPINGS = {
     "DiffusionRigEncodeGlobalCode": EncodeGlobalCode,
     "DiffusionRigSampler": DiffusionRigSampler,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffusionRigLoadModel": "Load DiffusionRig Model",
-    "DiffusionRigEncodeGlobalCode": "Encode Global Code",
-    "DiffusionRigSampler": "DiffusionRig Sampler",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

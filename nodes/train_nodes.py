@@ -42,6 +42,7 @@ def _folder_photos(root: Path) -> list[Path]:
 
 
 class BuildFaceAlbum:
+    DISPLAY_NAME = "Build Face Album"
     DESCRIPTION = ("Builds a personal album from one person's photos (an IMAGE batch and/or a folder): aligns the "
                    "face of each, fits DECA, uses the person's mean face shape and renders the buffers. Photos "
                    "without a face or showing someone else are left out and reported. Albums are cached on disk: "
@@ -71,7 +72,7 @@ class BuildFaceAlbum:
         }}
 
     def build(self, deca, size, detector, check_identity, images=None, folder=""):
-        node = "Build Face Album"
+        node = self.DISPLAY_NAME
         photos, names = [], []
         if images is not None:
             photos += image_to_pil(images, node)
@@ -107,12 +108,13 @@ class BuildFaceAlbum:
         if not folder.strip():
             return ""
         try:
-            return file_fingerprint(_folder_photos(photo_folder(folder, "Build Face Album")))
+            return file_fingerprint(_folder_photos(photo_folder(folder, cls.DISPLAY_NAME)))
         except FileNotFoundError as err:
             return str(err)
 
 
 class TrainDiffusionRig:
+    DISPLAY_NAME = "Train DiffusionRig (personalize)"
     DESCRIPTION = ("Personalizes DiffusionRig on one person's Face Album (stage 2 of the paper): fine-tunes the "
                    "denoiser with the global encoder frozen. Defaults are the official recipe (5000 steps, lr 1e-5, "
                    "batch 4: about 30 min on a GPU, many hours on a CPU). Progress is checkpointed under the save "
@@ -162,7 +164,7 @@ class TrainDiffusionRig:
 
     def train(self, dr_model, face_album, steps, learning_rate, batch_size, seed, lora_rank, save_name,
               precision="auto", gradient_checkpointing=False, preview_every=250, restart=False):
-        node = "Train DiffusionRig"
+        node = self.DISPLAY_NAME
         name = _checked_name(save_name, node)
         if len(face_album) < 2:
             raise ValueError(f"{node}: the album has {len(face_album)} photo(s); personalizing needs several "
@@ -204,6 +206,7 @@ class TrainDiffusionRig:
 
 
 class SaveDiffusionRigModel:
+    DISPLAY_NAME = "Save DiffusionRig Model"
     DESCRIPTION = ("Saves a DiffusionRig model into models/diffusionrig/ as .safetensors (the whole model, or "
                    "only the LoRA adapters of a LoRA-trained model). Never overwrites a file unless asked.")
     CATEGORY = CATEGORY
@@ -225,7 +228,7 @@ class SaveDiffusionRigModel:
         }}
 
     def save(self, dr_model, filename, precision, overwrite):
-        node = "Save DiffusionRig Model"
+        node = self.DISPLAY_NAME
         path = model_dir("diffusionrig") / f"{_checked_name(filename, node)}.safetensors"
         if path.exists() and not overwrite:
             raise FileExistsError(f"{node}: {path} already exists; choose another file name or turn on overwrite")
@@ -242,8 +245,4 @@ NODE_CLASS_MAPPINGS = {
     "DiffusionRigTrain": TrainDiffusionRig,
     "DiffusionRigSaveModel": SaveDiffusionRigModel,
 }
-NODE_DISPLAY_NAME_MAPPINGS = {
-    "DiffusionRigBuildAlbum": "Build Face Album",
-    "DiffusionRigTrain": "Train DiffusionRig (personalize)",
-    "DiffusionRigSaveModel": "Save DiffusionRig Model",
-}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

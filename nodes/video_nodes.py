@@ -30,6 +30,7 @@ def clip_lights(light: str, azimuth: float, elevation: float, intensity: float, 
 
 
 class RelightVideoClip:
+    DISPLAY_NAME = "Relight Video Clip"
     DESCRIPTION = ("Relights one person through a video clip (the frames as an IMAGE batch, from any video "
                    "loader) without flicker: tracks the same face through the clip (not the largest face of each "
                    "frame), fits every frame, shares the clip's mean shape, smooths pose, jaw, expression and "
@@ -83,7 +84,7 @@ class RelightVideoClip:
 
     def relight(self, dr_model, deca, frames, light, azimuth, elevation, intensity, ambient, color, end_azimuth_turn,
                 end_elevation_turn, smoothing, seed, steps, start, detector, face_index, batch_size, light_rig=None):
-        node = "Relight Video Clip"
+        node = self.DISPLAY_NAME
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise ValueError(f"{node}: frames must be a non-empty IMAGE batch [T, H, W, C], got "
                              f"{tuple(frames.shape)}")
@@ -112,4 +113,4 @@ class RelightVideoClip:
 
 
 NODE_CLASS_MAPPINGS = {"DiffusionRigRelightVideoClip": RelightVideoClip}
-NODE_DISPLAY_NAME_MAPPINGS = {"DiffusionRigRelightVideoClip": "Relight Video Clip"}
+NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

@@ -54,13 +54,13 @@ def test_an_8bit_panorama_image_is_linearised_and_wins_over_the_file(folders):
     # a uniform sRGB 0.5 panorama is linear 0.214 everywhere: a white furnace shades every normal 0.214
     light = out.codes["light"][0]
     torch.testing.assert_close(light, sh_from_direction(0.0, 0.0, 0.0, 0.2140411, (1.0, 1.0, 1.0)), atol=2e-4, rtol=0)
-    with pytest.raises(ValueError, match="Light from Environment: choose an environment file or connect"):
+    with pytest.raises(ValueError, match="Light from Environment \\(HDRI\\): choose an environment file or connect"):
         ln.LightFromEnvironment().relight(_rig(1), ln.NO_FILE, 0.0, 0.0, "portrait")
 
 
 def test_a_corrupt_environment_file_names_the_node_and_file(folders):
     (folders / "input" / "broken.hdr").write_bytes(b"#?RADIANCE\n\n-Y 4 +X 8\n\x00")
-    with pytest.raises(ValueError, match=r"Light from Environment: .*broken\.hdr: truncated"):
+    with pytest.raises(ValueError, match=r"Light from Environment \(HDRI\): .*broken\.hdr: truncated"):
         ln.LightFromEnvironment().relight(_rig(1), "broken.hdr", 0.0, 0.0, "portrait")
 
 

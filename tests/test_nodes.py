@@ -143,3 +143,14 @@ def test_importing_the_pack_does_no_work():
             ).format(root=str(root))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
     assert out[0] == "[]" and out[1] == "[]", out
+
+
+def test_node_names_come_from_one_map():
+    # each node's display name is its class's DISPLAY_NAME, and its error messages use that name
+    import inspect
+
+    for key, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        assert nodes.NODE_DISPLAY_NAME_MAPPINGS[key] == cls.DISPLAY_NAME
+        source = inspect.getsource(cls)
+        for other in nodes.NODE_DISPLAY_NAME_MAPPINGS.values():
+            assert f'node = "{other}"' not in source and f'f"{other}: ' not in source, (key, other)
