@@ -58,6 +58,23 @@ def test_pack_imports_and_registers_every_node(comfyui_server):
     assert "deca_model.tar" in required["DiffusionRigLoadDECA"]["deca_model"][0]
     assert "examples/astronaut.png" in required["DiffusionRigLoadPhoto"]["image"][0]
 
+def test_example_photos_are_served_where_the_frontend_previews_them(comfyui_server):
+    """Load Face Photo's examples/<name> are previewed with GET /view?type=input&subfolder=examples&filename=
+    <name> (the frontend's request for a photo of the input folder): answered with the pack's file, on both
+    of ComfyUI's paths; other names and subfolders still get ComfyUI's own 404."""
+    url, _ = comfyui_server
+    photo = (REPO / "example_images" / "grace_hopper.jpg").read_bytes()
+    for path in ("/view", "/api/view"):
+        with urllib.request.urlopen(f"{url}{path}?filename=grace_hopper.jpg&type=input&subfolder=examples") as answer:
+            assert answer.status == 200 and answer.read() == photo
+    for query in ("filename=no_such_photo.png&type=input&subfolder=examples",
+                  "filename=grace_hopper.jpg&type=input&subfolder=other",
+                  "filename=grace_hopper.jpg&type=output&subfolder=examples"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/view?{query}")
+        assert refused.value.code == 404, query
+
+
 def _prompt(name: str) -> dict:
     """A workflow of workflows/ in API format, with 2 sampler/training steps (every node runs; same graph)."""
     prompt = to_api(json.loads((REPO / "workflows" / f"{name}.json").read_text()), nodes.NODE_CLASS_MAPPINGS)

@@ -46,7 +46,10 @@ def _check_read_as_meant(frontend, workflow: dict, what: str) -> None:
             at = names.index(name)
             assert widgets[at][1] == spec["inputs"][name], f"{what}: node {node_id} {name} reads {widgets[at][1]!r}"
             has_control = at + 1 < len(widgets) and widgets[at + 1][0] == "control_after_generate"
-            assert has_control == has_control_widget(name, entry), f"{what}: node {node_id} {name}'s control widget"
+            expected = has_control_widget(name, entry)
+            assert has_control == expected, (f"{what}: node {node_id}: the frontend adds {'a' if has_control else 'no'}"
+                                             f" control-after-generate widget after {name}, workflow_format "
+                                             f"{'one' if expected else 'none'}")
             if has_control:
                 assert widgets[at + 1][1] == "fixed", f"{what}: node {node_id} {name}'s control value"
 

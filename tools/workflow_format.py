@@ -1,7 +1,9 @@
 """ComfyUI workflow files: build them in the frontend's UI format, check them, convert them to API format.
 
 Used by tools/make_workflows.py (writes workflows/*.json) and by the tests (checks every
-workflow against the nodes' INPUT_TYPES and runs them headless through ComfyUI's HTTP API).
+workflow against the nodes' INPUT_TYPES, runs them on the node functions and through ComfyUI's
+HTTP API). It models how the real frontend reads widgets_values; tests/test_frontend.py checks
+that model against the real frontend, which reads and converts each workflow itself.
 """
 
 from __future__ import annotations
