@@ -302,8 +302,8 @@ def open_frontend(url: str, log: Path):
             page = browser.new_page(viewport={"width": 1600, "height": 1000})
             frontend = Frontend(page, url, log)
             page.goto(url)
-            # the file input and app.graph exist before the node types are registered: a workflow opened
-            # then has nodes without widgets
+            # the file input exists before the app; a workflow opened while our node types are not registered
+            # (not yet, or the pack failed to import) gets nodes without widgets: wait, and say which is missing
             ready = """() => ({app: !!window.app?.vueAppReady, graph: !!window.app?.graph,
                 nodes: !!window.LiteGraph?.registered_node_types?.DiffusionRigSampler,
                 input: !!document.querySelector('#comfy-file-input')})"""
