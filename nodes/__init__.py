@@ -5,9 +5,10 @@ is ComfyUI's own module).
 """
 
 from . import face_nodes, light_nodes, model_nodes, train_nodes, video_nodes
-from .host import register_model_folders
+from .host import register_model_folders, serve_example_previews
 
 register_model_folders()
+serve_example_previews()
 
 NODE_CLASS_MAPPINGS = {}
 NODE_DISPLAY_NAME_MAPPINGS = {}

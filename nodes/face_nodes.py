@@ -18,9 +18,9 @@ from comfy_diffusionrig.face.rig import (SWEEP_PARAMETERS, copy_from, edit_pose,
                                     sweep, sweep_values)
 from comfy_diffusionrig.face.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
 
-from .host import (RIG_FOLDER, check_interrupt, file_fingerprint, find_model_files, image_to_pil, image_to_unit,
-                   input_files, input_path, managed, model_files, model_fingerprint, model_path, new_model_file,
-                   models_root, pil_to_image, storage_device, use_model)
+from .host import (RIG_FOLDER, check_interrupt, check_model_file, file_fingerprint, find_model_files, image_to_pil,
+                   image_to_unit, input_files, input_path, managed, model_files, model_fingerprint, model_path,
+                   new_model_file, models_root, pil_to_image, storage_device, use_model)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(detection.DETECTORS)
@@ -197,6 +197,10 @@ class LoadFaceRig:
         except RigFileError as err:
             raise ValueError(f"{node}: {err}") from err
         return (pil_to_image([image]), rig)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, rig_photo):  # a missing photo: say where it comes from (e.g. run the demo)
+        return check_model_file(RIG_FOLDER, rig_photo, "Load Face Rig")
 
     @classmethod
     def IS_CHANGED(cls, rig_photo):

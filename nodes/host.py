@@ -1,5 +1,5 @@
 """What the nodes need from ComfyUI: model folders, caches, file fingerprints, model memory
-management, device, progress, cancel, IMAGE conversion.
+management, device, progress, cancel, IMAGE conversion, previews of the example photos.
 
 Every ComfyUI import is guarded so the nodes' functions also run (and are tested) without
 ComfyUI; outside ComfyUI, model folders live under $COMFY_DIFFUSIONRIG_MODELS (default
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,8 +35,9 @@ RIG_FOLDER = "face_rigs"  # rigged photos (an aligned face + its rig): Save / Lo
 MODEL_FOLDERS = {
     "diffusionrig": (
         "DiffusionRig checkpoints: the official stage-1 model.pt or your personalized .safetensors",
-        "https://github.com/adobe-research/diffusion-rig (stage-1 checkpoint; Adobe research licence), "
-        "or run `comfy-diffusionrig demo-assets` for a small synthetic one",
+        "https://github.com/adobe-research/diffusion-rig (stage-1 checkpoint; Adobe research licence); "
+        "`comfy-diffusionrig demo-assets` writes a small synthetic one, and `comfy-diffusionrig demo --models "
+        "<ComfyUI models folder>` the offline demo's trained synthetic_demo_*.safetensors",
     ),
     "deca": (
         "deca_model.tar (DECA's trained encoder)",
@@ -51,7 +53,8 @@ MODEL_FOLDERS = {
     ),
     RIG_FOLDER: (
         "Rigged photos (.png: an aligned face carrying its face rig)",
-        "Save Face Rig, or `comfy-diffusionrig demo` (its synthetic person)",
+        "Save Face Rig; `comfy-diffusionrig demo --models <ComfyUI models folder>` writes the offline demo's "
+        "person, synthetic_demo_person_<k>.png",
     ),
 }
 
@@ -111,6 +114,16 @@ def model_path(folder: str, name: str, node: str) -> Path:
     if path is None:
         raise FileNotFoundError(f"{node}: model file {name!r} not found. {folder_hint(folder)}")
     return path
+
+
+def check_model_file(folder: str, name: str, node: str) -> bool | str:
+    """For a loader's VALIDATE_INPUTS: True if the model file exists, else `model_path`'s message. ComfyUI then
+    shows that message (where the file goes, where it comes from) instead of its own "Value not in list"."""
+    try:
+        model_path(folder, name, node)
+    except FileNotFoundError as err:
+        return str(err)
+    return True
 
 
 def model_fingerprint(folder: str, *names: str, sidecar: str | None = None) -> str:
@@ -199,14 +212,47 @@ def _input_dir() -> Path:
     return Path(os.environ.get("COMFY_DIFFUSIONRIG_INPUT", "input"))
 
 
+def _example_files(suffixes: tuple[str, ...]) -> dict[str, Path]:
+    """The pack's example files with one of `suffixes`: {name: path}."""
+    return {p.name: p for p in sorted(EXAMPLE_IMAGES.iterdir()) if p.is_file() and p.suffix.lower() in suffixes} \
+        if EXAMPLE_IMAGES.is_dir() else {}
+
+
 def input_files(suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[str]:
     """Files for a combo input: ComfyUI's input folder, then the pack's example images as examples/<name>."""
     root = _input_dir()
     own = sorted(p.name for p in root.iterdir() if p.is_file() and p.suffix.lower() in suffixes) \
         if root.is_dir() else []
-    examples = sorted(EXAMPLE_PREFIX + p.name for p in EXAMPLE_IMAGES.iterdir()
-                      if p.suffix.lower() in suffixes) if EXAMPLE_IMAGES.is_dir() else []
-    return own + examples
+    return own + [EXAMPLE_PREFIX + name for name in _example_files(suffixes)]
+
+
+async def _example_previews(request, handler):
+    """aiohttp middleware: the frontend previews a photo picked in Load Face Photo with GET /view?type=input&
+    subfolder=<folder>&filename=<name>, and ComfyUI looks in its input folder, where examples/<name> is not (the
+    examples stay in the pack; nothing is copied into the input folder). Where ComfyUI answers such a request
+    for the examples/ subfolder with 404, answer it with the pack's example image of that name."""
+    from aiohttp import web
+
+    response = await handler(request)
+    query = request.rel_url.query
+    if response.status != 404 or request.method not in ("GET", "HEAD") \
+            or request.path not in ("/view", "/api/view") or query.get("type", "output") != "input" \
+            or query.get("subfolder") != EXAMPLE_PREFIX.rstrip("/"):
+        return response
+    path = _example_files(IMAGE_SUFFIXES).get(query.get("filename", ""))
+    return web.FileResponse(path) if path is not None else response
+
+
+def serve_example_previews() -> None:
+    """Inside a running ComfyUI server: add `_example_previews` to its aiohttp app (before the server starts,
+    i.e. while ComfyUI imports the packs). Nothing to do elsewhere (library use, tests, a script that imports
+    ComfyUI's modules without its server)."""
+    prompt_server = getattr(sys.modules.get("server"), "PromptServer", None) if IN_COMFYUI else None
+    app = getattr(getattr(prompt_server, "instance", None), "app", None)
+    if app is not None and not app.frozen:
+        from aiohttp import web
+
+        app.middlewares.append(web.middleware(_example_previews))
 
 
 def input_path(name: str, node: str) -> Path:

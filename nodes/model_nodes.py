@@ -12,8 +12,8 @@ from comfy_diffusionrig.model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRE
 from comfy_diffusionrig.editing import check_edit_settings
 from comfy_diffusionrig.model.lora import load_lora, merge_lora
 
-from .host import (Progress, check_interrupt, image_to_model, managed, model_files, model_fingerprint, model_path,
-                   model_to_image, storage_device, torch_device, use_model)
+from .host import (Progress, check_interrupt, check_model_file, image_to_model, managed, model_files,
+                   model_fingerprint, model_path, model_to_image, storage_device, torch_device, use_model)
 
 CATEGORY = "DiffusionRig"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -56,6 +56,10 @@ class LoadDiffusionRigModel:
         model = load_lora(load_diffusionrig(path, device=storage_device()), lora)  # adapters merge in fp32
         return (managed(for_inference(merge_lora(model, lora_strength), storage_device(), precision,
                                       run_device=torch_device())),)
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, ckpt_name):  # a missing checkpoint: say where it comes from (e.g. run the demo)
+        return check_model_file("diffusionrig", ckpt_name, "Load DiffusionRig Model")
 
     @classmethod
     def IS_CHANGED(cls, ckpt_name, lora_name="none", **_):

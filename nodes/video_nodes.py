@@ -65,7 +65,7 @@ class RelightVideoClip:
                                     "tooltip": "Temporal smoothing of pose, jaw, expression, camera and the crop's "
                                                "landmarks, in frames (One-Euro filter, zero lag). 0 = every frame as "
                                                "detected and fitted."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF,
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                              "tooltip": "Noise seed (start = noise, eta > 0): the same for every frame."}),
             "steps": ("INT", {"default": 20, "min": 1, "max": 1000, "tooltip": "DDIM steps (official 20)."}),
             "start": (["inversion", "noise"], {"default": "inversion",

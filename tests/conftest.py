@@ -105,3 +105,30 @@ def pytest_runtest_setup(item):  # fixtures that detect faces
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item):  # the tests themselves
     return (yield from _skipping_missing_dlib())
+
+
+@pytest.fixture(scope="session")
+def comfyui_server(request, tmp_path_factory):
+    """A real ComfyUI (COMFYUI_DIR) on the CPU with the pack and demo_person's models: (url, log path).
+    One server for test_comfyui.py and test_frontend.py; skipped where there is no ComfyUI, as in CI."""
+    from real_comfyui import COMFYUI_DIR, NO_COMFYUI, start_comfyui
+
+    if not COMFYUI_DIR:
+        pytest.skip(NO_COMFYUI)
+    models = request.getfixturevalue("demo_person")
+    # DEBUG: ComfyUI then logs each model it unloads ("Unloading DiffusionRig"), which the /free test reads
+    with start_comfyui(tmp_path_factory.mktemp("comfyui_base"), models, "--cpu", "--verbose", "DEBUG") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def frontend(request):
+    """The real frontend of comfyui_server in headless Chromium (a real_comfyui.Frontend); skipped where
+    there is no ComfyUI, playwright or Chromium, as in CI."""
+    from real_comfyui import COMFYUI_DIR, NO_COMFYUI, no_browser_reason, open_frontend
+
+    reason = no_browser_reason() if COMFYUI_DIR else NO_COMFYUI
+    if reason:
+        pytest.skip(reason)
+    with open_frontend(*request.getfixturevalue("comfyui_server")) as page:
+        yield page

@@ -1,49 +1,20 @@
-"""Integration with a real ComfyUI: the pack loads, registers every node, and every shipped workflow runs.
+"""Integration with a real ComfyUI, through its HTTP API: the pack loads and registers every node, the
+example photos' previews are served, POST /free releases our models (read from ComfyUI's own log), an
+uploaded photo runs, our host helpers work against comfy.model_management in-process, and, on a machine
+with a GPU, servers with --lowvram and --gpu-only run the upscaling workflow. The shipped workflows run
+through the real frontend in test_frontend.py.
 
-Skipped unless COMFYUI_DIR points to a ComfyUI checkout (ComfyUI is not on PyPI and CI cannot
-fetch it). ComfyUI runs as a separate server process, with the Python of COMFYUI_PYTHON (default:
-the one running pytest), which needs ComfyUI's requirements and this pack installed. The test
-does not write into ComfyUI's checkout nor into this repository: it starts ComfyUI with
-`--base-directory` set to a temporary folder whose custom_nodes/ holds a link to this repository,
-writes the offline demo assets (`comfy-diffusionrig demo-assets`) into another temporary folder,
-points an extra_model_paths.yaml at its diffusionrig/, deca/ and upscale_models/ folders and at two
-flame folders that each hold half of the FLAME files, and listens on 127.0.0.1 only. Each
-workflows/*.json is converted to API format, every "steps" input set to 2, posted to /prompt, and
-polled on /history until done (COMFYUI_WORKFLOW_TIMEOUT seconds each, default 600); it must succeed
-and every SaveImage/PreviewImage node must have produced images (the upscaling workflow's at the
-photo's size). The workflows' "examples/..." photos are the pack's example_images/ (resolved by
-nodes/host.py). Then: POST /free releases our models (read from ComfyUI's own log), an uploaded
-photo runs, our host helpers work against comfy.model_management in-process, and, on a machine with
-a GPU, servers with --lowvram and --gpu-only run the upscaling workflow.
-
-Run it (tested with ComfyUI commit a125cd84, October 2025, on 2 CPU cores shared with other jobs: about 7 minutes):
-
-    # a ComfyUI checkout, e.g. git clone https://github.com/Comfy-Org/ComfyUI /tmp/ComfyUI
-    python3 -m venv /tmp/comfyenv
-    /tmp/comfyenv/bin/pip install torch==2.13.0 torchvision==0.28.0   # ComfyUI imports torchvision at start
-    # (a CUDA-built torchvision: define its two op schemas before it imports, e.g. from a .pth file
-    #  running torch.library.Library("torchvision", "DEF").define("nms(Tensor dets, Tensor scores,
-    #  float iou_threshold) -> Tensor"), and the same for "qnms")
-    grep -v -E '^(torch|torchvision|torchaudio)$' /tmp/ComfyUI/requirements.txt > /tmp/comfy-reqs.txt
-    echo torch==2.13.0 > /tmp/torch-pin.txt                      # nothing may replace that torch
-    /tmp/comfyenv/bin/pip install -c /tmp/torch-pin.txt -r /tmp/comfy-reqs.txt requests
-    /tmp/comfyenv/bin/pip install -c /tmp/torch-pin.txt -e .     # this pack, from the repo root
-    COMFYUI_DIR=/tmp/ComfyUI COMFYUI_PYTHON=/tmp/comfyenv/bin/python \\
-        python -m pytest -q --durations=0 tests/test_comfyui.py
-
-torchvision must be the build made for that torch (a CUDA torchvision wheel beside a CPU-only
-torch fails to load its C++ ops, and ComfyUI cannot start); torchaudio is optional (without it
-ComfyUI reports its audio nodes as failed imports, which does not matter here). `-s` also prints
-each workflow's time inside ComfyUI. The server's log is kept in pytest's temporary folder (its
-path is in any failure message).
+Skipped unless COMFYUI_DIR points to a ComfyUI checkout (ComfyUI is not on PyPI and CI cannot fetch
+it); the server (tests/real_comfyui.py, which says how to set one up) is shared with test_frontend.py.
+Workflows posted here are converted to API format by tools/workflow_format.py, every "steps" input
+set to 2. `-s` prints each run's time inside ComfyUI; the server's log is kept in pytest's temporary
+folder (its path is in any failure message).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -51,124 +22,27 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from io import BytesIO
 from pathlib import Path
 
 import pytest
+from real_comfyui import COMFYUI_DIR, COMFYUI_PYTHON, NO_COMFYUI, REPO, check_outputs, check_pasted_upscale, \
+    execution_errors, get_json, log_tail, post_json, start_comfyui, wait_for
 
 import nodes
-from comfy_diffusionrig.face.deca import FLAME_FILES
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+sys.path.insert(0, str(REPO / "tools"))
 from workflow_format import to_api  # noqa: E402
 
-COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
-COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON") or sys.executable
-WORKFLOW_TIMEOUT = float(os.environ.get("COMFYUI_WORKFLOW_TIMEOUT", "600"))
-REPO = Path(__file__).resolve().parents[1]
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
-IMAGE_NODES = ("SaveImage", "PreviewImage")
-
-pytestmark = pytest.mark.skipif(
-    not COMFYUI_DIR, reason="set COMFYUI_DIR to a ComfyUI checkout (and COMFYUI_PYTHON to its Python) to run the "
-                            "ComfyUI integration test; ComfyUI is not on PyPI, so CI cannot install it")
+pytestmark = pytest.mark.skipif(not COMFYUI_DIR, reason=NO_COMFYUI)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 10):
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def _post(url: str, body: dict, timeout: float = 30):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.loads(response.read())
-
-
-def _log_tail(log: Path, chars: int = 4000) -> str:
-    return f"server log {log}:\n{log.read_text(errors='replace')[-chars:]}"
-
-
-def _flame_folders(base: Path, demo_models: Path) -> list[Path]:
-    """The demo FLAME files split over two folders: the pack must look in every configured flame folder."""
-    folders = [base / "flame_a", base / "flame_b"]
-    for i, name in enumerate(FLAME_FILES):
-        folder = folders[0 if i < 2 else 1]
-        folder.mkdir(exist_ok=True)
-        (folder / name).symlink_to(demo_models / "flame" / name)
-    return folders
-
-
-@contextlib.contextmanager
-def _comfyui(base: Path, demo_models: Path, *flags: str):
-    """A ComfyUI server with the pack and the demo assets, started with `flags`: yields (url, log)."""
-    root = Path(COMFYUI_DIR)
-    if not (root / "main.py").is_file():
-        pytest.fail(f"COMFYUI_DIR={COMFYUI_DIR} is not a ComfyUI checkout (no main.py)")
-    for folder in ("custom_nodes", "input", "output", "temp", "user"):
-        (base / folder).mkdir()
-    (base / "custom_nodes" / "comfy-diffusionrig").symlink_to(REPO, target_is_directory=True)
-    paths = base / "extra_model_paths.yaml"  # JSON strings are valid YAML scalars
-    flame = "".join(f"\n    {folder}" for folder in _flame_folders(base, demo_models))
-    paths.write_text("comfy_diffusionrig_test:\n" f"  base_path: {json.dumps(str(demo_models))}\n"
-                     + "".join(f"  {name}: {name}\n" for name in ("diffusionrig", "deca", "upscale_models",
-                                                                  "face_rigs"))
-                     + f"  flame: |{flame}\n")
-    env = dict(os.environ)
-    for name in ("COMFY_DIFFUSIONRIG_MODELS", "COMFY_DIFFUSIONRIG_INPUT"):  # only used outside ComfyUI
-        env.pop(name, None)
-    env["PYTHONUNBUFFERED"] = "1"  # the tests read the log while the server runs
-    port = _free_port()
-    log = base / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [COMFYUI_PYTHON, "main.py", *flags, "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(base), "--extra-model-paths-config", str(paths),
-             "--database-url", f"sqlite:///{base / 'comfyui.db'}", "--disable-auto-launch"],
-            cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                _get(f"{url}/system_stats", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None:
-                    pytest.fail(f"ComfyUI exited early (code {proc.returncode}); {_log_tail(log)}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"ComfyUI did not start in 180 s; {_log_tail(log)}")
-                time.sleep(0.5)
-        yield url, log
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, demo_person):
-    # DEBUG: ComfyUI then logs each model it unloads ("Unloading DiffusionRig"), which the /free test reads
-    with _comfyui(tmp_path_factory.mktemp("comfyui_base"), demo_person, "--cpu", "--verbose", "DEBUG") as running:
-        yield running
-
-
-def test_pack_imports_and_registers_every_node(server):
-    url, log = server
+def test_pack_imports_and_registers_every_node(comfyui_server):
+    url, log = comfyui_server
     text = log.read_text(errors="replace")
     ours = [line for line in text.splitlines() if "comfy-diffusionrig" in line]
-    assert ours, f"ComfyUI did not load the pack; {_log_tail(log)}"
-    assert not any("IMPORT FAILED" in line for line in ours), _log_tail(log)
-    info = _get(f"{url}/object_info", timeout=60)
+    assert ours, f"ComfyUI did not load the pack; {log_tail(log)}"
+    assert not any("IMPORT FAILED" in line for line in ours), log_tail(log)
+    info = get_json(f"{url}/object_info", timeout=60)
     for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
         assert name in info, f"{name} is not registered in ComfyUI"
         registered = info[name]
@@ -184,16 +58,21 @@ def test_pack_imports_and_registers_every_node(server):
     assert "deca_model.tar" in required["DiffusionRigLoadDECA"]["deca_model"][0]
     assert "examples/astronaut.png" in required["DiffusionRigLoadPhoto"]["image"][0]
 
-def _wait_for(url: str, prompt_id: str, log: Path) -> dict:
-    deadline = time.monotonic() + WORKFLOW_TIMEOUT
-    while time.monotonic() < deadline:
-        entry = _get(f"{url}/history/{prompt_id}", timeout=30).get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None \
-                and entry["status"].get("status_str") in ("success", "error"):
-            return entry
-        time.sleep(1)
-    queue = _get(f"{url}/queue")
-    pytest.fail(f"prompt {prompt_id} not done after {WORKFLOW_TIMEOUT:.0f} s (queue: {queue}); {_log_tail(log)}")
+def test_example_photos_are_served_where_the_frontend_previews_them(comfyui_server):
+    """Load Face Photo's examples/<name> are previewed with GET /view?type=input&subfolder=examples&filename=
+    <name> (the frontend's request for a photo of the input folder): answered with the pack's file, on both
+    of ComfyUI's paths; other names and subfolders still get ComfyUI's own 404."""
+    url, _ = comfyui_server
+    photo = (REPO / "example_images" / "grace_hopper.jpg").read_bytes()
+    for path in ("/view", "/api/view"):
+        with urllib.request.urlopen(f"{url}{path}?filename=grace_hopper.jpg&type=input&subfolder=examples") as answer:
+            assert answer.status == 200 and answer.read() == photo
+    for query in ("filename=no_such_photo.png&type=input&subfolder=examples",
+                  "filename=grace_hopper.jpg&type=input&subfolder=other",
+                  "filename=grace_hopper.jpg&type=output&subfolder=examples"):
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{url}/view?{query}")
+        assert refused.value.code == 404, query
 
 
 def _prompt(name: str) -> dict:
@@ -209,72 +88,13 @@ def _run(url: str, log: Path, prompt: dict, what: str) -> tuple[dict, float]:
     """Queue a prompt, wait for it, fail with ComfyUI's error unless it succeeded: (history entry, seconds)."""
     started = time.monotonic()
     try:
-        prompt_id = _post(f"{url}/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
+        prompt_id = post_json(f"{url}/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})["prompt_id"]
     except urllib.error.HTTPError as error:
         pytest.fail(f"ComfyUI rejected {what}: {error.code} {error.read().decode(errors='replace')[:4000]}")
-    entry = _wait_for(url, prompt_id, log)
-    status = entry["status"]
-    errors = [m[1] for m in status.get("messages", []) if m[0] == "execution_error"]
-    assert status["status_str"] == "success", f"{what} failed in ComfyUI: {json.dumps(errors)[:4000]}"
+    entry = wait_for(url, prompt_id, log)
+    assert entry["status"]["status_str"] == "success", \
+        f"{what} failed in ComfyUI: {json.dumps(execution_errors(entry))[:4000]}"
     return entry, time.monotonic() - started
-
-
-def _image(url: str, image: dict):
-    from PIL import Image
-
-    query = urllib.parse.urlencode({k: image.get(k, "") for k in ("filename", "subfolder", "type")})
-    with urllib.request.urlopen(f"{url}/view?{query}", timeout=30) as response:
-        data = response.read()
-    picture = Image.open(BytesIO(data))
-    picture.load()
-    return picture
-
-
-def _check_outputs(url: str, prompt: dict, entry: dict, what: str) -> dict[str, list]:
-    """Every SaveImage/PreviewImage node produced readable images: {node id: [PIL images]}."""
-    outputs = entry.get("outputs", {})
-    image_nodes = [node_id for node_id, spec in prompt.items() if spec["class_type"] in IMAGE_NODES]
-    assert image_nodes, f"{what} has no SaveImage/PreviewImage node"
-    pictures = {}
-    for node_id in image_nodes:
-        images = outputs.get(node_id, {}).get("images", [])
-        assert images, f"{what}: {prompt[node_id]['class_type']} node {node_id} produced no image ({outputs})"
-        pictures[node_id] = [_image(url, image) for image in images]
-        assert all(p.width > 0 and p.height > 0 for p in pictures[node_id])
-    return pictures
-
-
-@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
-def test_workflow_runs_in_comfyui(server, path):
-    url, log = server
-    prompt = _prompt(path.stem)
-    entry, seconds = _run(url, log, prompt, path.name)
-    print(f"\n{path.stem}: ran in ComfyUI in {seconds:.1f} s")
-    pictures = _check_outputs(url, prompt, entry, path.name)
-    if path.stem == "paste_back_upscale":
-        _check_pasted_upscale(prompt, pictures)
-    if path.stem == "relight_demo_person":  # five lights, five different faces, enlarged 8x for viewing
-        (frames,) = [pictures[i] for i, spec in prompt.items() if spec["class_type"] == "SaveImage"]
-        assert [f.size for f in frames] == [(256, 256)] * 5 and len({f.tobytes() for f in frames}) == 5
-
-
-def _check_pasted_upscale(prompt: dict, pictures: dict) -> None:
-    """The 4x-upscaled face was pasted into the photo at the photo's own resolution: same size as the photo,
-    the face changed, the photo's border untouched."""
-    import numpy as np
-    from PIL import Image
-
-    load = next(spec for spec in prompt.values() if spec["class_type"] == "DiffusionRigLoadPhoto")
-    photo = np.asarray(Image.open(REPO / "example_images" / load["inputs"]["image"].split("/", 1)[1]).convert("RGB"))
-    save = next(node_id for node_id, spec in prompt.items() if spec["class_type"] == "SaveImage")
-    (out,) = pictures[save]
-    out = np.asarray(out.convert("RGB"))
-    assert out.shape == photo.shape, f"pasted result {out.shape} is not the photo's size {photo.shape}"
-    changed = (out != photo).any(axis=2)
-    assert 0.01 < changed.mean() < 0.5, f"{changed.mean():.3f} of the photo changed"
-    border = np.ones_like(changed)
-    border[16:-16, 16:-16] = False
-    assert not changed[border].any(), "pixels far outside the face changed"
 
 
 def _log_since(log: Path, offset: int) -> str:
@@ -296,7 +116,7 @@ def _free_models(url: str, log: Path, offset: int, tries: int = 4) -> None:
             if all(text in _log_since(log, offset) for text in wanted):
                 return
             time.sleep(0.5)
-    pytest.fail(f"POST /free: {wanted} not in ComfyUI's log; {_log_tail(log)}")
+    pytest.fail(f"POST /free: {wanted} not in ComfyUI's log; {log_tail(log)}")
 
 
 def _set(prompt: dict, class_type: str, **inputs) -> None:
@@ -305,12 +125,12 @@ def _set(prompt: dict, class_type: str, **inputs) -> None:
             spec["inputs"].update(inputs)
 
 
-def test_free_memory_unloads_our_models_and_the_next_run_loads_them_again(server):
+def test_free_memory_unloads_our_models_and_the_next_run_loads_them_again(comfyui_server):
     """ComfyUI's own log of its loaded-model list: load_models_gpu logs "Requested to load <class>" only for a
     model not in the list, and free_memory logs "Unloading <class>" (DEBUG) for each model it drops. A re-run
     with only a new seed reuses the loaded models; after POST /free {"unload_models": true} ComfyUI unloads
     DiffusionRig and DECA, and the next run has to load DiffusionRig again."""
-    url, log = server
+    url, log = comfyui_server
     prompt = _prompt("relight_sliders_lit_sphere")
     _set(prompt, "DiffusionRigSampler", seed=101)
     _run(url, log, prompt, "first run")
@@ -323,13 +143,13 @@ def test_free_memory_unloads_our_models_and_the_next_run_loads_them_again(server
     offset = len(log.read_text(errors="replace"))
     _set(prompt, "DiffusionRigSampler", seed=103)
     _run(url, log, prompt, "run after /free")
-    assert "Requested to load DiffusionRig" in _log_since(log, offset), _log_tail(log)
+    assert "Requested to load DiffusionRig" in _log_since(log, offset), log_tail(log)
 
 
-def test_an_uploaded_photo_is_listed_and_runs(server):
+def test_an_uploaded_photo_is_listed_and_runs(comfyui_server):
     """The upload button's route (POST /upload/image, as the frontend sends it) puts the photo where Load Face
     Photo lists it, and a workflow runs on it."""
-    url, log = server
+    url, log = comfyui_server
     body, boundary = (REPO / "example_images" / "grace_hopper.jpg").read_bytes(), uuid.uuid4().hex
     data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"uploaded face.jpg\"\r\n"
             "Content-Type: image/jpeg\r\n\r\n").encode() + body + f"\r\n--{boundary}--\r\n".encode()
@@ -337,12 +157,12 @@ def test_an_uploaded_photo_is_listed_and_runs(server):
                                      headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
     with urllib.request.urlopen(request, timeout=30) as response:
         name = json.loads(response.read())["name"]
-    spec = _get(f"{url}/object_info/DiffusionRigLoadPhoto")["DiffusionRigLoadPhoto"]["input"]["required"]["image"]
+    spec = get_json(f"{url}/object_info/DiffusionRigLoadPhoto")["DiffusionRigLoadPhoto"]["input"]["required"]["image"]
     assert name in spec[0] and spec[1].get("image_upload") is True
     prompt = _prompt("relight_preset")
     _set(prompt, "DiffusionRigLoadPhoto", image=name)
     entry, _ = _run(url, log, prompt, "relight_preset on the uploaded photo")
-    _check_outputs(url, prompt, entry, "relight_preset on the uploaded photo")
+    check_outputs(url, prompt, entry, "relight_preset on the uploaded photo")
 
 
 def test_models_are_managed_by_comfyui_in_process(tmp_path):
@@ -399,11 +219,11 @@ def test_workflow_runs_with_gpu_memory_flags(tmp_path_factory, demo_models, flag
     with --gpu-only; the upscaling workflow also runs ComfyUI's own upscaler next to them."""
     if not _has_gpu():
         pytest.skip(f"{flag} needs a GPU: ComfyUI refuses it together with --cpu, and without --cpu it needs CUDA")
-    with _comfyui(tmp_path_factory.mktemp("comfyui_flags"), demo_models, flag) as (url, log):
+    with start_comfyui(tmp_path_factory.mktemp("comfyui_flags"), demo_models, flag) as (url, log):
         prompt = _prompt("paste_back_upscale")
         entry, seconds = _run(url, log, prompt, f"paste_back_upscale with {flag}")
         print(f"\npaste_back_upscale with {flag}: {seconds:.1f} s")
-        _check_pasted_upscale(prompt, _check_outputs(url, prompt, entry, "paste_back_upscale"))
+        check_pasted_upscale(prompt, check_outputs(url, prompt, entry, "paste_back_upscale"))
 
 
 def _has_gpu() -> bool:

@@ -145,6 +145,21 @@ def test_load_face_photo_has_the_upload_button():
     assert spec[1]["image_upload"] is True
 
 
+def test_loaders_validate_a_missing_file_with_where_it_comes_from(demo_person, monkeypatch):
+    """VALIDATE_INPUTS (ComfyUI shows its message instead of "Value not in list"): True for a file that is there;
+    for a missing demo file, the node, the file and the command that writes it."""
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_person))
+    rig, loader = face_nodes.LoadFaceRig, model_nodes.LoadDiffusionRigModel
+    assert rig.VALIDATE_INPUTS(rig_photo="synthetic_demo_person_1.png") is True
+    assert loader.VALIDATE_INPUTS(ckpt_name="synthetic_demo_personalized_32px.safetensors") is True
+    command = "`comfy-diffusionrig demo --models <ComfyUI models folder>`"
+    message = rig.VALIDATE_INPUTS(rig_photo="synthetic_demo_person_7.png")
+    assert message.startswith("Load Face Rig: ") and "'synthetic_demo_person_7.png' not found" in message
+    assert command in message
+    message = loader.VALIDATE_INPUTS(ckpt_name="synthetic_demo_personalized_48px.safetensors")
+    assert message.startswith("Load DiffusionRig Model: ") and command in message
+
+
 def test_loaders_store_weights_on_the_offload_device_in_the_run_devices_precision(models_dir, monkeypatch):
     """Inside ComfyUI a loader puts the weights where idle models wait (storage_device, ComfyUI's offload device)
     instead of the GPU, and picks the precision for the device the model will run on: fp16 is refused on the

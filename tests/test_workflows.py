@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from make_workflows import build_all  # noqa: E402
-from workflow_format import check_workflow, to_api  # noqa: E402
+from workflow_format import CONTROL_BY_NAME, check_workflow, has_control_widget, to_api  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
 
@@ -52,6 +52,45 @@ def test_the_checker_catches_broken_workflows():
     unlinked = copy.deepcopy(workflow)
     link = unlinked["links"].pop()
     assert any(str(link[0]) in p for p in check_workflow(unlinked, nodes.NODE_CLASS_MAPPINGS))
+
+
+def test_control_widgets_follow_the_frontends_rule():
+    """comfyui-frontend-package 1.27 (useIntWidget): an INT input gets a control-after-generate widget, whose
+    value is saved right after the input's own, when its spec says control_after_generate, or, when the spec
+    does not say, when it is named seed or noise_seed (`spec.control_after_generate ?? [names].includes(name)`)."""
+    assert has_control_widget("seed", ("INT", {"min": 0}))
+    assert has_control_widget("noise_seed", ("INT",))
+    assert has_control_widget("steps", ("INT", {"control_after_generate": True}))
+    assert not has_control_widget("seed", ("INT", {"control_after_generate": False}))
+    assert not has_control_widget("steps", ("INT", {"default": 20}))
+    assert not has_control_widget("seed", ("FLOAT", {}))
+    with pytest.raises(ValueError, match="INT inputs only"):
+        has_control_widget("preset", (["a", "b"], {"control_after_generate": True}))
+
+
+def test_every_seed_input_says_control_after_generate():
+    """The node specs say what the frontend does anyway: an INT seed gets a control widget."""
+    seeds = 0
+    for node_type, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        for section in cls.INPUT_TYPES().values():
+            for name, entry in section.items():
+                if entry[0] == "INT" and name in CONTROL_BY_NAME:
+                    seeds += 1
+                    assert entry[1].get("control_after_generate") is True, f"{node_type}.{name}"
+    assert seeds >= 3  # Sampler, Train, Relight Video Clip
+
+
+def test_the_checker_catches_a_seed_without_its_control_value():
+    """relight_video_clip.json as it was shipped (no value after the seed): the frontend read steps=
+    'inversion', start='hog', detector=0; the checker names the seed."""
+    workflow = json.loads((ROOT / "workflows" / "relight_video_clip.json").read_text())
+    clip = next(n for n in workflow["nodes"] if n["type"] == "DiffusionRigRelightVideoClip")
+    values = clip["widgets_values"]
+    at = values.index("fixed")
+    assert to_api(workflow, nodes.NODE_CLASS_MAPPINGS)[str(clip["id"])]["inputs"]["steps"] == values[at + 1]
+    del values[at]
+    problems = check_workflow(workflow, nodes.NODE_CLASS_MAPPINGS)
+    assert any("seed lacks its control-after-generate value" in p for p in problems), problems
 
 
 def _core(class_type, inputs, out_dir):

@@ -1,7 +1,9 @@
 """ComfyUI workflow files: build them in the frontend's UI format, check them, convert them to API format.
 
 Used by tools/make_workflows.py (writes workflows/*.json) and by the tests (checks every
-workflow against the nodes' INPUT_TYPES and runs them headless through ComfyUI's HTTP API).
+workflow against the nodes' INPUT_TYPES, runs them on the node functions and through ComfyUI's
+HTTP API). It models how the real frontend reads widgets_values; tests/test_frontend.py checks
+that model against the real frontend, which reads and converts each workflow itself.
 """
 
 from __future__ import annotations
@@ -50,9 +52,24 @@ def is_widget(entry: tuple) -> bool:
     return isinstance(entry[0], list) or entry[0] in WIDGET_TYPES
 
 
-def has_control_widget(entry: tuple) -> bool:
-    """The frontend adds a hidden 'control after generate' value after such INT widgets."""
-    return entry[0] == "INT" and len(entry) > 1 and bool(entry[1].get("control_after_generate"))
+# INT inputs of these names get a control widget from the frontend even when their spec does not ask for one
+# (comfyui-frontend-package 1.27, useIntWidget: "Compatibility with legacy node convention")
+CONTROL_BY_NAME = ("seed", "noise_seed")
+
+
+def has_control_widget(name: str, entry: tuple) -> bool:
+    """Whether the frontend adds a 'control after generate' widget after this input's widget, whose value
+    ("fixed", "increment", ...) is saved in widgets_values right after the input's own. The frontend's rule
+    (1.27, useIntWidget): an INT input whose spec says control_after_generate, or, when the spec does not say,
+    one named seed or noise_seed. A combo that asks for one also gets a filter-list widget: not modelled here."""
+    options = entry[1] if len(entry) > 1 else {}
+    wanted = options.get("control_after_generate")
+    if entry[0] != "INT":
+        if wanted:
+            raise ValueError(f"input {name!r}: control_after_generate is modelled for INT inputs only (the frontend "
+                             "adds two widgets to a combo)")
+        return False
+    return bool(name in CONTROL_BY_NAME if wanted is None else wanted)
 
 
 class Graph:
@@ -73,7 +90,7 @@ class Graph:
                     default = entry[0][0] if entry[0] else ""
                 value = widgets.pop(name, default)
                 values.append(value)
-                if has_control_widget(entry):
+                if has_control_widget(name, entry):
                     values.append("fixed")
             else:
                 inputs.append({"name": name, "type": entry[0], "link": None})
@@ -146,7 +163,7 @@ def check_workflow(workflow: dict, mappings: dict) -> list[str]:
             if kind in ("INT", "FLOAT") and isinstance(value, (int, float)):
                 if "min" in options and value < options["min"] or "max" in options and value > options["max"]:
                     problems.append(f"{where}: {name}={value!r} is outside [{options.get('min')}, {options.get('max')}]")
-            if has_control_widget(entry):
+            if has_control_widget(name, entry):
                 control = values.pop(0) if values else None
                 if control not in ("fixed", "increment", "decrement", "randomize"):
                     problems.append(f"{where}: {name} lacks its control-after-generate value")
@@ -197,7 +214,7 @@ def to_api(workflow: dict, mappings: dict) -> dict:
         for name, entry in _inputs(spec):
             if is_widget(entry):
                 inputs[name] = values.pop(0)
-                if has_control_widget(entry):
+                if has_control_widget(name, entry):
                     values.pop(0)
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:

@@ -1,0 +1,116 @@
+"""The shipped workflows as users run them: opened in the real ComfyUI frontend (headless Chromium),
+queued with its Run button, run by the real server (the one of test_comfyui.py).
+
+The frontend, not our tools/workflow_format.py, reads each workflow's widget values and converts the
+graph to API format, so a workflow that the frontend reads differently (a seed's control-after-generate
+value missing shifts every value after it) fails here. Every "steps" widget is set to 2 in the page
+before Run (every node still runs). Skipped where there is no ComfyUI, playwright or Chromium, as in
+CI; tests/real_comfyui.py says how to set them up. `-s` prints each workflow's seconds from the click to
+the end of the run.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+from PIL import Image
+from real_comfyui import REPO, check_outputs, check_pasted_upscale
+
+import nodes
+
+sys.path.insert(0, str(REPO / "tools"))
+from workflow_format import has_control_widget, node_spec, to_api  # noqa: E402
+
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+
+
+def _view_failures(frontend) -> list:
+    return [(status, url) for status, url in frontend.failed_requests if "/view?" in url]
+
+
+def _check_read_as_meant(frontend, workflow: dict, what: str) -> None:
+    """Every widget holds the value that the workflow means for its input (read by the node specs), and the
+    frontend adds a control widget exactly where workflow_format expects one (and then its value is 'fixed')."""
+    read = frontend.widgets()
+    for node_id, spec in to_api(workflow, nodes.NODE_CLASS_MAPPINGS).items():
+        widgets = read[node_id]
+        names = [name for name, _ in widgets]
+        for name, entry in ((n, e) for section in ("required", "optional")
+                            for n, e in node_spec(spec["class_type"], nodes.NODE_CLASS_MAPPINGS)["input"]
+                            .get(section, {}).items()):
+            if name not in spec["inputs"] or isinstance(spec["inputs"][name], list):
+                continue  # a link, not a widget
+            assert name in names, f"{what}: node {node_id} has no widget {name!r} in the frontend ({names})"
+            at = names.index(name)
+            assert widgets[at][1] == spec["inputs"][name], f"{what}: node {node_id} {name} reads {widgets[at][1]!r}"
+            has_control = at + 1 < len(widgets) and widgets[at + 1][0] == "control_after_generate"
+            expected = has_control_widget(name, entry)
+            assert has_control == expected, (f"{what}: node {node_id}: the frontend adds {'a' if has_control else 'no'}"
+                                             f" control-after-generate widget after {name}, workflow_format "
+                                             f"{'one' if expected else 'none'}")
+            if has_control:
+                assert widgets[at + 1][1] == "fixed", f"{what}: node {node_id} {name}'s control value"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_workflow_runs_from_the_frontend(frontend, path):
+    workflow = json.loads(path.read_text())
+    frontend.open(path)
+    _check_read_as_meant(frontend, workflow, path.name)
+    steps = sum("steps" in node_spec(n["type"], nodes.NODE_CLASS_MAPPINGS)["input"]["required"]
+                for n in workflow["nodes"])
+    assert frontend.set_widget("steps", 2) == steps
+    prompt, entry, seconds = frontend.run_to_end(path.name)
+    print(f"\n{path.stem}: {seconds:.1f} s from Run to done")
+    # what the frontend sent is what our converter makes of the file (test_workflows.py runs that one)
+    ours = to_api(workflow, nodes.NODE_CLASS_MAPPINGS)
+    for spec in ours.values():
+        if "steps" in spec["inputs"]:
+            spec["inputs"]["steps"] = 2
+    assert {i: (s["class_type"], s["inputs"]) for i, s in prompt.items()} == \
+        {i: (s["class_type"], s["inputs"]) for i, s in ours.items()}
+    pictures = check_outputs(frontend.url, prompt, entry, path.name)
+    if path.stem == "paste_back_upscale":
+        check_pasted_upscale(prompt, pictures)
+    if path.stem == "relight_demo_person":  # five lights, five different faces, enlarged 8x for viewing
+        (frames,) = [pictures[i] for i, spec in prompt.items() if spec["class_type"] == "SaveImage"]
+        assert [f.size for f in frames] == [(256, 256)] * 5 and len({f.tobytes() for f in frames}) == 5
+    assert _view_failures(frontend) == []
+
+
+def test_load_face_photo_previews_an_example_photo(frontend):
+    """The photo picked in Load Face Photo shows on the node; an example photo (examples/<name>, kept in the
+    pack, not in ComfyUI's input folder) too."""
+    from playwright.sync_api import TimeoutError
+
+    frontend.open(REPO / "workflows" / "relight_preset.json")
+    try:
+        size = frontend.page.wait_for_function("""() => {
+            const img = window.app.graph.nodes.find(n => n.type === "DiffusionRigLoadPhoto").imgs?.[0];
+            return img && img.complete && img.naturalWidth > 0 && [img.naturalWidth, img.naturalHeight];
+        }""", timeout=30_000).json_value()
+    except TimeoutError:
+        pytest.fail(f"Load Face Photo shows no preview after 30 s; failed requests: {_view_failures(frontend)}")
+    assert tuple(size) == Image.open(REPO / "example_images" / "astronaut.png").size
+    assert _view_failures(frontend) == []
+
+
+def test_a_missing_demo_file_says_to_run_the_demo(frontend):
+    """relight_demo_person.json before `comfy-diffusionrig demo` has run: ComfyUI refuses it, and the
+    frontend shows, for both loaders, where the file comes from, not "Value not in list"."""
+    frontend.open(REPO / "workflows" / "relight_demo_person.json")
+    # this server has the demo's files: pick names the demo would write but that are not there
+    frontend.set_widget("rig_photo", "synthetic_demo_person_9.png")
+    frontend.set_widget("ckpt_name", "synthetic_demo_personalized_48px.safetensors")
+    queued = frontend.run()
+    assert queued["status"] == 400, queued
+    errors = {spec["class_type"]: spec["errors"] for spec in queued["answer"]["node_errors"].values()}
+    assert set(errors) == {"DiffusionRigLoadFaceRig", "DiffusionRigLoadModel"}, errors
+    for class_type, (error,) in errors.items():
+        assert error["type"] == "custom_validation_failed", error
+        assert "`comfy-diffusionrig demo --models <ComfyUI models folder>`" in error["details"], error
+    shown = frontend.page.get_by_text("comfy-diffusionrig demo --models", exact=False)
+    shown.first.wait_for(timeout=10_000)
+    frontend.page.keyboard.press("Escape")  # close the error dialog
