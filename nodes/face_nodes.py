@@ -200,7 +200,7 @@ class LoadFaceRig:
 
     @classmethod
     def VALIDATE_INPUTS(cls, rig_photo):  # a missing photo: say where it comes from (e.g. run the demo)
-        return check_model_file(RIG_FOLDER, rig_photo, "Load Face Rig")
+        return check_model_file(RIG_FOLDER, rig_photo, cls.DISPLAY_NAME)
 
     @classmethod
     def IS_CHANGED(cls, rig_photo):

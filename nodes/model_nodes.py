@@ -59,7 +59,7 @@ class LoadDiffusionRigModel:
 
     @classmethod
     def VALIDATE_INPUTS(cls, ckpt_name):  # a missing checkpoint: say where it comes from (e.g. run the demo)
-        return check_model_file("diffusionrig", ckpt_name, "Load DiffusionRig Model")
+        return check_model_file("diffusionrig", ckpt_name, cls.DISPLAY_NAME)
 
     @classmethod
     def IS_CHANGED(cls, ckpt_name, lora_name="none", **_):
