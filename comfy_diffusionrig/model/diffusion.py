@@ -154,8 +154,11 @@ def model_schedule(model) -> Schedule:
 
 
 def _f32(value: float, device) -> torch.Tensor:
-    """A float64 schedule coefficient as the float32 scalar the official code multiplies with."""
-    return torch.tensor(float(value), dtype=torch.float64).to(device=device, dtype=torch.float32)
+    """A float64 schedule coefficient as the float32 scalar the official code multiplies with.
+
+    Filled on the device (rounded to nearest, as a float64 -> float32 cast): no copy from the host,
+    which on a GPU would wait for the GPU in every sampler step."""
+    return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
 def _gather(arr: np.ndarray, t: torch.Tensor) -> torch.Tensor:
