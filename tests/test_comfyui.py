@@ -326,6 +326,31 @@ def test_free_memory_unloads_our_models_and_the_next_run_loads_them_again(server
     assert "Requested to load DiffusionRig" in _log_since(log, offset), _log_tail(log)
 
 
+def test_a_light_change_reruns_the_sampling_only_and_gives_the_one_node_edit(server):
+    """ComfyUI keeps DiffusionRig Invert's output while its inputs stay: after a light change it reports the
+    Invert node as cached (execution_cached) and runs Relight, Render Buffers and the Sampler again; the saved
+    photo equals the one of a Sampler inverting itself (the workflows before the Invert node) for that light."""
+    url, log = server
+    prompt = _prompt("relight_sliders_lit_sphere")
+    ids = {spec["class_type"]: node_id for node_id, spec in prompt.items()}
+    _set(prompt, "DiffusionRigRelight", azimuth=40.0)
+    _, first = _run(url, log, prompt, "first run")
+    _set(prompt, "DiffusionRigRelight", azimuth=-40.0)
+    entry, again = _run(url, log, prompt, "run after a light change")
+    print(f"\nfirst run {first:.1f} s, after a light change {again:.1f} s ({again / first:.0%})")
+    (cached,) = [m[1]["nodes"] for m in entry["status"]["messages"] if m[0] == "execution_cached"]
+    assert ids["DiffusionRigInvert"] in cached and ids["DiffusionRigEncodeGlobalCode"] in cached, cached
+    assert ids["DiffusionRigRelight"] not in cached and ids["DiffusionRigSampler"] not in cached, cached
+    split = _check_outputs(url, prompt, entry, "run after a light change")[ids["SaveImage"]]
+    sampler = prompt[ids["DiffusionRigSampler"]]["inputs"]
+    invert = prompt.pop(ids["DiffusionRigInvert"])["inputs"]
+    del sampler["inverted_start"]
+    sampler.update(source_image=invert["source_image"], source_buffers=invert["source_buffers"])
+    entry, _ = _run(url, log, prompt, "the one-node edit (the Sampler inverting itself)")
+    (one_node,) = _check_outputs(url, prompt, entry, "the one-node edit")[ids["SaveImage"]]
+    assert one_node.tobytes() == split[0].tobytes()
+
+
 def test_an_uploaded_photo_is_listed_and_runs(server):
     """The upload button's route (POST /upload/image, as the frontend sends it) puts the photo where Load Face
     Photo lists it, and a workflow runs on it."""
