@@ -21,6 +21,8 @@ _EXPORTS = {
     "dpmpp_2m_sample": "model.diffusion",
     "dpmpp_2m_invert": "model.diffusion",
     "edit_faces": "editing",
+    "invert_faces": "editing",
+    "InvertedStart": "editing",
     "p2_loss": "model.diffusion",
     "load_flame": "face.flame",
     "load_deca": "face.deca",

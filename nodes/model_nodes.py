@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from comfy_diffusionrig import edit_faces, load_diffusionrig
+from comfy_diffusionrig import InvertedStart, edit_faces, invert_faces, load_diffusionrig
 from comfy_diffusionrig.model.checkpoints import for_inference
 from comfy_diffusionrig.core.conventions import SEED_MAX
 from comfy_diffusionrig.model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
@@ -114,12 +114,101 @@ PRESET_TIP = ("custom: use sampler, steps and cache_interval as set. official: d
               "those three widgets.")
 
 
+INVERSION = "DR_INVERSION"  # socket type of an inverted start (editing.InvertedStart)
+
+
+def _sampler_settings(node: str, preset: str, sampler: str, steps: int, cache_interval: int) -> tuple[str, int, int]:
+    """(sampler, steps, cache_interval) of a node's widgets: a preset other than custom overrides the three."""
+    if preset == "custom":
+        return sampler, steps, cache_interval
+    if preset not in SAMPLING_PRESETS:
+        raise ValueError(f"{node}: unknown preset {preset!r}; choose custom or one of {', '.join(SAMPLING_PRESETS)}")
+    return tuple(SAMPLING_PRESETS[preset][k] for k in ("sampler", "steps", "cache_interval"))
+
+
+def _progress_callback():
+    """An edit_faces / invert_faces callback: one ComfyUI bar with previews, cancel checked every step."""
+    bar = []
+
+    def callback(done, total, preview):
+        check_interrupt()
+        if not bar:
+            bar.append(Progress(total))
+        bar[0].update(done, preview)
+    return callback
+
+
+def _source_images(source_image, source_buffers, dr_model, node: str) -> torch.Tensor:
+    """The aligned source faces at the model's size, [N, 3, S, S] in [-1, 1], one per source buffer."""
+    images = _to_model_size(image_to_model(source_image, node), dr_model, node)
+    if images.shape[0] != source_buffers.shape[0]:
+        raise ValueError(f"{node}: {images.shape[0]} source image(s) but {source_buffers.shape[0]} source "
+                         "buffer(s); connect the aligned faces and the Render Buffers of the same fit")
+    return images
+
+
+class DiffusionRigInvert:
+    DISPLAY_NAME = "DiffusionRig Invert"
+    DESCRIPTION = ("Inverts each aligned face under its own buffers and global code, once: connect inverted_start "
+                   "to DiffusionRig Sampler (start = inversion). ComfyUI keeps this node's output while its inputs "
+                   "stay the same, so a new light, expression or pose re-runs only Relight / Edit -> Render Buffers "
+                   "-> Sampler, the sampling alone. Give the Sampler the same sampler, steps and cache_interval "
+                   "(or the same preset): it refuses an inversion made otherwise.")
+    CATEGORY = CATEGORY
+    FUNCTION = "invert"
+    RETURN_TYPES = (INVERSION,)
+    RETURN_NAMES = ("inverted_start",)
+    OUTPUT_TOOLTIPS = ("The faces' inverted starting noise with the settings and model it was made with: connect it "
+                       "to DiffusionRig Sampler's inverted_start.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "dr_model": ("DR_MODEL", {"tooltip": "From Load DiffusionRig Model (the Sampler must use the same)."}),
+                "source_image": ("IMAGE", {"tooltip": "The aligned original faces, one per face."}),
+                "source_buffers": ("RIG_BUFFERS", {"tooltip": "Render Buffers of the unedited fit of those faces."}),
+                "global_code": ("GLOBAL_CODE", {"tooltip": "From Encode Global Code: one code per face, or one "
+                                                           "code shared by every face."}),
+                "steps": ("INT", {"default": 20, "min": 1, "max": 1000,
+                                  "tooltip": "Inversion steps; 20 is the official setting. The Sampler must use "
+                                             "the same."}),
+                "batch_size": ("INT", {"default": 4, "min": 1, "max": 64,
+                                       "tooltip": "Faces inverted together; lower it if memory runs out."}),
+            },
+            "optional": {
+                "sampler": (list(SAMPLER_NAMES), {"default": "ddim", "tooltip": SAMPLER_TIP}),
+                "cache_interval": ("INT", {"default": 1, "min": 1, "max": 10, "tooltip": CACHE_TIP}),
+                "preset": (["custom", *SAMPLING_PRESETS], {"default": "custom", "tooltip": PRESET_TIP}),
+            },
+        }
+
+    def invert(self, dr_model, source_image, source_buffers, global_code, steps, batch_size, sampler="ddim",
+               cache_interval=1, preset="custom"):
+        node = self.DISPLAY_NAME
+        sampler, steps, cache_interval = _sampler_settings(node, preset, sampler, steps, cache_interval)
+        try:
+            check_edit_settings("inversion", steps, 0.0, batch_size, sampler, cache_interval)
+        except ValueError as err:
+            raise ValueError(f"{node}: {err}") from None
+        use_model(dr_model)
+        images = _source_images(source_image, source_buffers, dr_model, node)
+        check_interrupt()
+        try:
+            return (invert_faces(dr_model, images, source_buffers, global_code, steps=steps, sampler=sampler,
+                                 batch_size=batch_size, callback=_progress_callback(), cache_interval=cache_interval),)
+        except ValueError as err:
+            raise ValueError(f"{node}: {err}") from None
+
+
 class DiffusionRigSampler:
     DISPLAY_NAME = "DiffusionRig Sampler"
-    DESCRIPTION = ("Generates the edited portraits from the rig buffers and global codes with DDIM or DPM-Solver++ (sampler, "
-                   "steps, or a named preset). 'inversion' starts each face from the inversion of its own source photo under its own buffers, which "
-                   "keeps the background and fine details; 'noise' starts from one seeded noise shared by every "
-                   "face and frame. Each face of a batch comes out as it would alone.")
+    DESCRIPTION = ("Generates the edited portraits from the rig buffers and global codes with DDIM or DPM-Solver++ (sampler, steps, or a "
+                   "named preset). 'inversion' starts each face from the inversion of its own source photo under its own buffers, which "
+                   "keeps the background and fine details: from DiffusionRig Invert's inverted_start (inverted once, "
+                   "kept while only the light, expression or pose changes), or inverted here from source_image and "
+                   "source_buffers; 'noise' starts from one seeded noise shared by every face and frame. Each face "
+                   "of a batch comes out as it would alone.")
     CATEGORY = CATEGORY
     FUNCTION = "sample"
     RETURN_TYPES = ("IMAGE",)
@@ -144,61 +233,64 @@ class DiffusionRigSampler:
                 "eta": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05,
                                   "tooltip": "0 = deterministic DDIM (official). Higher adds fresh noise per step."}),
                 "start": (["noise", "inversion"], {"default": "noise",
-                                                   "tooltip": "inversion needs source_image and source_buffers."}),
+                                                   "tooltip": "inversion needs inverted_start (from DiffusionRig "
+                                                              "Invert) or source_image and source_buffers."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 64,
                                        "tooltip": "Images denoised together; lower it if memory runs out."}),
             },
             "optional": {
                 "source_image": ("IMAGE", {"tooltip": "The aligned original faces, one per face (for start = "
-                                                      "inversion)."}),
+                                                      "inversion without inverted_start)."}),
                 "source_buffers": ("RIG_BUFFERS", {"tooltip": "Render Buffers of the unedited fit of those faces (for "
-                                                              "start = inversion)."}),
+                                                              "start = inversion without inverted_start)."}),
                 "sampler": (list(SAMPLER_NAMES), {"default": "ddim", "tooltip": SAMPLER_TIP}),
                 "cache_interval": ("INT", {"default": 1, "min": 1, "max": 10, "tooltip": CACHE_TIP}),
                 "preset": (["custom", *SAMPLING_PRESETS], {"default": "custom", "tooltip": PRESET_TIP}),
+                "inverted_start": (INVERSION, {"tooltip": "From DiffusionRig Invert (for start = inversion): the "
+                                                          "faces inverted once, with the same model, sampler, steps "
+                                                          "and cache_interval as set here."}),
             },
         }
 
     def sample(self, dr_model, rig_buffers, global_code, seed, steps, eta, start, batch_size,
-               source_image=None, source_buffers=None, sampler="ddim", cache_interval=1, preset="custom"):
+               source_image=None, source_buffers=None, sampler="ddim", cache_interval=1, preset="custom",
+               inverted_start=None):
         node = self.DISPLAY_NAME
-        if preset != "custom":
-            if preset not in SAMPLING_PRESETS:
-                raise ValueError(f"{node}: unknown preset {preset!r}; choose custom or one of "
-                                 f"{', '.join(SAMPLING_PRESETS)}")
-            sampler, steps, cache_interval = (SAMPLING_PRESETS[preset][k] for k in ("sampler", "steps", "cache_interval"))
+        sampler, steps, cache_interval = _sampler_settings(node, preset, sampler, steps, cache_interval)
         try:
             check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
-        use_model(dr_model)
         images = None
-        if start == "inversion":
+        if inverted_start is not None:
+            if not isinstance(inverted_start, InvertedStart):
+                raise ValueError(f"{node}: inverted_start must come from DiffusionRig Invert, got "
+                                 f"{type(inverted_start).__name__}")
+            if start != "inversion":
+                raise ValueError(f"{node}: inverted_start is connected but start = {start}; set start to inversion "
+                                 "to sample from it, or disconnect it to start from noise")
+            if source_image is not None or source_buffers is not None:
+                raise ValueError(f"{node}: connect either inverted_start (from DiffusionRig Invert) or source_image "
+                                 "and source_buffers, not both")
+            start = inverted_start
+        elif start == "inversion":
             if source_image is None or source_buffers is None:
-                raise ValueError(f"{node}: start = inversion needs both source_image (the aligned photo) and "
-                                 "source_buffers (Render Buffers of its unedited fit); connect them or use start = noise")
-            images = _to_model_size(image_to_model(source_image, node), dr_model, node)
-            if images.shape[0] != source_buffers.shape[0]:
-                raise ValueError(f"{node}: {images.shape[0]} source image(s) but {source_buffers.shape[0]} source "
-                                 "buffer(s); connect the aligned faces and the Render Buffers of the same fit")
-        faces = images.shape[0] if images is not None else global_code.shape[0]
+                raise ValueError(f"{node}: start = inversion needs inverted_start (from DiffusionRig Invert), or both "
+                                 "source_image (the aligned photo) and source_buffers (Render Buffers of its "
+                                 "unedited fit); connect them or use start = noise")
+            images = _source_images(source_image, source_buffers, dr_model, node)
+        use_model(dr_model)
+        faces = inverted_start.faces if inverted_start is not None else (
+            images.shape[0] if images is not None else global_code.shape[0])
         if rig_buffers.shape[0] % faces or global_code.shape[0] not in (1, faces):
             raise ValueError(f"{node}: {rig_buffers.shape[0]} buffers, {global_code.shape[0]} global code(s) and "
                              f"{faces} source face(s) do not match; give one code per face (or one for all) and "
                              "the same number of frames for every face, all frames of a face together")
-        bar = []
-
-        def callback(done, total, preview):  # inversion and sampling on one bar
-            check_interrupt()
-            if not bar:
-                bar.append(Progress(total))
-            bar[0].update(done, preview)
-
         check_interrupt()
         try:
             edited = edit_faces(dr_model, images, source_buffers, rig_buffers, global_code, start=start, steps=steps,
-                                eta=eta, seed=seed, batch_size=batch_size, callback=callback, sampler=sampler,
-                                cache_interval=cache_interval)
+                                eta=eta, seed=seed, batch_size=batch_size, callback=_progress_callback(),
+                                sampler=sampler, cache_interval=cache_interval)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
         return (model_to_image(edited),)
@@ -207,6 +299,7 @@ class DiffusionRigSampler:
 NODE_CLASS_MAPPINGS = {
     "DiffusionRigLoadModel": LoadDiffusionRigModel,
     "DiffusionRigEncodeGlobalCode": EncodeGlobalCode,
+    "DiffusionRigInvert": DiffusionRigInvert,
     "DiffusionRigSampler": DiffusionRigSampler,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {key: cls.DISPLAY_NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

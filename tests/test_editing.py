@@ -1,16 +1,19 @@
-"""`edit_faces`: the one invert-then-sample path of the Sampler node, the CLI and the demo.
+"""`invert_faces` and `edit_faces`: the one invert-then-sample path of the nodes, the CLI and the demo.
 
 A small random DiffusionRig (any weights: the properties hold for every model) checks that a
 batch of faces gives, face for face, what each face gives alone, that each face is inverted
-under its own buffers and code, that frames of a face share its start, and the progress count.
+under its own buffers and code, that frames of a face share its start, the progress count,
+and that an edit from a kept inverted start is the one-call edit bit for bit and refuses a
+start made with other settings or another model.
 """
 
+import copy
 import math
 
 import pytest
 import torch
 
-from comfy_diffusionrig import ddim_invert, ddim_sample, edit_faces
+from comfy_diffusionrig import InvertedStart, ddim_invert, ddim_sample, edit_faces, invert_faces
 from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 
 SIZE = 16
@@ -129,7 +132,7 @@ def test_a_callback_can_cancel(model, faces):
     (dict(batch_size=0), "batch_size must be a whole number"),
     (dict(eta=1.5), "eta must be between 0"),
     (dict(eta=math.nan), "eta must be between 0"),
-    (dict(start="sideways"), "start must be 'inversion' or 'noise'"),
+    (dict(start="sideways"), "start must be 'inversion', 'noise' or an inverted start"),
 ])
 def test_bad_settings_are_refused_before_any_work(model, faces, change, message):
     images, source, codes, target = faces
@@ -176,3 +179,88 @@ def test_fast_samplers_keep_the_batch_rule_and_count_their_steps(model, faces):
         edit_faces(model, images, source, target, codes, steps=4, sampler="euler")
     with pytest.raises(ValueError, match="cache_interval must be a whole number"):
         edit_faces(model, images, source, target, codes, steps=4, cache_interval=0)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(sampler="ddim", steps=3),
+    dict(sampler="dpmpp_2m", steps=4),
+    dict(sampler="dpmpp_2m", steps=3, eta=0.5, seed=9),  # eta and seed touch the sampling only
+    dict(sampler="ddim", steps=3, cache_interval=2),
+])
+def test_an_edit_from_a_kept_inversion_is_the_one_call_edit_bit_for_bit(model, faces, settings):
+    """3 faces x 2 frames, chunks of 2 rows crossing faces: inverting once and editing twice gives exactly
+    what edit_faces gives when it inverts itself."""
+    images, source, codes, target = faces
+    schedule = {k: v for k, v in settings.items() if k in ("sampler", "steps", "cache_interval")}
+    start = invert_faces(model, images, source, codes, batch_size=2, **schedule)
+    assert isinstance(start, InvertedStart) and start.faces == 3
+    assert start.x_t.shape == (3, 3, SIZE, SIZE) and start.x_t.dtype == torch.float32
+    for buffers in (target, target.flip(0)):  # two edits from one inversion
+        one_call = edit_faces(model, images, source, buffers, codes, batch_size=2, **settings)
+        split = edit_faces(model, None, None, buffers, codes, start=start, batch_size=2, **settings)
+        assert torch.equal(split, one_call)
+    # the kept start is each face's own inversion (the raw inversion of face 1 alone, up to batch round-off)
+    invert = ddim_invert if settings["sampler"] == "ddim" and "cache_interval" not in settings else None
+    if invert is not None:
+        alone = invert(model, images[1:2], source[1:2], codes[1:2], steps=settings["steps"])
+        torch.testing.assert_close(start.x_t[1:2], alone, atol=BATCH_ATOL, rtol=0)
+
+
+def test_a_start_made_otherwise_is_refused_with_what_to_change(model, faces):
+    images, source, codes, target = faces
+    start = invert_faces(model, images, source, codes, steps=3)
+
+    def edit(on=model, **kwargs):
+        return edit_faces(on, None, None, target, codes, start=start, **({"steps": 3} | kwargs))
+
+    with pytest.raises(ValueError, match="made with sampler ddim, 3 steps, no feature cache, but this edit asks for "
+                                         "sampler ddim, 4 steps"):
+        edit(steps=4)
+    with pytest.raises(ValueError, match="asks for sampler dpmpp_2m, 3 steps.*same sampler, steps and cache_interval"):
+        edit(sampler="dpmpp_2m")
+    with pytest.raises(ValueError, match="asks for sampler ddim, 3 steps, cache_interval 2"):
+        edit(cache_interval=2)
+    tuned = copy.deepcopy(model)  # a fine-tuned model: same config, other weights
+    with torch.no_grad():
+        tuned.denoisingUNet.out[-1].weight.add_(1e-3)
+    with pytest.raises(ValueError, match=r"made with another model \(DiffusionRig 16 px float32 weights .*invert the "
+                                         "faces again with this model"):
+        edit(tuned)
+    with pytest.raises(ValueError, match="another model .* than this edit's .*bfloat16"):
+        edit(copy.deepcopy(model).to(torch.bfloat16))
+    assert torch.equal(edit(copy.deepcopy(model)), edit())  # the same weights loaded again: the same model
+    with pytest.raises(ValueError, match="pass images and source_buffers as None"):
+        edit_faces(model, images, source, target, codes, start=start, steps=3)
+    with pytest.raises(ValueError, match="5 target buffers for 3 faces"):
+        edit_faces(model, None, None, target[:5], codes, start=start, steps=3)
+    with pytest.raises(ValueError, match="inverted start is 16x16 px but the target buffers are 8x8"):
+        edit_faces(model, None, None, target[:, :, :8, :8], codes, start=start, steps=3)
+
+
+def test_the_inversion_alone_reports_progress_and_can_be_cancelled(model, faces, monkeypatch):
+    images, source, codes, target = faces
+    calls = []
+    invert_faces(model, images, source, codes, steps=3, batch_size=2,
+                 callback=lambda done, total, preview: calls.append((done, total, tuple(preview.shape))))
+    assert [c[0] for c in calls] == [2, 4, 6, 7, 8, 9]  # chunks of 2 and 1 faces, 3 steps each
+    assert {c[1] for c in calls} == {9} and calls[0][2] == (3, SIZE, SIZE)
+    dpm = []
+    start = invert_faces(model, images, source, codes, steps=4, sampler="dpmpp_2m",
+                         callback=lambda done, total, preview: dpm.append((done, total)))
+    assert dpm[-1] == (9, 9)  # dpmpp_2m inverts in steps - 1
+    sampled = []
+    edit_faces(model, None, None, target, codes, start=start, steps=4, sampler="dpmpp_2m",
+               callback=lambda done, total, preview: sampled.append((done, total)))
+    assert sampled[-1] == (6 * 4, 6 * 4)  # an edit from a kept start counts its sampling only
+
+    denoised = []
+    original = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda *args: (denoised.append(1), original(*args))[1])
+
+    def cancel(done, total, preview):
+        if done >= 4:
+            raise InterruptedError("cancelled")
+
+    with pytest.raises(InterruptedError):
+        invert_faces(model, images, source, codes, steps=3, batch_size=2, callback=cancel)
+    assert len(denoised) == 2  # stopped after the second step's call, not at the end of the inversion

@@ -84,7 +84,7 @@ def test_sample_from_inversion_needs_sources(models_dir):
     (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
     image, buffers, code = _pipeline_inputs(model)
     sampler = model_nodes.DiffusionRigSampler()
-    with pytest.raises(ValueError, match="needs both source_image"):
+    with pytest.raises(ValueError, match="needs inverted_start .*, or both source_image"):
         sampler.sample(model, buffers, code, 0, 3, 0.0, "inversion", 4)
     (out,) = sampler.sample(model, buffers, code, 0, 3, 0.0, "inversion", 4, source_image=image,
                             source_buffers=buffers[:1])
@@ -115,6 +115,62 @@ def test_sampler_stops_within_one_step_when_cancelled(models_dir, monkeypatch):
     monkeypatch.setattr(model_nodes, "check_interrupt", check)
     with pytest.raises(Interrupted):
         model_nodes.DiffusionRigSampler().sample(model, buffers, code, 0, 20, 0.0, "noise", 4)
+    assert calls["denoise"] == 2  # cancelled after the second step's callback, not at the end
+
+
+def test_invert_once_then_sample_equals_the_samplers_own_inversion(models_dir):
+    """Invert -> Sampler(inverted_start) is the Sampler inverting itself, bit for bit, for every edit of the light."""
+    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
+    gen = torch.Generator().manual_seed(4)
+    image = torch.rand(2, 32, 32, 3, generator=gen)  # two faces, two frames each
+    source = torch.rand(2, 9, 32, 32, generator=gen)
+    (code,) = model_nodes.EncodeGlobalCode().encode(model, image)
+    (start,) = model_nodes.DiffusionRigInvert().invert(model, image, source, code, steps=20, batch_size=4,
+                                                        preset="fast")
+    sampler = model_nodes.DiffusionRigSampler()
+    for k in range(2):  # two light tries from one inversion
+        target = torch.rand(4, 9, 32, 32, generator=gen)
+        (own,) = sampler.sample(model, target, code, 0, 20, 0.0, "inversion", 4, source_image=image,
+                                source_buffers=source, preset="fast")
+        (kept,) = sampler.sample(model, target, code, 0, 20, 0.0, "inversion", 4, preset="fast", inverted_start=start)
+        assert torch.equal(kept, own)
+    with pytest.raises(ValueError, match="DiffusionRig Sampler: the inverted start was made with sampler dpmpp_2m, 8 "
+                                         "steps, no feature cache, but this edit asks for sampler ddim, 20 steps"):
+        sampler.sample(model, target, code, 0, 20, 0.0, "inversion", 4, inverted_start=start)
+    with pytest.raises(ValueError, match="inverted_start is connected but start = noise; set start to inversion"):
+        sampler.sample(model, target, code, 0, 20, 0.0, "noise", 4, preset="fast", inverted_start=start)
+    with pytest.raises(ValueError, match="connect either inverted_start .* or source_image and source_buffers, not"):
+        sampler.sample(model, target, code, 0, 20, 0.0, "inversion", 4, source_image=image, source_buffers=source,
+                       preset="fast", inverted_start=start)
+    (bf16,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "bf16")
+    with pytest.raises(ValueError, match=r"DiffusionRig Sampler: the inverted start was made with another model "
+                                         r"\(DiffusionRig 32 px float32"):
+        sampler.sample(bf16, target, code, 0, 20, 0.0, "inversion", 4, preset="fast", inverted_start=start)
+    with pytest.raises(ValueError, match="DiffusionRig Invert: 2 source image.* but 1 source buffer"):
+        model_nodes.DiffusionRigInvert().invert(model, image, source[:1], code, 20, 4)
+
+
+def test_invert_stops_within_one_step_when_cancelled(models_dir, monkeypatch):
+    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
+    image, buffers, code = _pipeline_inputs(model)
+    calls = {"denoise": 0}
+    original = model.denoise
+
+    def counting(*args):
+        calls["denoise"] += 1
+        return original(*args)
+
+    class Interrupted(Exception):
+        pass
+
+    def check():
+        if calls["denoise"] >= 2:
+            raise Interrupted
+
+    monkeypatch.setattr(model, "denoise", counting)
+    monkeypatch.setattr(model_nodes, "check_interrupt", check)
+    with pytest.raises(Interrupted):
+        model_nodes.DiffusionRigInvert().invert(model, image, buffers[:1], code, 20, 4)
     assert calls["denoise"] == 2  # cancelled after the second step's callback, not at the end
 
 

@@ -164,3 +164,23 @@ def test_the_upscaled_face_is_pasted_into_the_full_size_photo(demo_models, tmp_p
     assert pasted.shape == photo.shape  # the photo's own resolution, not the upscaler's
     outside = mask[0] == 0
     assert torch.equal(pasted[0][outside], photo[0][outside]) and not torch.equal(pasted, photo)
+
+
+def test_a_sampler_inverting_itself_still_runs_and_gives_the_invert_nodes_edit(demo_person, tmp_path, monkeypatch):
+    """Workflows saved before DiffusionRig Invert wire the photo and its buffers into the Sampler (start =
+    inversion): that still runs, and gives exactly what the shipped Invert -> Sampler wiring gives."""
+    monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_person))
+    prompt = to_api(json.loads((ROOT / "workflows" / "relight_sliders_lit_sphere.json").read_text()),
+                    nodes.NODE_CLASS_MAPPINGS)
+    for spec in prompt.values():
+        if "steps" in spec["inputs"]:
+            spec["inputs"]["steps"] = 2
+    (invert,) = [i for i, spec in prompt.items() if spec["class_type"] == "DiffusionRigInvert"]
+    (sampler,) = [i for i, spec in prompt.items() if spec["class_type"] == "DiffusionRigSampler"]
+    assert prompt[sampler]["inputs"]["inverted_start"] == [invert, 0]
+    old = copy.deepcopy(prompt[sampler])
+    del old["inputs"]["inverted_start"]
+    old["inputs"].update({k: prompt[invert]["inputs"][k] for k in ("source_image", "source_buffers")})
+    prompt["old_sampler"] = old
+    results = run_prompt(prompt, tmp_path)
+    assert torch.equal(results["old_sampler"][0], results[sampler][0])

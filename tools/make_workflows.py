@@ -51,7 +51,8 @@ def _fit(g: Graph, deca: int, align: int, x: int, y: int) -> int:
 
 def _sample(g: Graph, deca: int, model: int, align: int, source_rig: int, edited_rig: int, x: int, y: int,
             edited_output: str = "rig", **sampler) -> int:
-    """Render source and edited buffers, encode the global code, sample by inversion: returns the sampler id."""
+    """Render source and edited buffers, encode the global code, invert once (DiffusionRig Invert: ComfyUI keeps
+    it while only the edit changes), sample from that inversion: returns the sampler id."""
     source = g.add("DiffusionRigRenderBuffers", (x, y), title="Render Buffers (original)")
     g.connect(deca, "deca", source, "deca")
     g.connect(source_rig, "rig", source, "rig")
@@ -63,12 +64,17 @@ def _sample(g: Graph, deca: int, model: int, align: int, source_rig: int, edited
     g.connect(align, "aligned", code, "aligned_image")
     preview = g.add("PreviewImage", (x + 340, y + 160), title="Buffers preview")
     g.connect(edited, "preview", preview, "images")
+    invert = g.add("DiffusionRigInvert", (x, y + 460), title="DiffusionRig Invert (once; kept while only the "
+                   "edit changes)", **sampler)
+    g.connect(model, "dr_model", invert, "dr_model")
+    g.connect(align, "aligned", invert, "source_image")
+    g.connect(source, "buffers", invert, "source_buffers")
+    g.connect(code, "global_code", invert, "global_code")
     sample = g.add("DiffusionRigSampler", (x + 340, y + 320), **{"start": "inversion", **sampler})
     g.connect(model, "dr_model", sample, "dr_model")
     g.connect(edited, "buffers", sample, "rig_buffers")
     g.connect(code, "global_code", sample, "global_code")
-    g.connect(align, "aligned", sample, "source_image")
-    g.connect(source, "buffers", sample, "source_buffers")
+    g.connect(invert, "inverted_start", sample, "inverted_start")
     return sample
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..face.deca import FLAME_FILES
-from ..editing import edit_faces
+from ..editing import edit_faces, invert_faces
 from ..core.imaging import pil_to_tensor, tensor_to_pil
 from ..face.lighting import sh_from_direction
 from .metrics import psnr, ssim
@@ -253,7 +253,8 @@ def score_samplers(model: DiffusionRig, source: torch.Tensor, source_buffers: to
                    target_buffers: torch.Tensor) -> dict[str, dict]:
     """Per sampler setting, on held-out photos: the edit's PSNR/SSIM against the true photo of the target view,
     the reconstruction PSNR (invert, then sample under the same buffers) and the UNet calls per edit (full
-    evaluations, and all of them with feature caching). Every edit goes through `edit_faces`."""
+    evaluations, and all of them with feature caching). Each setting inverts the photos once (`invert_faces`)
+    and samples both from that start (`edit_faces`: bit for bit the edit that inverts itself)."""
     from ..model.diffusion import sampler_step_counts
 
     with torch.no_grad():
@@ -261,9 +262,10 @@ def score_samplers(model: DiffusionRig, source: torch.Tensor, source_buffers: to
     to01 = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
     out = {}
     for name, (sampler, steps, interval) in sampler_settings().items():
-        run = lambda buffers: edit_faces(model, source, source_buffers, buffers, code, steps=steps,  # noqa: E731
-                                         sampler=sampler, cache_interval=interval, batch_size=len(source))
-        edited, rebuilt = run(target_buffers), run(source_buffers)
+        settings = dict(steps=steps, sampler=sampler, cache_interval=interval, batch_size=len(source))
+        start = invert_faces(model, source, source_buffers, code, **settings)
+        edited, rebuilt = (edit_faces(model, None, None, buffers, code, start=start, **settings)
+                           for buffers in (target_buffers, source_buffers))
         counts = sampler_step_counts(model, sampler, steps)  # (inversion, sampling)
         out[name] = {"edit psnr": round(float(psnr(to01(edited), to01(target)).mean()), 2),
                      "edit ssim": round(float(ssim(to01(edited), to01(target)).mean()), 3),
