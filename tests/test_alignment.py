@@ -195,13 +195,13 @@ def test_landmarks_of_aligned_face_follow_transform(name):
 
 @pytest.mark.parametrize("size,min_psnr", [(256, 36.0), (1024, 33.0)])
 def test_paste_back_of_unmodified_crop_reproduces_original(astronaut, size, min_psnr):
-    """Outside the face region: byte-identical. Inside: only resampling loss.
+    """The edit's own pixels (detail "edit"): outside the face region byte-identical, inside only resampling loss.
 
     The astronaut's face is upsampled 1.5x at 256 (measured 37.3 dB) and 5.9x at 1024, where
     the edit is first shrunk (LANCZOS) to photo scale against aliasing (measured 34.3 dB).
     """
     aligned = align_face(astronaut, size=size)
-    out = paste_back(astronaut, aligned, aligned.image)
+    out = paste_back(astronaut, aligned, aligned.image, detail="edit")
     assert out.size == astronaut.size and out.mode == "RGB"
     a, b = np.asarray(out, np.float64), np.asarray(astronaut, np.float64)
     changed = np.any(a != b, axis=2)
@@ -225,7 +225,7 @@ def test_paste_back_of_unmodified_crop_reproduces_original(astronaut, size, min_
 def test_paste_back_changes_only_face_region_and_colour_match(hopper):
     aligned = align_face(hopper)
     edited = Image.new("RGB", (256, 256), (0, 255, 0))
-    out = np.asarray(paste_back(hopper, aligned, edited), np.int64)
+    out = np.asarray(paste_back(hopper, aligned, edited, detail="edit"), np.int64)
     orig = np.asarray(hopper, np.int64)
     changed = np.any(out != orig, axis=2)
     x0, y0, x1, y1 = aligned.face.box
@@ -235,7 +235,7 @@ def test_paste_back_changes_only_face_region_and_colour_match(hopper):
     assert tuple(out[nose[1], nose[0]]) == (0, 255, 0)  # full strength in the middle
     assert changed.sum() < 0.5 * (x1 - x0) * (y1 - y0) * 2.5
     # colour matching pulls a uniform green edit's mean to the face's own mean colour
-    matched = np.asarray(paste_back(hopper, aligned, edited, color_match=True), np.int64)
+    matched = np.asarray(paste_back(hopper, aligned, edited, color_match=True, detail="edit"), np.int64)
     assert abs(matched[nose[1], nose[0], 1] - 255) > 50
 
 
@@ -247,9 +247,10 @@ def test_paste_back_edited_at_other_size_and_small_face(astronaut):
     aligned = align_face(small, faces[0])
     found = detect_faces(aligned.image)[0].landmarks
     assert np.linalg.norm(found - aligned.landmarks, axis=1).mean() < 4.0  # 6x upsampled: blurrier
-    out = paste_back(small, aligned, aligned.image.resize((1024, 1024), Image.LANCZOS))
-    diff = np.abs(np.asarray(out, int) - np.asarray(small, int))
-    assert diff.mean() < 0.5 and diff.max() < 80
+    for detail in ("edit", "ratio"):
+        out = paste_back(small, aligned, aligned.image.resize((1024, 1024), Image.LANCZOS), detail=detail)
+        diff = np.abs(np.asarray(out, int) - np.asarray(small, int))
+        assert diff.mean() < 0.5 and diff.max() < 80
 
 
 def _composite(astronaut, hopper):

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import nodes
 from nodes import host
-from test_synthetic import compact_upscale
+from comfy_diffusionrig.demo.synthetic import compact_upscale
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
