@@ -409,6 +409,40 @@ def test_group_photo_gives_the_official_boxes_and_crops(group_photo):
     _check_official(group_photo, 4)
 
 
+def test_unedited_faces_of_large_photos_paste_back_with_the_photos_detail(phone_photo, group_photo):
+    """Issue 22: the phone photo (3 MP) and the group photo (12 MP, four faces), each face aligned at 256 and
+    pasted back unedited with the photo's detail ("ratio", "difference"): at least 45 dB in every face box
+    (measured: bit-exact, a ratio of exactly 1, a difference of exactly 0), every pixel outside the pasted mask
+    byte-identical. An edit at 0.7 x
+    the face's brightness darkens the photo's own detail with it (ratio) or keeps it (difference)."""
+    from scipy.ndimage import gaussian_filter
+
+    from comfy_diffusionrig.photo.paste import paste_faces
+
+    for photo in (phone_photo, group_photo):
+        faces = align_faces(photo, "all")
+        ref = np.asarray(photo, np.float64)
+        for detail in ("ratio", "difference"):
+            pasted = paste_faces(photo, faces, [f.image for f in faces], detail=detail)
+            out = np.asarray(pasted.image, np.float64)
+            assert pasted.mask.max() == pytest.approx(1.0) and np.array_equal(out[pasted.mask == 0],
+                                                                                ref[pasted.mask == 0])
+            for face in faces:
+                x0, y0, x1, y1 = (int(v) for v in face.face.box)
+                mse = ((out[y0:y1, x0:x1] - ref[y0:y1, x0:x1]) ** 2).mean()
+                assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) >= 45.0
+    face = align_face(phone_photo)
+    dark = Image.fromarray(np.uint8(np.rint(np.asarray(face.image, np.float64) * 0.7)))
+    ref = np.asarray(phone_photo, np.float64)
+    high = lambda x, core: (x - gaussian_filter(x, (2, 2, 0)))[core]  # noqa: E731
+    for detail, scale in (("ratio", 0.7), ("difference", 1.0)):
+        pasted = paste_faces(phone_photo, face, dark, detail=detail)
+        core = (pasted.mask > 0.999) & (ref.mean(-1) > 60)
+        out = np.asarray(pasted.image, np.float64)
+        assert np.median(out.mean(-1)[core] / ref.mean(-1)[core]) == pytest.approx(0.71, abs=0.05)
+        assert high(out, core).std() / high(ref, core).std() == pytest.approx(scale, abs=0.05)
+
+
 def test_a_level_up_is_cut_from_the_last_window_and_finds_the_same_hit(phone_photo, group_photo, monkeypatch):
     """Climbing a pyramid level cuts the next window from the last one's next level (_derived_window)
     instead of resampling the photo again, where such a cut fits in the last window (else the photo is
