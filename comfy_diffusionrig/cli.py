@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .core.conventions import PHOTO_SUFFIXES
 from .face.presets import LIGHT_PRESETS
+from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, DETAIL_MODES, check_detail
 from .model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
 
 
@@ -218,6 +219,10 @@ def _check_run(args) -> None:
     args.steps = args.steps if args.steps is not None else preset["steps"]
     args.cache = args.cache if args.cache is not None else preset["cache_interval"]
     check_edit_settings(args.start, args.steps, 0.0, 4, args.sampler, args.cache)
+    try:
+        check_detail(args.detail, args.detail_radius)
+    except ValueError as err:
+        raise ValueError(f"--detail / --detail-radius: {err}") from None
     for name in ("frames", "fps"):
         value = getattr(args, name, 1)
         if value < 1:
@@ -260,7 +265,7 @@ def _run_edits(args, make_edit, suffix: str) -> int:
                                     start=args.start, faces=args.faces, detector=args.detector,
                                     color_match=args.color_match, sampler=args.sampler, cache_interval=args.cache,
                                     callback=lambda done, total, name=photo_path.name: bar(name, done, total),
-                                    rig=rig)
+                                    rig=rig, detail=args.detail, detail_radius=args.detail_radius)
             except NoFaceError:
                 if not many:
                     raise NoFaceError(f"no face found in {photo_path} (detector {args.detector}); try --detector "
@@ -423,7 +428,8 @@ def _cmd_relight_video(args) -> int:
             result = relight_clip(models.diffusionrig, models.deca, frames, light, end, strength=args.smooth,
                                   face=args.face_index, start=args.start, steps=args.steps, seed=args.seed,
                                   detector=args.detector, color_match=args.color_match, models_dir=models.root,
-                                  progress=bar, sampler=args.sampler, cache_interval=args.cache)
+                                  progress=bar, sampler=args.sampler, cache_interval=args.cache,
+                                  detail=args.detail, detail_radius=args.detail_radius)
         finally:
             bar.close()
     out.mkdir(parents=True, exist_ok=True)
@@ -553,6 +559,16 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="face detector: hog (dlib, official), cnn (dlib, profiles and small or dark faces), "
                              "insightface (needs the package and models/insightface/)")
     parser.add_argument("--color-match", action="store_true", help="match the edit's colours to the original face")
+    parser.add_argument("--detail", choices=list(DETAIL_MODES), default=DEFAULT_DETAIL,
+                        help="how the edited face goes back into the photo: ratio (default) keeps the photo's own "
+                             "full-resolution detail and multiplies it by the edit's smoothed change of light; "
+                             "difference adds that change instead; edit pastes the model's own pixels (blurred on "
+                             "a large face). A face the edit moved (jaw, expression, head turn) takes its detail "
+                             "along; where it cannot, the edit's pixels fill in")
+    parser.add_argument("--detail-radius", type=float, default=DEFAULT_DETAIL_RADIUS, metavar="PX",
+                        help=f"smoothing of the edit's change, in pixels of a 256 px face (default "
+                             f"{DEFAULT_DETAIL_RADIUS:g}; 0 = the change at the model's full resolution; larger keeps "
+                             "more of the photo and less of the edit's finer changes)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: a CUDA GPU when torch sees one, else the CPU")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")

@@ -19,11 +19,12 @@ from PIL import Image
 
 from .photo.alignment import align_faces
 
-from .photo.paste import paste_back
+from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, check_detail, paste_back
 from .model.checkpoints import load_diffusionrig
 from .face.deca import load_deca
 from .editing import check_edit_settings, edit_faces
 from .core.imaging import pil_to_tensor, tensor_to_pil
+from .face.motion import rig_motion
 from .face.rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
 from .face.rig_files import rig_ready
 
@@ -105,7 +106,8 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
                start: str = "inversion", faces: str = "largest", detector: str = "hog",
                color_match: bool = False, batch_size: int = 4, eta: float = 0.0,
                callback: Callable[[int, int], None] | None = None, sampler: str = "ddim",
-               cache_interval: int = 1, rig: FaceRig | None = None) -> EditResult:
+               cache_interval: int = 1, rig: FaceRig | None = None, detail: str = DEFAULT_DETAIL,
+               detail_radius: float = DEFAULT_DETAIL_RADIUS) -> EditResult:
     """Edit the face(s) of one photo; `edit` maps the fitted rig (one row per face) to the edited rig.
 
     An edit may return F rows per face (a sweep: face-major, as `rig.sweep` makes them), giving
@@ -114,8 +116,11 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     denoising is `edit_faces` (with its sampler and cache_interval). callback(done, total) counts
     face-steps of inversion and sampling. rig: the photo's known rig (a rigged photo, see `rig_files`):
     the photo is then the aligned face itself, and alignment, fitting and pasting back are skipped.
+    detail, detail_radius: how the edit goes back into the photo (`photo.paste.paste_back`); with the
+    photo's own detail ("ratio", "difference") a face the edit moved takes its detail along (`rig_motion`).
     """
     check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
+    check_detail(detail, detail_radius)
     seconds: dict[str, float] = {}
     clock = [time.perf_counter()]
 
@@ -151,7 +156,9 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     if aligned is None:  # a rigged photo is its own aligned face
         photos, originals = edited_faces, [photo]
     else:
-        photos = [paste_back(photo, aligned, edited_faces[k::frames], color_match=color_match) for k in range(frames)]
+        motion = rig_motion(deca, rig, edited) if detail != "edit" else [None] * len(edited)
+        photos = [paste_back(photo, aligned, edited_faces[k::frames], color_match=color_match, detail=detail,
+                             detail_radius=detail_radius, motion=motion[k::frames]) for k in range(frames)]
         originals = [a.image for a in aligned]
     lap("paste")
     return EditResult(photos, edited_faces, seconds, originals, target_buffers, target["alpha"],

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from .core.imaging import pil_to_tensor, tensor_to_pil
+from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS
 
 SMOOTH_KEYS = ("pose", "exp", "cam", "light")  # what jitters per fit; shape and tex are shared instead
 SPEED = 0.05  # One-Euro beta per frame, in units of a channel's typical jitter: lag shrinks on real motion
@@ -250,7 +251,8 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
                  steps: int = 20, eta: float = 0.0, seed: int = 0, batch_size: int = 4, detector: str = "hog",
                  identity: bool = True, color_match: bool = False, feather: float = 0.08,
                  models_dir=None, progress: ClipProgress | None = None, sampler: str = "ddim",
-                 cache_interval: int = 1) -> ClipResult:
+                 cache_interval: int = 1, detail: str = DEFAULT_DETAIL,
+                 detail_radius: float = DEFAULT_DETAIL_RADIUS) -> ClipResult:
     """Relight one person through a clip of frames (PIL images of one size) -> ClipResult.
 
     light: the target SH light [9, 3]; end_light: the light at the last frame (keyframed:
@@ -258,16 +260,19 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     strength: temporal smoothing of the fits (`smooth_codes`; 0 = every frame as fitted).
     face: which face of the first frame with a face to follow (0 = the largest); identity: use
     dlib descriptors to find the person again after the track is lost. The edit is `edit_faces`
-    with the same settings (sampler and cache_interval too) and noise policy for every frame.
+    with the same settings (sampler and cache_interval too) and noise policy for every frame; detail,
+    detail_radius: how each frame's face goes back (`photo.paste.paste_back`). Only the
+    light changes, so the faces do not move: no rig motion is needed.
     """
     from .photo.alignment import align_face
     from .photo.detection import detect_faces
-    from .photo.paste import paste_back, pasted_mask
+    from .photo.paste import check_detail, paste_faces
     from .editing import check_edit_settings, edit_faces
     from .face.rig import fit_faces, render_layers, render_rig, stack_buffers
 
     check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
     check_strength(strength)
+    check_detail(detail, detail_radius)
     frames = list(frames)
     if not frames:
         raise ValueError("the clip has no frames")
@@ -314,7 +319,8 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     width, height = frames[0].size
     masks = np.zeros((len(frames), height, width), np.float32)
     for k, t in enumerate(tracked):
-        out[t] = paste_back(frames[t], aligned[k], faces[k], color_match=color_match, feather=feather)
-        masks[t] = pasted_mask((width, height), [aligned[k]], feather)
+        pasted = paste_faces(frames[t], aligned[k], faces[k], color_match=color_match, feather=feather, detail=detail,
+                             detail_radius=detail_radius)
+        out[t], masks[t] = pasted.image, pasted.mask
         report("paste", k + 1, len(tracked))
     return ClipResult(out, masks, missing, faces, target)

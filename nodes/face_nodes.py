@@ -13,6 +13,7 @@ from comfy_diffusionrig.photo import identity
 from comfy_diffusionrig.face.buffers import buffer_images
 from comfy_diffusionrig.face.deca import FLAME_FILES, load_deca
 from comfy_diffusionrig.core.imaging import hex_color
+from comfy_diffusionrig.face.motion import rig_motion
 from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.face.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
                                     sweep, sweep_values)
@@ -432,15 +433,30 @@ class RigSweep:
         return (sweep(rig.select(face_index), parameter, sweep_values(start, end, frames, ease)),)
 
 
+DETAIL_TIP = ("How the edited face goes back into the photo. ratio (measured best): the photo's own full-resolution "
+              "detail, multiplied by the edit's smoothed change of light; difference: that change added instead; "
+              "edit: the edited face's own pixels (a 256 px face is blurred on a large photo: for an edit already "
+              "upscaled to the photo's scale).")
+RADIUS_TIP = ("ratio / difference: how much the edit's change is smoothed before it is carried over, in pixels of a "
+              "256 px face. 0 = the change at the model's full resolution; larger keeps more of the photo's own "
+              "detail and less of the edit's finer changes (and of its noise).")
+
+
 class PasteFaceBack:
     DISPLAY_NAME = "Paste Face Back"
     DESCRIPTION = ("Puts edited faces back into the original photos with a feathered face mask; every pixel "
-                   "outside the face region stays exactly as it was. Chain an upscaler after it.")
+                   "outside the face region stays exactly as it was. By default the photo keeps its own "
+                   "full-resolution detail and takes the edit's change of light; connect deca, rig and edited_rig "
+                   "when the edit moved the face (jaw, expression, head turn) so the detail moves with it.")
     CATEGORY = f"{CATEGORY}/faces"
     FUNCTION = "paste"
-    RETURN_TYPES = ("IMAGE", "MASK")
-    RETURN_NAMES = ("image", "mask")
-    OUTPUT_TOOLTIPS = ("The photo(s) with the edit, at the original size.", "Where the edit was blended in.")
+    # new outputs go after the old ones: saved workflows link outputs by slot index
+    RETURN_TYPES = ("IMAGE", "MASK", "MASK")
+    RETURN_NAMES = ("image", "mask", "motion_mask")
+    OUTPUT_TOOLTIPS = ("The photo(s) with the edit, at the original size.", "Where the edit was blended in.",
+                       "Where the edit's own pixels were used instead of the photo's detail: where the rig moved the "
+                       "face in a way the photo's detail cannot follow (skin hidden in the photo, the mouth "
+                       "opening); the whole blend with detail = edit; 0 elsewhere.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -452,33 +468,73 @@ class PasteFaceBack:
                                                                      "face (hides tint shifts)."}),
             "feather": ("FLOAT", {"default": 0.08, "min": 0.0, "max": 0.5, "step": 0.01,
                                   "tooltip": "Width of the soft edge, as a fraction of the face width."}),
+        }, "optional": {
+            "detail": (list(paste.DETAIL_MODES), {"default": paste.DEFAULT_DETAIL, "tooltip": DETAIL_TIP}),
+            "detail_radius": ("FLOAT", {"default": paste.DEFAULT_DETAIL_RADIUS, "min": 0.0, "max": 32.0, "step": 0.5,
+                                        "tooltip": RADIUS_TIP}),
+            "deca": ("DECA_MODEL", {"tooltip": "From Load DECA: with rig and edited_rig, the face's motion."}),
+            "rig": ("FACE_RIG", {"tooltip": "The fitted rig of the aligned faces (DECA Fit)."}),
+            "edited_rig": ("FACE_RIG", {"tooltip": "The rig the edit was rendered from (one row per edited image)."}),
         }}
 
-    def paste(self, original, alignment, edited, color_match, feather):
+    def paste(self, original, alignment, edited, color_match, feather, detail=paste.DEFAULT_DETAIL,
+              detail_radius=paste.DEFAULT_DETAIL_RADIUS, deca=None, rig=None, edited_rig=None):
         node = self.DISPLAY_NAME
+        try:
+            paste.check_detail(detail, detail_radius)
+        except ValueError as err:
+            raise ValueError(f"{node}: {err}") from None
         photos, edits = image_to_pil(original, f"{node} (original)"), image_to_pil(edited, f"{node} (edited)")
         if len(alignment) == 1 and len(edits) > 1:  # frames of one face: one output photo per frame
-            jobs = [(alignment.sources[0], [alignment.faces[0]], [e]) for e in edits]
+            jobs = [(alignment.sources[0], [0], [j]) for j in range(len(edits))]
         elif len(edits) == len(alignment):
-            jobs = [(p, [f for f, s in zip(alignment.faces, alignment.sources) if s == p],
-                     [e for e, s in zip(edits, alignment.sources) if s == p]) for p in sorted(set(alignment.sources))]
+            jobs = [(p, [i for i, s in enumerate(alignment.sources) if s == p],
+                     [i for i, s in enumerate(alignment.sources) if s == p]) for p in sorted(set(alignment.sources))]
         else:
             raise ValueError(f"{node}: {len(edits)} edited image(s) for {len(alignment)} aligned face(s); give one "
                              "edit per face (or frames of a single face)")
         if max(alignment.sources, default=0) >= len(photos):
             raise ValueError(f"{node}: the alignment came from {max(alignment.sources) + 1} photos but {len(photos)} "
                              "original(s) are connected; connect the same photos")
-        images, masks = [], []
+        motion = [None] * len(edits)
+        if detail != "edit":
+            motion = self._motion(node, deca, rig, edited_rig, len(alignment), len(edits)) or motion
+        images, masks, motion_masks = [], [], []
         for source, faces, face_edits in jobs:
             check_interrupt()
             photo = photos[source]
-            images.append(paste.paste_back(photo, faces, face_edits, color_match=color_match, feather=feather))
-            masks.append(paste.pasted_mask(photo.size, faces, feather))
+            pasted = paste.paste_faces(photo, [alignment.faces[i] for i in faces], [edits[j] for j in face_edits],
+                                       color_match=color_match, feather=feather, detail=detail,
+                                       detail_radius=detail_radius, motion=[motion[j] for j in face_edits])
+            images.append(pasted.image)
+            masks.append(pasted.mask)
+            motion_masks.append(pasted.edit_mask)
         sizes = {im.size for im in images}
         if len(sizes) > 1:
             raise ValueError(f"{node}: the photos have different sizes {sorted(sizes)}, which one IMAGE batch cannot "
                              "hold; run them one at a time")
-        return (pil_to_image(images), torch.from_numpy(np.stack(masks).astype(np.float32)))
+        as_mask = lambda m: torch.from_numpy(np.stack(m).astype(np.float32))  # noqa: E731
+        return (pil_to_image(images), as_mask(masks), as_mask(motion_masks))
+
+    @staticmethod
+    def _motion(node, deca, rig, edited_rig, faces: int, edits: int):
+        """One FaceMotion per edited image from the two rigs, or None when none are connected."""
+        given = {"deca": deca is not None, "rig": rig is not None, "edited_rig": edited_rig is not None}
+        if not any(given.values()):
+            return None
+        if not all(given.values()):
+            missing = ", ".join(k for k, v in given.items() if not v)
+            raise ValueError(f"{node}: the face's motion needs deca, rig and edited_rig together; connect {missing} "
+                             "too (or none of them for a relight)")
+        if len(rig) != faces or len(edited_rig) != edits:
+            raise ValueError(f"{node}: rig has {len(rig)} face(s) for {faces} aligned face(s) and edited_rig "
+                             f"{len(edited_rig)} row(s) for {edits} edited image(s); connect the fit of these aligned "
+                             "faces and the rig the edit was rendered from")
+        use_model(deca)
+        try:
+            return rig_motion(deca, rig, edited_rig)
+        except ValueError as err:
+            raise ValueError(f"{node}: {err}") from None
 
 
 NO_FACE_SCORE = -1.0  # below every backend's same-person threshold

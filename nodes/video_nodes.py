@@ -7,7 +7,9 @@ import torch
 from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.video import relight_clip
 
-from .face_nodes import CATEGORY, DETECTORS, LIGHT_SLIDERS, parse_color
+from comfy_diffusionrig.photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, DETAIL_MODES
+
+from .face_nodes import CATEGORY, DETAIL_TIP, DETECTORS, LIGHT_SLIDERS, RADIUS_TIP, parse_color
 from .host import Progress, check_interrupt, image_to_pil, models_root, pil_to_image
 
 LIGHTS = ["sliders", *LIGHT_PRESETS]
@@ -80,10 +82,14 @@ class RelightVideoClip:
         }, "optional": {
             "light_rig": ("FACE_RIG", {"tooltip": "Take the start light from this rig's first face instead (Relight, "
                                                   "Light from Environment, Load Rig Preset)."}),
+            "detail": (list(DETAIL_MODES), {"default": DEFAULT_DETAIL, "tooltip": DETAIL_TIP}),
+            "detail_radius": ("FLOAT", {"default": DEFAULT_DETAIL_RADIUS, "min": 0.0, "max": 32.0, "step": 0.5,
+                                        "tooltip": RADIUS_TIP}),
         }}
 
     def relight(self, dr_model, deca, frames, light, azimuth, elevation, intensity, ambient, color, end_azimuth_turn,
-                end_elevation_turn, smoothing, seed, steps, start, detector, face_index, batch_size, light_rig=None):
+                end_elevation_turn, smoothing, seed, steps, start, detector, face_index, batch_size, light_rig=None,
+                detail=DEFAULT_DETAIL, detail_radius=DEFAULT_DETAIL_RADIUS):
         node = self.DISPLAY_NAME
         if frames.ndim != 4 or frames.shape[0] == 0:
             raise ValueError(f"{node}: frames must be a non-empty IMAGE batch [T, H, W, C], got "
@@ -102,7 +108,8 @@ class RelightVideoClip:
         try:
             result = relight_clip(dr_model, deca, image_to_pil(frames, node), start_light, end_light, strength=smoothing,
                                   face=face_index, start=start, steps=steps, seed=seed, batch_size=batch_size,
-                                  detector=detector, models_dir=str(models_root()), progress=progress)
+                                  detector=detector, models_dir=str(models_root()), progress=progress,
+                                  detail=detail, detail_radius=detail_radius)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
         out = frames[..., :3].clone()  # frames without the face stay bit-identical

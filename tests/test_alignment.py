@@ -195,13 +195,13 @@ def test_landmarks_of_aligned_face_follow_transform(name):
 
 @pytest.mark.parametrize("size,min_psnr", [(256, 36.0), (1024, 33.0)])
 def test_paste_back_of_unmodified_crop_reproduces_original(astronaut, size, min_psnr):
-    """Outside the face region: byte-identical. Inside: only resampling loss.
+    """The edit's own pixels (detail "edit"): outside the face region byte-identical, inside only resampling loss.
 
     The astronaut's face is upsampled 1.5x at 256 (measured 37.3 dB) and 5.9x at 1024, where
     the edit is first shrunk (LANCZOS) to photo scale against aliasing (measured 34.3 dB).
     """
     aligned = align_face(astronaut, size=size)
-    out = paste_back(astronaut, aligned, aligned.image)
+    out = paste_back(astronaut, aligned, aligned.image, detail="edit")
     assert out.size == astronaut.size and out.mode == "RGB"
     a, b = np.asarray(out, np.float64), np.asarray(astronaut, np.float64)
     changed = np.any(a != b, axis=2)
@@ -225,7 +225,7 @@ def test_paste_back_of_unmodified_crop_reproduces_original(astronaut, size, min_
 def test_paste_back_changes_only_face_region_and_colour_match(hopper):
     aligned = align_face(hopper)
     edited = Image.new("RGB", (256, 256), (0, 255, 0))
-    out = np.asarray(paste_back(hopper, aligned, edited), np.int64)
+    out = np.asarray(paste_back(hopper, aligned, edited, detail="edit"), np.int64)
     orig = np.asarray(hopper, np.int64)
     changed = np.any(out != orig, axis=2)
     x0, y0, x1, y1 = aligned.face.box
@@ -235,7 +235,7 @@ def test_paste_back_changes_only_face_region_and_colour_match(hopper):
     assert tuple(out[nose[1], nose[0]]) == (0, 255, 0)  # full strength in the middle
     assert changed.sum() < 0.5 * (x1 - x0) * (y1 - y0) * 2.5
     # colour matching pulls a uniform green edit's mean to the face's own mean colour
-    matched = np.asarray(paste_back(hopper, aligned, edited, color_match=True), np.int64)
+    matched = np.asarray(paste_back(hopper, aligned, edited, color_match=True, detail="edit"), np.int64)
     assert abs(matched[nose[1], nose[0], 1] - 255) > 50
 
 
@@ -247,9 +247,10 @@ def test_paste_back_edited_at_other_size_and_small_face(astronaut):
     aligned = align_face(small, faces[0])
     found = detect_faces(aligned.image)[0].landmarks
     assert np.linalg.norm(found - aligned.landmarks, axis=1).mean() < 4.0  # 6x upsampled: blurrier
-    out = paste_back(small, aligned, aligned.image.resize((1024, 1024), Image.LANCZOS))
-    diff = np.abs(np.asarray(out, int) - np.asarray(small, int))
-    assert diff.mean() < 0.5 and diff.max() < 80
+    for detail in ("edit", "ratio"):
+        out = paste_back(small, aligned, aligned.image.resize((1024, 1024), Image.LANCZOS), detail=detail)
+        diff = np.abs(np.asarray(out, int) - np.asarray(small, int))
+        assert diff.mean() < 0.5 and diff.max() < 80
 
 
 def _composite(astronaut, hopper):
@@ -406,6 +407,40 @@ def test_large_photo_gives_the_official_box_and_crop(phone_photo):
 
 def test_group_photo_gives_the_official_boxes_and_crops(group_photo):
     _check_official(group_photo, 4)
+
+
+def test_unedited_faces_of_large_photos_paste_back_with_the_photos_detail(phone_photo, group_photo):
+    """Issue 22: the phone photo (3 MP) and the group photo (12 MP, four faces), each face aligned at 256 and
+    pasted back unedited with the photo's detail ("ratio", "difference"): at least 45 dB in every face box
+    (measured: bit-exact, a ratio of exactly 1, a difference of exactly 0), every pixel outside the pasted mask
+    byte-identical. An edit at 0.7 x
+    the face's brightness darkens the photo's own detail with it (ratio) or keeps it (difference)."""
+    from scipy.ndimage import gaussian_filter
+
+    from comfy_diffusionrig.photo.paste import paste_faces
+
+    for photo in (phone_photo, group_photo):
+        faces = align_faces(photo, "all")
+        ref = np.asarray(photo, np.float64)
+        for detail in ("ratio", "difference"):
+            pasted = paste_faces(photo, faces, [f.image for f in faces], detail=detail)
+            out = np.asarray(pasted.image, np.float64)
+            assert pasted.mask.max() == pytest.approx(1.0) and np.array_equal(out[pasted.mask == 0],
+                                                                                ref[pasted.mask == 0])
+            for face in faces:
+                x0, y0, x1, y1 = (int(v) for v in face.face.box)
+                mse = ((out[y0:y1, x0:x1] - ref[y0:y1, x0:x1]) ** 2).mean()
+                assert 10 * np.log10(255 ** 2 / max(mse, 1e-12)) >= 45.0
+    face = align_face(phone_photo)
+    dark = Image.fromarray(np.uint8(np.rint(np.asarray(face.image, np.float64) * 0.7)))
+    ref = np.asarray(phone_photo, np.float64)
+    high = lambda x, core: (x - gaussian_filter(x, (2, 2, 0)))[core]  # noqa: E731
+    for detail, scale in (("ratio", 0.7), ("difference", 1.0)):
+        pasted = paste_faces(phone_photo, face, dark, detail=detail)
+        core = (pasted.mask > 0.999) & (ref.mean(-1) > 60)
+        out = np.asarray(pasted.image, np.float64)
+        assert np.median(out.mean(-1)[core] / ref.mean(-1)[core]) == pytest.approx(0.71, abs=0.05)
+        assert high(out, core).std() / high(ref, core).std() == pytest.approx(scale, abs=0.05)
 
 
 def test_a_level_up_is_cut_from_the_last_window_and_finds_the_same_hit(phone_photo, group_photo, monkeypatch):

@@ -131,10 +131,20 @@ def test_relight_a_folder_with_the_light_of_a_reference_photo(tmp_path, run_cli)
     assert run_cli("relight", str(empty), "--out", str(out), "--light", "azimuth=0") == 2
 
 
-def test_edit_pose_sliders_and_expression_from_a_photo(tmp_path, run_cli, capsys):
+def test_edit_pose_sliders_and_expression_from_a_photo(tmp_path, run_cli, capsys, monkeypatch):
+    seen = []
+    real = pipeline.edit_photo
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["detail"], kwargs["detail_radius"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "edit_photo", spy)
     out = tmp_path / "edited.jpg"
     assert run_cli("edit", str(ASTRONAUT), "--out", str(out), "--jaw-open", "15", "--yaw", "10",
-                   "--expression-from", str(GRACE), "--start", "noise") == 0
+                   "--expression-from", str(GRACE), "--start", "noise", "--detail", "difference",
+                   "--detail-radius", "3") == 0
+    assert seen == [("difference", 3.0)]
     with Image.open(out) as image:
         assert image.format == "JPEG" and image.size == (512, 512)
     changed = _changed(_pixels(out), _pixels(ASTRONAUT))
@@ -275,6 +285,8 @@ def test_cli_option_mistakes_get_one_clear_line_before_any_work(tmp_path, run_cl
         (["sweep", str(ASTRONAUT), "--out", str(tmp_path), "--jaw-open", "0:10", "--fps", "0"], "--fps must be at least 1"),
         (["sweep", str(ASTRONAUT), "--out", str(tmp_path), "--jaw-open", "0:10", "--frames", "0"],
          "--frames must be at least 1"),
+        (["relight", str(ASTRONAUT), "--out", out, "--light", "azimuth=3", "--detail-radius", "-2"],
+         "--detail / --detail-radius: detail_radius must be a number of pixels >= 0, got -2.0"),
     ]
     for argv, message in cases:
         assert run_cli(*argv) == 2, argv

@@ -314,7 +314,8 @@ def test_encode_sample_paste_back_and_identity(pipe):
     with pytest.raises(ValueError, match="DiffusionRig Sampler: start = inversion needs both source_image"):
         sampler.sample(pipe.dr, target, code, 0, 2, 0.0, "inversion", 4)
 
-    image, mask = paste.paste(pipe.photo, pipe.alignment, edited, False, 0.08)
+    image, mask, motion_mask = paste.paste(pipe.photo, pipe.alignment, edited, False, 0.08)
+    assert not bool(motion_mask.any())  # no rigs connected: the photo's detail everywhere
     assert image.shape == pipe.photo.shape and image.dtype == torch.float32
     assert mask.shape == (1, 512, 512) and mask.dtype == torch.float32
     assert float(mask.min()) == 0.0 and float(mask.max()) == pytest.approx(1.0, abs=1e-6)
@@ -325,7 +326,7 @@ def test_encode_sample_paste_back_and_identity(pipe):
     assert torch.equal(image[0][outside], pipe.photo[0][outside])  # untouched, bit for bit
     assert (image[0][~outside] - pipe.photo[0][~outside]).abs().max() > 0.1
     # a wider feather blends less of the edit everywhere; colour matching keeps the outside untouched too
-    soft_image, soft = paste.paste(pipe.photo, pipe.alignment, edited, True, 0.3)
+    soft_image, soft, _ = paste.paste(pipe.photo, pipe.alignment, edited, True, 0.3)
     assert bool((soft <= mask + 1e-6).all()) and float(soft.sum()) < 0.9 * float(mask.sum())
     assert torch.equal(soft_image[0][soft[0] == 0], pipe.photo[0][soft[0] == 0])
     assert not torch.equal(soft_image, image)
@@ -349,7 +350,8 @@ def test_paste_back_every_face_of_a_photo_and_frames_of_one_face(pipe):
     faces, alignment, _ = fn.DetectAlignFace().align(two, "all", 0, "hog", 256)
     paste = fn.PasteFaceBack()
     inverted = 1 - faces  # stand-in edits: every face pixel changes
-    image, mask = paste.paste(two, alignment, inverted, False, 0.08)
+    image, mask, edit_mask = paste.paste(two, alignment, inverted, False, 0.08, "edit")
+    assert torch.equal(edit_mask, mask)  # the edit's own pixels wherever it was blended in
     assert image.shape == two.shape and mask.shape == (1, 330, 560)
     outside = mask[0] == 0
     assert torch.equal(image[0][outside], two[0][outside])
@@ -361,7 +363,7 @@ def test_paste_back_every_face_of_a_photo_and_frames_of_one_face(pipe):
     # one face, several frames: one photo per frame
     frames = torch.stack([faces[0] * s for s in (0.2, 0.5, 0.8)])
     largest, largest_alignment, _ = fn.DetectAlignFace().align(two, "largest", 0, "hog", 256)
-    images, masks = paste.paste(two, largest_alignment, frames, False, 0.08)
+    images, masks, _ = paste.paste(two, largest_alignment, frames, False, 0.08)
     assert images.shape == (3, 330, 560, 3) and masks.shape == (3, 330, 560)
     assert torch.equal(masks[0], masks[2])
     means = [float(im[masks[0] > 0.99].mean()) for im in images]
@@ -467,16 +469,52 @@ def test_paste_face_back_takes_the_edited_face_at_any_size(pipe):
     big = torch.nn.functional.interpolate(pipe.aligned.permute(0, 3, 1, 2), scale_factor=4, mode="bicubic",
                                           align_corners=False).clamp(0, 1).permute(0, 2, 3, 1)
     node = fn.PasteFaceBack()
-    small_out, small_mask = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08)
-    big_out, big_mask = node.paste(pipe.photo, pipe.alignment, big, False, 0.08)
+    small_out, small_mask, _ = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "edit")
+    big_out, big_mask, _ = node.paste(pipe.photo, pipe.alignment, big, False, 0.08, "edit")
     assert big_out.shape == small_out.shape == pipe.photo.shape
     assert torch.allclose(big_mask, small_mask, atol=1 / 255)
     inside = small_mask[0] > 0.5
     diff = (big_out[0] - small_out[0]).abs()[inside]
     assert float(diff.mean()) < 2 / 255 and float(diff.quantile(0.99)) < 12 / 255
     shifted = torch.roll(big, shifts=8, dims=2)  # a 2 px (256 px scale) offset would show
-    moved, _ = node.paste(pipe.photo, pipe.alignment, shifted, False, 0.08)
+    moved, _, _ = node.paste(pipe.photo, pipe.alignment, shifted, False, 0.08, "edit")
     assert float((moved[0] - small_out[0]).abs()[inside].mean()) > 2 * float(diff.mean())
+
+
+def test_paste_face_back_moves_the_photos_detail_with_the_rig(pipe):
+    """With deca, rig and edited_rig the photo's detail follows the rig's motion (the library's rig_motion and
+    paste_faces, nothing of its own); motion_mask marks where the edit's own pixels were used instead, inside the
+    blend only. A relit rig did not move: exactly the paste without rigs. Missing or mismatched rigs: one line."""
+    from comfy_diffusionrig.face.motion import rig_motion
+    from comfy_diffusionrig.photo.paste import paste_faces
+
+    node = fn.PasteFaceBack()
+    (opened,) = fn.EditExpressionPose().edit(pipe.rig, 20.0, 15.0, 0.0, 0.0, 1.0)
+    plain, mask, none = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08)
+    assert torch.equal(plain, pipe.photo) and not bool(none.any())  # unedited, unmoved: the photo itself
+    image, mask_moved, motion_mask = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "ratio", 2.0,
+                                                pipe.deca, pipe.rig, opened)
+    assert torch.equal(mask_moved, mask) and not torch.equal(image, pipe.photo)
+    assert float(motion_mask.max()) > 0.5 and bool((motion_mask <= mask + 1e-6).all())
+    assert not bool(motion_mask[mask == 0].any()) and float(motion_mask.sum()) < 0.5 * float(mask.sum())
+    photo = host.image_to_pil(pipe.photo, "x")[0]
+    face = host.image_to_pil(pipe.aligned, "x")[0]
+    direct = paste_faces(photo, pipe.alignment.faces, [face], motion=rig_motion(pipe.deca, pipe.rig, opened))
+    assert torch.equal(image, host.pil_to_image([direct.image]))
+    (relit, _) = pipe_relit(pipe)
+    same = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "ratio", 2.0, pipe.deca, pipe.rig, relit)
+    assert torch.equal(same[0], plain) and not bool(same[2].any())
+    whole = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "edit", 2.0, pipe.deca, pipe.rig, opened)
+    assert torch.equal(whole[2], whole[1])
+    with pytest.raises(ValueError, match="^Paste Face Back: the face's motion needs deca, rig and edited_rig together; "
+                                         "connect edited_rig too"):
+        node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "ratio", 2.0, pipe.deca, pipe.rig)
+    with pytest.raises(ValueError, match="^Paste Face Back: rig has 1 face\\(s\\) for 1 aligned face\\(s\\) and "
+                                         "edited_rig 2 row\\(s\\) for 1 edited image"):
+        node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "ratio", 2.0, pipe.deca, pipe.rig,
+                   opened.expand(2))
+    with pytest.raises(ValueError, match="^Paste Face Back: detail_radius must be a number of pixels >= 0"):
+        node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "ratio", -1.0)
 
 
 def test_bad_images_get_one_clear_line_naming_the_node(pipe):

@@ -12,7 +12,8 @@ import torch
 from comfy_diffusionrig import load_deca, load_flame
 from comfy_diffusionrig.face.deca import CODE_SLICES, FLAME_FILES, crop_from_landmarks, warp_crop
 from comfy_diffusionrig.face.flame_files import read_flame_model, read_landmark_embedding
-from comfy_diffusionrig.demo.synthetic import deca_camera, DEMO_UPSCALER_NAME, write_demo_assets, write_demo_upscaler, write_flame_files
+from comfy_diffusionrig.demo.synthetic import (DEMO_UPSCALER_NAME, compact_upscale, deca_camera, write_demo_assets,
+                                               write_demo_upscaler, write_flame_files)
 from comfy_diffusionrig.demo.synthetic_head import make_head
 
 from conftest import reference_file
@@ -136,20 +137,6 @@ def test_an_existing_model_file_stops_everything_before_any_write(tmp_path):
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
         "diffusionrig", "diffusionrig/synthetic_random_diffusionrig.pt"]
     assert (tmp_path / "diffusionrig" / "synthetic_random_diffusionrig.pt").read_text() == "mine"
-
-
-def compact_upscale(state: dict, image: torch.Tensor) -> torch.Tensor:
-    """Real-ESRGAN's compact model (SRVGGNetCompact) written out from its paper/code: conv + PReLU pairs, a last
-    conv to 3 x scale^2 channels, pixel shuffle, plus the nearest-neighbour enlargement. image [B, 3, H, W]."""
-    import torch.nn.functional as F
-
-    last = max(int(k.split(".")[1]) for k in state)
-    x = image
-    for i in range(last + 1):
-        weight = state[f"body.{i}.weight"]
-        x = F.conv2d(x, weight, state[f"body.{i}.bias"], padding=1) if weight.ndim == 4 else F.prelu(x, weight)
-    scale = int(round((x.shape[1] / 3) ** 0.5))
-    return F.pixel_shuffle(x, scale) + F.interpolate(image, scale_factor=scale, mode="nearest")
 
 
 def test_the_demo_upscaler_has_the_compact_layout_that_comfyui_recognises(tmp_path):

@@ -161,6 +161,29 @@ def test_relight_video_clip_node_passes_faceless_frames_through_and_reports_them
                                    0, 2, "inversion", "hog", 0, 3)
 
 
+def test_relight_video_clip_node_hands_the_detail_settings_to_the_library(clip_nodes, monkeypatch):
+    """The node's detail / detail_radius reach relight_clip (which pastes with them); a bad one stops before work."""
+    from comfy_diffusionrig.video import relight_clip
+    from nodes import video_nodes
+
+    deca, dr = clip_nodes
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        raise ValueError("stopped here")
+
+    monkeypatch.setattr(video_nodes, "relight_clip", spy)
+    frames = host.pil_to_image(_clip_frames()[:1])
+    with pytest.raises(ValueError, match="Relight Video Clip: stopped here"):
+        video_nodes.RelightVideoClip().relight(dr, deca, frames, "sliders", 60.0, 20.0, 0.9, 0.5, "#FFFFFF", 0.0, 0.0,
+                                               2.0, 0, 2, "inversion", "hog", 0, 3, detail="difference",
+                                               detail_radius=5.0)
+    assert seen["detail"] == "difference" and seen["detail_radius"] == 5.0
+    with pytest.raises(ValueError, match="unknown detail mode 'sharp'"):
+        relight_clip(dr, deca, [], torch.zeros(9, 3), detail="sharp")
+
+
 def test_relight_video_cli_on_a_frames_folder(demo_models, tmp_path, capsys):
     from comfy_diffusionrig.cli import main
 

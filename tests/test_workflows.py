@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import nodes
 from nodes import host
-from test_synthetic import compact_upscale
+from comfy_diffusionrig.demo.synthetic import compact_upscale
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
@@ -28,7 +28,7 @@ def test_there_are_workflows_for_every_task():
     names = {p.stem for p in WORKFLOWS}
     assert {"relight_from_reference", "relight_sliders_lit_sphere", "expression_pose_transfer", "light_sweep_video",
             "paste_back_upscale", "personalize_and_relight", "relight_preset", "relight_hdri_environment",
-            "relight_video_clip", "relight_demo_person"} <= names
+            "relight_video_clip", "relight_demo_person", "relight_large_photo"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -104,6 +104,8 @@ def _core(class_type, inputs, out_dir):
         image = inputs["image"].permute(0, 3, 1, 2)
         size = [round(s * inputs["scale_by"]) for s in image.shape[-2:]]
         return (torch.nn.functional.interpolate(image, size=size, mode="bilinear").permute(0, 2, 3, 1),)
+    if class_type == "MaskToImage":
+        return (inputs["mask"][..., None].expand(*inputs["mask"].shape, 3),)
     if class_type == "RepeatImageBatch":
         return (inputs["image"].repeat(inputs["amount"], 1, 1, 1),)
     if class_type == "SaveImage":
@@ -159,7 +161,7 @@ def test_the_upscaled_face_is_pasted_into_the_full_size_photo(demo_models, tmp_p
     results = run_prompt(prompt, tmp_path)
     by_type = {spec["class_type"]: results[node_id] for node_id, spec in prompt.items()}
     photo, edit = by_type["DiffusionRigLoadPhoto"][0], by_type["DiffusionRigSampler"][0]
-    upscaled, (pasted, mask) = by_type["ImageUpscaleWithModel"][0], by_type["DiffusionRigPasteBack"]
+    upscaled, (pasted, mask, _) = by_type["ImageUpscaleWithModel"][0], by_type["DiffusionRigPasteBack"]
     assert edit.shape[1:3] == (256, 256) and upscaled.shape[1:3] == (1024, 1024)
     assert pasted.shape == photo.shape  # the photo's own resolution, not the upscaler's
     outside = mask[0] == 0

@@ -78,11 +78,19 @@ def _sample(g: Graph, deca: int, model: int, align: int, source_rig: int, edited
     return sample
 
 
-def _paste(g: Graph, load: int, align: int, sample: int, x: int, y: int, prefix: str) -> int:
-    paste = g.add("DiffusionRigPasteBack", (x, y))
-    g.connect(load, "image", paste, "original")
+def _paste(g: Graph, load: int, align: int, sample: int, x: int, y: int, prefix: str,
+           motion: tuple[int, int, int, str] | None = None, photo_output: str = "image", **settings) -> int:
+    """Paste Face Back (its defaults: the photo's own detail, the measured best) -> Save Image. motion: (deca, fit,
+    edited rig node, its output) connects the rigs, so a face the edit moved takes the photo's detail along."""
+    paste = g.add("DiffusionRigPasteBack", (x, y), **settings)
+    g.connect(load, photo_output, paste, "original")
     g.connect(align, "alignment", paste, "alignment")
     g.connect(sample, "image", paste, "edited")
+    if motion is not None:
+        deca, fit, edited, output = motion
+        g.connect(deca, "deca", paste, "deca")
+        g.connect(fit, "rig", paste, "rig")
+        g.connect(edited, output, paste, "edited_rig")
     save = g.add("SaveImage", (x + 340, y), filename_prefix=prefix)
     g.connect(paste, "image", save, "images")
     return paste
@@ -159,7 +167,7 @@ def expression_pose_transfer(mappings) -> dict:
     g.connect(fit, "rig", edit, "rig")
     g.connect(ref_fit, "rig", edit, "reference")
     sample = _sample(g, deca, model, align, fit, edit, 1380, 0)
-    _paste(g, load, align, sample, 2060, 320, "diffusionrig_expression_transfer")
+    _paste(g, load, align, sample, 2060, 320, "diffusionrig_expression_transfer", motion=(deca, fit, edit, "rig"))
     return g.to_json()
 
 
@@ -189,7 +197,8 @@ def paste_back_upscale(mappings) -> dict:
     upscale = g.add("ImageUpscaleWithModel", (2060, 620))
     g.connect(upscaler, "UPSCALE_MODEL", upscale, "upscale_model")
     g.connect(sample, "image", upscale, "image")
-    paste = g.add("DiffusionRigPasteBack", (2400, 320), color_match=True)
+    paste = g.add("DiffusionRigPasteBack", (2400, 320), title="Paste Face Back (detail = edit: the upscaled pixels)",
+                  color_match=True, detail="edit")
     g.connect(load, "image", paste, "original")
     g.connect(align, "alignment", paste, "alignment")
     g.connect(upscale, "IMAGE", paste, "edited")
@@ -198,6 +207,30 @@ def paste_back_upscale(mappings) -> dict:
     identity = g.add("DiffusionRigIdentity", (2740, 620), title="Did the edit keep the person?")
     g.connect(load, "image", identity, "image_a")
     g.connect(paste, "image", identity, "image_b")
+    return g.to_json()
+
+
+def relight_large_photo(mappings) -> dict:
+    """Relight a large photo: the 256 px edit's change of light carried onto the photo's own full-resolution detail
+    (Paste Face Back's default), the rigs connected so that a jaw or head edit moves the detail too."""
+    g = Graph(mappings)
+    deca, model = _models(g, 0, 0)
+    load = g.add("DiffusionRigLoadPhoto", (0, 320), title="Photo (load your large photo)", image=PHOTO)
+    large = g.add("ImageScaleBy", (340, 320), title="Stand-in for a large photo: 3x (remove with your own photo)",
+                  upscale_method="lanczos", scale_by=3.0)
+    g.connect(load, "image", large, "image")
+    align = g.add("DiffusionRigDetectAlign", (700, 320))
+    g.connect(large, "IMAGE", align, "image")
+    fit = _fit(g, deca, align, 1040, 320)
+    relight = g.add("DiffusionRigRelight", (1040, 520), mode="sliders", azimuth=55.0, elevation=20.0)
+    g.connect(fit, "rig", relight, "rig")
+    sample = _sample(g, deca, model, align, fit, relight, 1380, 0)
+    paste = _paste(g, large, align, sample, 2060, 320, "diffusionrig_relit_large", motion=(deca, fit, relight, "rig"),
+                   photo_output="IMAGE")
+    where = g.add("MaskToImage", (2060, 620), title="Where the edit's own pixels were used (motion_mask)")
+    g.connect(paste, "motion_mask", where, "mask")
+    preview = g.add("PreviewImage", (2400, 620))
+    g.connect(where, "IMAGE", preview, "images")
     return g.to_json()
 
 
@@ -270,6 +303,7 @@ WORKFLOWS = {
     "relight_hdri_environment": relight_environment,
     "personalize_and_relight": personalize_and_relight,
     "relight_video_clip": relight_video_clip,
+    "relight_large_photo": relight_large_photo,
     "relight_demo_person": relight_demo_person,
 }
 

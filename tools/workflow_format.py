@@ -29,6 +29,7 @@ CORE_NODES = {
                            "output": ("UPSCALE_MODEL",)},
     "ImageUpscaleWithModel": {"input": {"required": {"upscale_model": ("UPSCALE_MODEL",), "image": ("IMAGE",)}},
                               "output": ("IMAGE",)},
+    "MaskToImage": {"input": {"required": {"mask": ("MASK",)}}, "output": ("IMAGE",)},
 }
 
 

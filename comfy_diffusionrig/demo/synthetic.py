@@ -328,6 +328,22 @@ def write_demo_upscaler(folder, seed: int = 0, overwrite: bool = False, features
                                              metadata={"comfy-diffusionrig": "synthetic random weights"}),
                  overwrite=overwrite)
     return path
+def compact_upscale(state: dict, image: torch.Tensor) -> torch.Tensor:
+    """A Real-ESRGAN compact model (SRVGGNetCompact state dict, as `write_demo_upscaler` writes it) run without
+    ComfyUI (benchmarks/bench_detail.py scores the upscaler path with it), written out from its paper/code:
+    conv + PReLU pairs, a last conv to 3 x scale^2 channels, pixel shuffle, plus the nearest-neighbour
+    enlargement. image [B, 3, H, W] -> [B, 3, scale H, scale W] (not clamped)."""
+    import torch.nn.functional as F
+
+    last = max(int(k.split(".")[1]) for k in state)
+    x = image
+    for i in range(last + 1):
+        weight = state[f"body.{i}.weight"]
+        x = F.conv2d(x, weight, state[f"body.{i}.bias"], padding=1) if weight.ndim == 4 else F.prelu(x, weight)
+    scale = int(round((x.shape[1] / 3) ** 0.5))
+    return F.pixel_shuffle(x, scale) + F.interpolate(image, scale_factor=scale, mode="nearest")
+
+
 DEMO_ASSET_README = (
     "Synthetic stand-ins written by `comfy-diffusionrig demo-assets` (comfy_diffusionrig.demo.synthetic):\n"
     "  flame/         a procedural FLAME-format head (NOT FLAME 2020: no FLAME data)\n"
