@@ -14,6 +14,10 @@ import importlib.util
 import os
 import sys
 
+# ComfyUI serves this folder at /extensions/<pack folder>/: its .js files are frontend extensions, and
+# docs/<NodeClassName>.md are the node help pages of the node library (written by tools/make_docs.py)
+WEB_DIRECTORY = "./web"
+
 if __package__:  # imported as a package: ComfyUI (or any importer that gives it a parent package)
     _HERE = os.path.dirname(os.path.abspath(__file__))
     if importlib.util.find_spec("comfy_diffusionrig") is None:
@@ -21,4 +25,4 @@ if __package__:  # imported as a package: ComfyUI (or any importer that gives it
 
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS  # noqa: E402
 
-    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]
+    __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]
