@@ -311,7 +311,7 @@ def test_encode_sample_paste_back_and_identity(pipe):
                                source_buffers=source)
     assert edited.shape == (1, 256, 256, 3) and edited.dtype == torch.float32
     assert 0 <= float(edited.min()) and float(edited.max()) <= 1 and float(edited.std()) > 0.01
-    with pytest.raises(ValueError, match="DiffusionRig Sampler: start = inversion needs both source_image"):
+    with pytest.raises(ValueError, match=r"DiffusionRig Sampler: start = inversion needs inverted_start .*, or both source_image"):
         sampler.sample(pipe.dr, target, code, 0, 2, 0.0, "inversion", 4)
 
     image, mask, motion_mask = paste.paste(pipe.photo, pipe.alignment, edited, False, 0.08)
