@@ -93,26 +93,32 @@ def test_sample_from_inversion_needs_sources(models_dir):
         sampler.sample(model, buffers, code.expand(2, -1), 0, 3, 0.0, "noise", 4)
 
 
-def test_sampler_stops_within_one_step_when_cancelled(models_dir, monkeypatch):
-    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
-    _, buffers, code = _pipeline_inputs(model)
-    calls = {"denoise": 0, "checks": 0}
+class Interrupted(Exception):
+    """What the stand-in for ComfyUI's cancel check raises."""
+
+
+def _cancel_at_the_second_step(model, monkeypatch) -> dict:
+    """Count the model's denoise calls and have the nodes' cancel check raise Interrupted once two have run."""
+    calls = {"denoise": 0}
     original = model.denoise
 
     def counting(*args):
         calls["denoise"] += 1
         return original(*args)
 
-    class Interrupted(Exception):
-        pass
-
     def check():
-        calls["checks"] += 1
         if calls["denoise"] >= 2:
             raise Interrupted
 
     monkeypatch.setattr(model, "denoise", counting)
     monkeypatch.setattr(model_nodes, "check_interrupt", check)
+    return calls
+
+
+def test_sampler_stops_within_one_step_when_cancelled(models_dir, monkeypatch):
+    (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
+    _, buffers, code = _pipeline_inputs(model)
+    calls = _cancel_at_the_second_step(model, monkeypatch)
     with pytest.raises(Interrupted):
         model_nodes.DiffusionRigSampler().sample(model, buffers, code, 0, 20, 0.0, "noise", 4)
     assert calls["denoise"] == 2  # cancelled after the second step's callback, not at the end
@@ -153,22 +159,7 @@ def test_invert_once_then_sample_equals_the_samplers_own_inversion(models_dir):
 def test_invert_stops_within_one_step_when_cancelled(models_dir, monkeypatch):
     (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
     image, buffers, code = _pipeline_inputs(model)
-    calls = {"denoise": 0}
-    original = model.denoise
-
-    def counting(*args):
-        calls["denoise"] += 1
-        return original(*args)
-
-    class Interrupted(Exception):
-        pass
-
-    def check():
-        if calls["denoise"] >= 2:
-            raise Interrupted
-
-    monkeypatch.setattr(model, "denoise", counting)
-    monkeypatch.setattr(model_nodes, "check_interrupt", check)
+    calls = _cancel_at_the_second_step(model, monkeypatch)
     with pytest.raises(Interrupted):
         model_nodes.DiffusionRigInvert().invert(model, image, buffers[:1], code, 20, 4)
     assert calls["denoise"] == 2  # cancelled after the second step's callback, not at the end
