@@ -1,4 +1,5 @@
-"""Benchmark: one edit (inversion + sampling) of the official default DiffusionRig per sampler setting.
+"""Benchmark: one edit (inversion + sampling) of the official default DiffusionRig per sampler setting,
+and per preset a light try with the inversion cached.
 
 The reference is the official arithmetic: fp32, ddim20 inversion + ddim20 sampling (40 UNet
 calls). Every fast setting (precision "auto", DPM-Solver++(2M) at several step counts, with
@@ -8,10 +9,17 @@ against the reference edit of the same deterministic-random-weight model (random
 nothing about quality: see bench_quality.py for that). Each setting runs in its own
 subprocess so that peak memory is its own (CUDA: max allocated by torch; CPU: process max RSS).
 
+Then, per preset (official, fast, faster: `SAMPLING_PRESETS`), what iterating on light costs in
+ComfyUI: the inversion (`invert_faces`), a light try (`edit_faces` from that `InvertedStart`:
+sampling only, what a run after a light change pays when the DiffusionRig Invert node is cached)
+and the full edit, their sum (what `edit_faces(start="inversion")` runs, and the first run pays),
+with speed-ups over the official fp32 edit of the first table.
+
     python benchmarks/bench_sample.py                  # 256 px, official size (~10 min on 2 CPU cores)
     python benchmarks/bench_sample.py --size 64 --repeat 3   # quick run, same widths at 64 px
     python benchmarks/bench_sample.py --device cuda --batch 4
     python benchmarks/bench_sample.py --device cuda --compile --repeat 3   # + CUDA graphs (torch.compile)
+    python benchmarks/bench_sample.py --settings "official fp32 ddim20"   # the reference, then the light tries
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ import sys
 import time
 
 import torch
+
+from comfy_diffusionrig.model.sampler_presets import SAMPLING_PRESETS
 
 # name: (sampler, steps, cache interval, precision); the first is the reference
 SETTINGS = {
@@ -74,6 +84,15 @@ def inputs(batch: int, size: int, device):
     return image, buffers(), buffers()
 
 
+def prepared_model(device, size: int, dtype: torch.dtype):
+    """`make_model` with its UNet in `dtype` (channels-last below fp32, as the nodes run it)."""
+    model = make_model(device, size)
+    model.denoisingUNet.to(dtype)
+    if dtype != torch.float32:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
 class Counted:
     """Passes denoiser calls through and counts them."""
 
@@ -94,10 +113,7 @@ def run_one(name: str, size: int, batch: int, device: str, precision: str | None
 
     sampler, steps, interval, setting_precision = SETTINGS[name]
     dtype = resolve_dtype(setting_precision if setting_precision == "fp32" else precision or "auto", device)
-    model = make_model(device, size)
-    model.denoisingUNet.to(dtype)
-    if dtype != torch.float32:
-        model.to(memory_format=torch.channels_last)
+    model = prepared_model(device, size, dtype)
     sample, invert = sampler_functions(sampler)
     image, source, target = inputs(batch, size, device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -130,6 +146,37 @@ def run_one(name: str, size: int, batch: int, device: str, precision: str | None
                    "dtype": str(dtype).removeprefix("torch.") + ("+compile" if compiled else "")}, f)
 
 
+def run_try(preset: str, size: int, batch: int, device: str, precision: str, repeat: int, out_file: str) -> None:
+    """Time the inversion and a light try (sampling from the kept inverted start) with a preset's settings."""
+    from comfy_diffusionrig import edit_faces, invert_faces
+    from comfy_diffusionrig.core.devices import resolve_dtype
+
+    settings = SAMPLING_PRESETS[preset]
+    model = prepared_model(device, size, resolve_dtype(precision, device))
+    image, source, target = inputs(batch, size, device)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    def timed(fn):
+        start = time.perf_counter()
+        out = fn()
+        sync()
+        return time.perf_counter() - start, out
+
+    with torch.inference_mode():
+        code = model.encode(image)
+        model.denoise(image, torch.zeros(batch, dtype=torch.int64, device=device), source, code)  # warm-up
+        tries, inversions = [], []
+        for _ in range(repeat):
+            seconds, start = timed(lambda: invert_faces(model, image, source, code, batch_size=batch, **settings))
+            inversions.append(seconds)
+            tries.append(timed(lambda: edit_faces(model, None, None, target, code, start=start, batch_size=batch,
+                                                  **settings))[0])
+    # edit_faces(start="inversion") is exactly these two calls (bit for bit), so the first run's edit costs their sum
+    with open(out_file, "w") as f:
+        json.dump({"edit": min(inversions) + min(tries), "invert": min(inversions), "try": min(tries),
+                   "dtype": str(next(model.denoisingUNet.parameters()).dtype).removeprefix("torch.")}, f)
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     mse = ((a - b) / 2).pow(2).mean().item()  # images in [-1, 1] -> peak-to-peak 1 after /2
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1.0 / mse)).item()
@@ -147,8 +194,15 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the UNet of the uncached fast settings (CUDA: mode reduce-overhead, "
                              "i.e. CUDA graphs); the first edit compiles and is not timed")
+    parser.add_argument("--presets", nargs="*", default=None,
+                        help="presets whose light try to time (default: all of SAMPLING_PRESETS; none: skip)")
     parser.add_argument("--one", nargs=8, help=argparse.SUPPRESS)
+    parser.add_argument("--try", dest="try_", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.try_:
+        preset, size, batch, device, precision, repeat, out_file = args.try_
+        run_try(preset, int(size), int(batch), device, precision, int(repeat), out_file)
+        return
     if args.one:
         name, size, batch, device, precision, repeat, out_file, compile_unet = args.one
         run_one(name, int(size), int(batch), device, precision, int(repeat), out_file, compile_unet == "1")
@@ -162,6 +216,7 @@ def main() -> None:
           "drift = PSNR against the reference edit")
     print(f"{'device':6} {'setting':24} {'dtype':16} {'calls':>7} {'s/edit':>8} {'speed-up':>8} {'peak MiB':>9} "
           f"{'drift dB':>8}")
+    references = {}
     for device in devices:
         reference = ref_seconds = None
         for name in names:
@@ -175,9 +230,29 @@ def main() -> None:
             os.remove(out_file + ".pt")
             if reference is None:
                 reference, ref_seconds = edit, r["seconds"]
+                references[device] = ref_seconds
             drift = "reference" if name == reference_name else f"{psnr(edit, reference):.1f}"
             print(f"{device:6} {name:24} {r['dtype']:16} {r['full_calls']:3d}/{r['calls']:<3d} {r['seconds']:8.2f} "
                   f"{ref_seconds / r['seconds']:7.2f}x {r['peak_bytes'] / 2**20:9.0f} {drift:>8}", flush=True)
+    presets = list(SAMPLING_PRESETS) if args.presets is None else args.presets
+    if not presets:
+        return
+    print(f"\nIterating on light: the full edit (the first run) and a light try with the inversion cached "
+          f"(sampling from an InvertedStart: a run after a light change), precision {args.precision}; speed-up over "
+          "the official fp32 edit above")
+    print(f"{'device':6} {'preset':8} {'dtype':9} {'s/invert':>8} {'s/edit':>8} {'speed-up':>8} {'s/try':>8} "
+          f"{'speed-up':>8}")
+    for device in devices:
+        for preset in presets:
+            out_file = f"{tmp}_{device}_try_{preset}.json"
+            subprocess.run([sys.executable, __file__, "--try", preset, str(args.size), str(args.batch), device,
+                            args.precision, str(args.repeat), out_file], check=True)
+            with open(out_file) as f:
+                r = json.load(f)
+            os.remove(out_file)
+            ref = references[device]
+            print(f"{device:6} {preset:8} {r['dtype']:9} {r['invert']:8.2f} {r['edit']:8.2f} {ref / r['edit']:7.2f}x "
+                  f"{r['try']:8.2f} {ref / r['try']:7.2f}x", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,7 +11,7 @@ import torch
 from comfy_diffusionrig.photo import alignment as photo_alignment
 from comfy_diffusionrig.photo import detection, loading, paste
 from comfy_diffusionrig.photo import identity
-from comfy_diffusionrig.face.buffers import buffer_images
+from comfy_diffusionrig.face.buffers import buffer_images, shading_maps
 from comfy_diffusionrig.face.deca import FLAME_FILES, load_deca
 from comfy_diffusionrig.core.imaging import hex_color
 from comfy_diffusionrig.face.motion import rig_motion
@@ -21,7 +22,7 @@ from comfy_diffusionrig.face.rig_files import RigFileError, load_rigged_photo, s
 
 from .host import (RIG_FOLDER, check_interrupt, check_model_file, file_fingerprint, find_model_files, image_to_pil,
                    image_to_unit, input_files, input_path, managed, model_files, model_fingerprint, model_path,
-                   new_model_file, models_root, pil_to_image, storage_device, use_model)
+                   new_model_file, models_root, pil_to_image, preview_file, storage_device, use_model)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(detection.DETECTORS)
@@ -393,7 +394,18 @@ class RenderBuffers:
         buffers, alpha = stack_buffers(layers), layers["alpha"]
         shaded, normal, albedo = (x.permute(0, 2, 3, 1).contiguous() for x in buffer_images(buffers, alpha))
         preview = torch.cat([shaded, normal, albedo], dim=2)
-        return (buffers, preview, shaded, normal, albedo, alpha[:, 0].contiguous())
+        result = (buffers, preview, shaded, normal, albedo, alpha[:, 0].contiguous())
+        return {"ui": {"diffusionrig_shading": [_shading_preview(layers, rig)]}, "result": result}
+
+
+def _shading_preview(layers: dict, rig) -> dict:
+    """For the Relight node's light handle (web/js/light_handle.js): the first face's normal and albedo maps as a
+    float32 .npy file [6, H, W] (at most 256 px) in ComfyUI's temp folder, and the light they were rendered with
+    ([9, 3] DECA SH), so the browser shades the face under a dragged light as `render_layers` would."""
+    maps = shading_maps(layers)
+    buffer = io.BytesIO()
+    np.save(buffer, maps.numpy(), allow_pickle=False)
+    return {**preview_file(buffer.getvalue(), ".npy"), "light": rig.codes["light"][0].float().tolist()}
 
 
 SWEEPS = list(SWEEP_PARAMETERS)

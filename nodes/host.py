@@ -10,6 +10,7 @@ models stay where they were loaded, and progress/cancel are no-ops.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import sys
 from collections.abc import Iterable
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from comfy_diffusionrig.core.imaging import pil_to_tensor, tensor_to_pil
+from comfy_diffusionrig.model.checkpoints import atomic_write
 
 try:  # inside ComfyUI
     import comfy.model_management as _mm
@@ -185,6 +187,19 @@ def cache_dir(name: str) -> Path:
         default = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "comfy-diffusionrig"
         root = Path(os.environ.get("COMFY_DIFFUSIONRIG_CACHE") or default)
     return root / name
+
+
+def preview_file(data: bytes, suffix: str) -> dict:
+    """Write `data` (a node's preview for the browser) under a name made from its content, in
+    cache_dir("previews"), and return where the frontend fetches it: {"filename", "subfolder", "type"} for
+    GET /view?type=temp (ComfyUI's temp folder is `cache_dir`'s root there, emptied at start). The same data
+    keeps its file: re-runs that do not change it write nothing new."""
+    folder = cache_dir("previews")
+    name = f"{hashlib.sha256(data).hexdigest()[:20]}{suffix}"
+    path = folder / name
+    if not path.is_file():
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data), overwrite=True, size_hint=len(data))
+    return {"filename": name, "subfolder": "comfy-diffusionrig/previews", "type": "temp"}
 
 
 def file_fingerprint(paths: Iterable[Path]) -> str:

@@ -131,7 +131,7 @@ def test_deca_fit_gives_finite_codes_of_the_right_shapes(pipe):
 
 def test_relight_changes_the_shaded_render_but_not_normals_or_albedo(pipe):
     relight, render = fn.Relight(), fn.RenderBuffers()
-    base = render.render(pipe.deca, pipe.rig)[0]
+    base = render.render(pipe.deca, pipe.rig)["result"][0]
     covered = (base != 0).any(1)[0]
     assert 0.2 < float(covered.float().mean()) < 0.8  # the face covers part of the aligned image
     from_right, sphere_right = relight.relight(pipe.rig, "sliders", 60.0, 0.0, 0.8, 0.3, WHITE)
@@ -147,8 +147,8 @@ def test_relight_changes_the_shaded_render_but_not_normals_or_albedo(pipe):
     assert right > left + 0.2
     assert sphere_left[0, 128, 40].mean() > sphere_left[0, 128, 215].mean() + 0.2
     # so is the rendered face, and only its shading changes
-    right_buffers = render.render(pipe.deca, from_right)[0]
-    left_buffers = render.render(pipe.deca, from_left)[0]
+    right_buffers = render.render(pipe.deca, from_right)["result"][0]
+    left_buffers = render.render(pipe.deca, from_left)["result"][0]
     for buffers in (right_buffers, left_buffers):
         assert (buffers[:, 0:3] - base[:, 0:3]).abs().max() > 0.05
         assert torch.equal(buffers[:, 3:9], base[:, 3:9])  # normals and albedo
@@ -180,11 +180,11 @@ def test_relight_presets_set_the_named_light_whatever_the_sliders(pipe):
     torch.testing.assert_close(split.codes["light"], preset_light("split")[None])
     assert sphere[0, 128, 215].mean() > sphere[0, 128, 40].mean() + 0.2  # key light on image right
     mirrored, _ = relight.relight(pipe.rig, "preset", 0.0, 0.0, 0.8, 0.5, WHITE, preset="split", mirror_preset=True)
-    base = render.render(pipe.deca, pipe.rig)[0]
+    base = render.render(pipe.deca, pipe.rig)["result"][0]
     covered = (base != 0).any(1)[0]
-    lit_left, lit_right = _halves(render.render(pipe.deca, split)[0][0, 0:3], covered)
+    lit_left, lit_right = _halves(render.render(pipe.deca, split)["result"][0][0, 0:3], covered)
     assert lit_right > lit_left + 0.05
-    lit_left, lit_right = _halves(render.render(pipe.deca, mirrored)[0][0, 0:3], covered)
+    lit_left, lit_right = _halves(render.render(pipe.deca, mirrored)["result"][0][0, 0:3], covered)
     assert lit_left > lit_right + 0.05
     with pytest.raises(ValueError, match="unknown light preset"):
         relight.relight(pipe.rig, "preset", 0.0, 0.0, 0.8, 0.5, WHITE, preset="disco")
@@ -224,13 +224,13 @@ def test_edit_expression_and_pose_sliders_and_copy(pipe):
     assert torch.equal(head.codes["exp"], rig.codes["exp"])
     torch.testing.assert_close(head.codes["pose"][:, :3], pipe.grace_rig.codes["pose"][:, :3], atol=1e-6, rtol=0)
     # a turned head renders other normals
-    base = fn.RenderBuffers().render(pipe.deca, rig)[0]
-    turned = fn.RenderBuffers().render(pipe.deca, yaw)[0]
+    base = fn.RenderBuffers().render(pipe.deca, rig)["result"][0]
+    turned = fn.RenderBuffers().render(pipe.deca, yaw)["result"][0]
     assert (turned[:, 3:6] - base[:, 3:6]).abs().mean() > 0.02
 
 
 def test_render_buffers_and_preview(pipe):
-    buffers, preview = fn.RenderBuffers().render(pipe.deca, pipe.rig)[:2]
+    buffers, preview = fn.RenderBuffers().render(pipe.deca, pipe.rig)["result"][:2]
     assert buffers.shape == (1, 9, 256, 256) and buffers.dtype == torch.float32
     assert bool(torch.isfinite(buffers).all())
     covered = (buffers != 0).any(1)
@@ -249,7 +249,7 @@ def test_render_buffers_and_preview(pipe):
 
 def test_render_buffers_gives_each_buffer_and_the_coverage_as_images(pipe):
     node = fn.RenderBuffers()
-    out = node.render(pipe.deca, pipe.rig)
+    out = node.render(pipe.deca, pipe.rig)["result"]
     assert len(out) == len(node.RETURN_TYPES) == len(node.RETURN_NAMES) == len(node.OUTPUT_TOOLTIPS) == 6
     assert node.RETURN_TYPES[:2] == ("RIG_BUFFERS", "IMAGE")  # old links of saved workflows keep their slots
     buffers, preview, shaded, normal, albedo, mask = out
@@ -263,7 +263,7 @@ def test_render_buffers_gives_each_buffer_and_the_coverage_as_images(pipe):
     # the shaded buffer all zero, the face is still there)
     assert mask.shape == (1, 256, 256) and set(mask.unique().tolist()) == {0.0, 1.0}
     dark = pipe.rig.with_light(torch.zeros(9, 3))
-    dark_out = node.render(pipe.deca, dark)
+    dark_out = node.render(pipe.deca, dark)["result"]
     assert float(dark_out[0][:, 0:3].abs().max()) == 0 and torch.equal(dark_out[5], mask)
     inside = mask[0] > 0
     assert bool((buffers[0, 3:6].abs().sum(0)[~inside] == 0).all())
@@ -289,7 +289,7 @@ def test_render_buffers_gives_each_buffer_and_the_coverage_as_images(pipe):
     assert float(normal[0][~inside].abs().max()) == 0  # black outside the face
     # and it agrees with the lighting: a light from image right brightens the pixels with high R
     from_right = fn.Relight().relight(pipe.rig, "sliders", 90.0, 0.0, 1.0, 0.0, WHITE)[0]
-    lit = node.render(pipe.deca, from_right)[0][0, 0:3].mean(0)[inside]
+    lit = node.render(pipe.deca, from_right)["result"][0][0, 0:3].mean(0)[inside]
     r = red[inside] - red[inside].mean()
     assert float((r * (lit - lit.mean())).mean()) > 0
 
@@ -304,9 +304,9 @@ def test_encode_sample_paste_back_and_identity(pipe):
     (grace_code,) = encode.encode(pipe.dr, pipe.grace_aligned)
     assert code.shape == (1, 64) and code.dtype == torch.float32 and bool(torch.isfinite(code).all())
     assert not torch.allclose(code, grace_code)
-    source = fn.RenderBuffers().render(pipe.deca, pipe.rig)[0]
+    source = fn.RenderBuffers().render(pipe.deca, pipe.rig)["result"][0]
     lit, _ = pipe_relit(pipe)
-    target = fn.RenderBuffers().render(pipe.deca, lit)[0]
+    target = fn.RenderBuffers().render(pipe.deca, lit)["result"][0]
     (edited,) = sampler.sample(pipe.dr, target, code, 0, 2, 0.0, "inversion", 4, source_image=pipe.aligned,
                                source_buffers=source)
     assert edited.shape == (1, 256, 256, 3) and edited.dtype == torch.float32
@@ -389,7 +389,7 @@ def test_rig_sweep_frames_change_monotonically_and_share_the_noise(pipe):
     # a light swept from image left to image right: the right half of the face brightens frame by frame
     frontal, _ = fn.Relight().relight(pipe.rig, "sliders", 0.0, 0.0, 0.9, 0.3, WHITE)
     (light,) = rig_sweep.sweep(frontal, "light_azimuth", -60.0, 60.0, 4, False, 0)
-    buffers, preview = render.render(pipe.deca, light)[:2]
+    buffers, preview = render.render(pipe.deca, light)["result"][:2]
     assert buffers.shape == (4, 9, 256, 256) and preview.shape == (4, 256, 768, 3)
     covered = (buffers[0] != 0).any(0)
     balance = [(lambda lr: lr[1] - lr[0])(_halves(b[0:3], covered)) for b in buffers]
@@ -420,8 +420,8 @@ def test_group_photo_each_face_is_edited_as_it_would_be_alone(pipe):
     assert count == 2
     (rig,) = fn.DECAFit().fit(pipe.deca, aligned, alignment)
     lit = fn.Relight().relight(rig, "sliders", 60.0, 20.0, 0.9, 0.4, WHITE)[0]
-    source = fn.RenderBuffers().render(pipe.deca, rig)[0]
-    target = fn.RenderBuffers().render(pipe.deca, lit)[0]
+    source = fn.RenderBuffers().render(pipe.deca, rig)["result"][0]
+    target = fn.RenderBuffers().render(pipe.deca, lit)["result"][0]
     (code,) = mn.EncodeGlobalCode().encode(pipe.dr, aligned)
     sampler = mn.DiffusionRigSampler()
     (both,) = sampler.sample(pipe.dr, target, code, 0, 2, 0.0, "inversion", 4, source_image=aligned,
@@ -446,7 +446,7 @@ def test_group_photo_each_face_is_edited_as_it_would_be_alone(pipe):
 def test_the_sampler_uses_each_of_its_settings(pipe):
     """Changing seed, steps, eta or start changes the picture (and the same settings repeat it exactly)."""
     (code,) = mn.EncodeGlobalCode().encode(pipe.dr, pipe.aligned)
-    source = fn.RenderBuffers().render(pipe.deca, pipe.rig)[0]
+    source = fn.RenderBuffers().render(pipe.deca, pipe.rig)["result"][0]
     sampler = mn.DiffusionRigSampler()
 
     def run(seed=1, steps=2, eta=0.0, start="noise"):

@@ -38,6 +38,19 @@ def buffer_preview(buffers: torch.Tensor, coverage: torch.Tensor) -> torch.Tenso
     return torch.cat(buffer_images(buffers, coverage), dim=3)
 
 
+def shading_maps(layers: dict[str, torch.Tensor], face: int = 0, max_size: int = 256) -> torch.Tensor:
+    """What the light preview in the browser shades: one face's normal and albedo buffers, [6, H, W] float32.
+
+    layers: `rig.render_layers`' dict (normal, albedo [B, 3, H, W], zero outside the face); rows 0..2 are
+    the normal, 3..5 the albedo, so that `rendered = albedo * sh_shading(normal, light)` (`Renderer`) for
+    any light. Buffers larger than max_size are subsampled by a whole stride (pixels kept exactly, not
+    averaged: the shading of averaged normals would not be the renderer's).
+    """
+    maps = torch.cat([layers["normal"][face], layers["albedo"][face]], 0).float()
+    stride = -(-max(maps.shape[-2:]) // max_size)
+    return maps[:, ::stride, ::stride].contiguous()
+
+
 def project(verts: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
     """DECA's orthographic camera, in image orientation (as `decode()` does).
 
