@@ -278,7 +278,12 @@ class Relight:
     DISPLAY_NAME = "Relight"
     DESCRIPTION = ("Changes the light of a face rig: set a light with sliders, pick a named lighting setup "
                    "(Rembrandt, split, rim, golden hour...), rotate the fitted light, or copy the light of a "
-                   "reference face. The lit sphere shows the light before sampling.")
+                   "reference face. The lit sphere shows the light before sampling. In the ComfyUI frontend the node "
+                   "carries a light handle: drag on its sphere to set azimuth and elevation (the point dragged to is "
+                   "where the light comes from; the ring around it reaches behind the head), turn the mouse wheel for "
+                   "intensity and shift+wheel for ambient. Once the graph has run, the face (from the Render Buffers "
+                   "node after it) shows shaded by the new light while you drag; releasing the handle queues the graph "
+                   "in the auto-queue 'on change' mode. The handle only sets these widgets.")
     CATEGORY = CATEGORY
     FUNCTION = "relight"
     RETURN_TYPES = ("FACE_RIG", "IMAGE")
@@ -363,7 +368,9 @@ class RenderBuffers:
     DISPLAY_NAME = "Render Buffers"
     DESCRIPTION = ("Renders the physical buffers DiffusionRig is conditioned on: SH-shaded face, normals and "
                    "albedo, aligned with the photo. Each buffer also comes out as its own IMAGE and the face "
-                   "coverage as a MASK, to chain into ControlNet (normal), IC-Light or inpainting nodes.")
+                   "coverage as a MASK, to chain into ControlNet (normal), IC-Light or inpainting nodes. It also "
+                   "sends the first face's normal and albedo maps to the light handle of the Relight node before it, "
+                   "for its live preview (a file in ComfyUI's temp folder).")
     CATEGORY = CATEGORY
     FUNCTION = "render"
     # new outputs go after the old ones: saved workflows link outputs by slot index

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 from PIL import Image
-from real_comfyui import REPO, check_outputs, check_pasted_upscale
+from real_comfyui import REPO, check_outputs, check_pasted_upscale, execution_errors, wait_for
 
 import nodes
 
@@ -114,3 +114,119 @@ def test_a_missing_demo_file_says_to_run_the_demo(frontend):
     shown = frontend.page.get_by_text("comfy-diffusionrig demo --models", exact=False)
     shown.first.wait_for(timeout=10_000)
     frontend.page.keyboard.press("Escape")  # close the error dialog
+
+
+_FACE_HALVES = """() => {
+    const root = document.querySelector(".diffusionrig-light-handle");
+    const face = root.querySelectorAll("canvas")[1];
+    const pixels = face.getContext("2d").getImageData(0, 0, face.width, face.height).data;
+    let left = 0, right = 0;
+    for (let p = 0; p < face.width * face.height; p++) {
+        const grey = pixels[4 * p] + pixels[4 * p + 1] + pixels[4 * p + 2];
+        if (p % face.width < face.width / 2) left += grey; else right += grey;
+    }
+    const relight = window.app.graph.nodes.find(n => n.type === "DiffusionRigRelight");
+    const value = name => relight.widgets.find(w => w.name === name).value;
+    return {state: root.dataset.state, updates: Number(root.dataset.previewUpdates),
+            azimuth: value("azimuth"), elevation: value("elevation"), contrast: (right - left) / pixels.length};
+}"""
+
+# one second of drags in the page itself, a pointer move per animation frame (as a mouse sends them), counting
+# the face previews drawn: the preview's updates per second in this browser
+_UPDATES_PER_SECOND = """() => new Promise(done => {
+    const root = document.querySelector(".diffusionrig-light-handle");
+    const sphere = root.querySelector("canvas");
+    const box = sphere.getBoundingClientRect();
+    const at = (type, t) => sphere.dispatchEvent(new PointerEvent(type, {bubbles: true, button: 0, pointerId: 7,
+        clientX: box.left + box.width * (0.3 + 0.4 * t), clientY: box.top + box.height * 0.45}));
+    at("pointerdown", 0);
+    const first = Number(root.dataset.previewUpdates), start = performance.now();
+    const step = () => {
+        const t = (performance.now() - start) / 1000;
+        if (t >= 1) {
+            at("pointerup", 1);
+            done((Number(root.dataset.previewUpdates) - first) / t);
+            return;
+        }
+        at("pointermove", t);
+        requestAnimationFrame(step);
+    };
+    requestAnimationFrame(step);
+})"""
+
+
+# the frontend's auto-queue mode (the Run button's menu: off, "on change", "instant"), in its queue settings store
+_AUTO_QUEUE = """mode => {
+    const pinia = document.querySelector("#vue-app")?.__vue_app__?.config?.globalProperties?.$pinia;
+    for (const [id, store] of pinia?._s ?? []) {
+        if ("mode" in store && "batchCount" in store) { store.mode = mode; return id; }
+    }
+    return null;
+}"""
+
+
+def test_the_light_handle_drags_the_light_and_previews_the_face(frontend):
+    """The Relight node shows the light handle; after a run, dragging on its sphere towards image right raises the
+    azimuth widget and lights the previewed face's image-right side more at each step; with auto-queue "on change",
+    releasing the handle queues the graph, whose prompt carries the dragged light in Relight's own inputs (and
+    nothing of the handle)."""
+    from playwright.sync_api import TimeoutError
+
+    frontend.open(REPO / "workflows" / "relight_sliders_lit_sphere.json")
+    frontend.set_widget("steps", 2)
+    page = frontend.page
+    page.evaluate("""() => {  // bring Relight into view at zoom 1
+        const node = window.app.graph.nodes.find(n => n.type === "DiffusionRigRelight");
+        window.app.canvas.ds.scale = 1;
+        window.app.canvas.ds.offset = [200 - node.pos[0], 150 - node.pos[1]];
+        window.app.graph.setDirtyCanvas(true, true);
+    }""")
+    sphere = page.locator(".diffusionrig-light-handle canvas").first
+    sphere.wait_for(state="visible", timeout=30_000)
+    assert page.evaluate(_FACE_HALVES)["state"] == "waiting"
+    frontend.run_to_end("relight_sliders_lit_sphere.json")
+    try:
+        page.wait_for_function("() => document.querySelector('.diffusionrig-light-handle').dataset.state === 'face'",
+                               timeout=30_000)
+    except TimeoutError:
+        pytest.fail("the light handle shows no face 30 s after the run (Render Buffers' maps did not arrive)")
+    box = sphere.bounding_box()
+    centre_x, centre_y, radius = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2, 0.3 * box["width"]
+
+    def drag(positions) -> list[dict]:
+        page.mouse.move(centre_x + positions[0] * radius, centre_y)
+        page.mouse.down()
+        seen = []
+        for u in positions:
+            page.mouse.move(centre_x + u * radius, centre_y, steps=3)
+            page.wait_for_function("n => Number(document.querySelector('.diffusionrig-light-handle')"
+                                   ".dataset.previewUpdates) > n", arg=seen[-1]["updates"] if seen else 0)
+            page.wait_for_timeout(100)
+            seen.append(page.evaluate(_FACE_HALVES))
+        page.mouse.up()
+        return seen
+
+    seen = drag([-0.5, -0.25, 0.0, 0.25, 0.5])  # five positions towards image right
+    azimuths, contrasts = [s["azimuth"] for s in seen], [s["contrast"] for s in seen]
+    assert azimuths == sorted(azimuths) and len(set(azimuths)) == 5 and azimuths[0] < 0 < azimuths[-1], seen
+    assert all(abs(s["elevation"]) <= 1 for s in seen), seen
+    assert contrasts == sorted(contrasts) and len(set(contrasts)) == 5, seen
+    rate = page.evaluate(_UPDATES_PER_SECOND)
+    print(f"\nlight handle: {rate:.0f} face previews per second while dragging (256 px, headless Chromium)")
+    assert rate > 0
+    assert page.evaluate(_AUTO_QUEUE, "change"), "the frontend's queue settings store was not found"
+    try:
+        with page.expect_response(lambda r: r.request.method == "POST" and r.url.endswith("/api/prompt"),
+                                  timeout=30_000) as sent:
+            (released,) = drag([0.7])
+        response = sent.value
+        assert response.status == 200, response.text()
+        prompt = json.loads(response.request.post_data)["prompt"]
+    finally:
+        page.evaluate(_AUTO_QUEUE, "disabled")
+    (relight,) = [spec for spec in prompt.values() if spec["class_type"] == "DiffusionRigRelight"]
+    assert relight["inputs"]["azimuth"] == released["azimuth"] > azimuths[-1]
+    assert "light_handle" not in relight["inputs"]
+    entry = wait_for(frontend.url, response.json()["prompt_id"], frontend.log)
+    assert entry["status"]["status_str"] == "success", execution_errors(entry)
+    assert _view_failures(frontend) == []

@@ -262,7 +262,11 @@ function addHandle(node) {
     if (event.button !== 0) return;
     event.stopPropagation(); // not a node drag (LiteGraph or Vue nodes)
     dragging = true;
-    sphere.setPointerCapture?.(event.pointerId);
+    try {
+      sphere.setPointerCapture?.(event.pointerId); // keep the drag when the pointer leaves the sphere
+    } catch {
+      // a pointer the browser does not track (a synthetic event): the drag works while over the sphere
+    }
     pointerTo(event);
   });
   sphere.addEventListener("pointermove", (event) => {
@@ -273,7 +277,11 @@ function addHandle(node) {
   const release = (event) => {
     if (!dragging) return;
     dragging = false;
-    sphere.releasePointerCapture?.(event.pointerId);
+    try {
+      sphere.releasePointerCapture?.(event.pointerId);
+    } catch {
+      // not captured
+    }
     commitChange();
   };
   sphere.addEventListener("pointerup", release);

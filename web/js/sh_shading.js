@@ -64,21 +64,26 @@ function folded(light) {
   return coeff;
 }
 
-/** Shade maps into RGBA bytes: out[4p + c] = round(255 * clip(albedo_c * shading_c(normal), 0, 1)), alpha 255.
- * maps: Float32Array [6, H * W] planar (normal x, y, z, albedo r, g, b: the .npy of Render Buffers' preview),
- * light: 27 numbers; out: Uint8ClampedArray(4 * H * W), returned. */
+/** Shade maps into RGBA bytes: out[4p + c] = 255 * clip(albedo_c * shading_c(normal), 0, 1), alpha 255 (the
+ * Uint8ClampedArray rounds and clips). maps: Float32Array [6, H * W] planar (normal x, y, z, albedo r, g, b: the
+ * .npy of Render Buffers' preview), light: 27 numbers; out: Uint8ClampedArray(4 * H * W), returned. */
 export function shadeMaps(maps, pixels, light, out = new Uint8ClampedArray(4 * pixels)) {
   const q = folded(light);
-  for (let p = 0; p < pixels; p++) {
-    const x = maps[p], y = maps[pixels + p], z = maps[2 * pixels + p];
-    const xy = x * y, xz = x * z, yz = y * z, xx = x * x - y * y, zz = 3 * z * z - 1;
-    for (let c = 0; c < 3; c++) {
-      const shading = q[c] + q[3 + c] * x + q[6 + c] * y + q[9 + c] * z + q[12 + c] * xy + q[15 + c] * xz
-        + q[18 + c] * yz + q[21 + c] * xx + q[24 + c] * zz;
-      const value = maps[(3 + c) * pixels + p] * shading;
-      out[4 * p + c] = Math.round(255 * (value < 0 ? 0 : value > 1 ? 1 : value));
+  // one channel's coefficients in locals: this loop runs on every pointer move
+  const [r0, g0, b0, r1, g1, b1, r2, g2, b2, r3, g3, b3, r4, g4, b4, r5, g5, b5, r6, g6, b6, r7, g7, b7, r8, g8, b8] = q;
+  const ny = pixels, nz = 2 * pixels, ar = 3 * pixels, ag = 4 * pixels, ab = 5 * pixels;
+  for (let p = 0, o = 0; p < pixels; p++, o += 4) {
+    const red = maps[ar + p], green = maps[ag + p], blue = maps[ab + p];
+    out[o + 3] = 255;
+    if (red === 0 && green === 0 && blue === 0) { // outside the face (the renderer's albedo is 0 there)
+      out[o] = out[o + 1] = out[o + 2] = 0;
+      continue;
     }
-    out[4 * p + 3] = 255;
+    const x = maps[p], y = maps[ny + p], z = maps[nz + p];
+    const xy = x * y, xz = x * z, yz = y * z, xx = x * x - y * y, zz = 3 * z * z - 1;
+    out[o] = 255 * red * (r0 + r1 * x + r2 * y + r3 * z + r4 * xy + r5 * xz + r6 * yz + r7 * xx + r8 * zz);
+    out[o + 1] = 255 * green * (g0 + g1 * x + g2 * y + g3 * z + g4 * xy + g5 * xz + g6 * yz + g7 * xx + g8 * zz);
+    out[o + 2] = 255 * blue * (b0 + b1 * x + b2 * y + b3 * z + b4 * xy + b5 * xz + b6 * yz + b7 * xx + b8 * zz);
   }
   return out;
 }
