@@ -108,7 +108,7 @@ function setWidget(node, name, value) {
   } catch (err) {
     console.warn(`comfy-diffusionrig light handle: the ${name} widget's callback failed: ${err}`);
   }
-  node.setDirtyCanvas?.(true, true);
+  node.setDirtyCanvas?.(true, false); // the nodes, not the background: this runs on every pointer move
 }
 
 // A light edit is done: let the frontend record it (undo, the workflow's modified flag, auto-queue "on change").
