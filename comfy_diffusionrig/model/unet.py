@@ -424,11 +424,15 @@ class DiffusionRig(nn.Module):
                 f"to that size"
             )
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """image [B, 3, H, W] in [-1, 1] (raw, no ImageNet normalisation, as official) -> code [B, latent] float32."""
+    def encode(self, image: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """image [B, 3, H, W] in [-1, 1] (raw, no ImageNet normalisation, as official) -> code [B, latent] float32.
+
+        check_finite=False skips the NaN check, a host sync on a GPU: for callers that checked on the host
+        already (training checks its album once, not every step)."""
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"encode expects an image tensor [B, 3, H, W] in [-1, 1], got shape {tuple(image.shape)}")
-        _check_finite("image", image)
+        if check_finite:
+            _check_finite("image", image)
         weight = self.encoder.conv1.weight
         return self.encoder(image.to(device=weight.device, dtype=weight.dtype)).float()
 
