@@ -94,7 +94,7 @@ class Counted:
 
 
 def run_one(name: str, size: int, batch: int, device: str, precision: str | None, repeat: int,
-            out_file: str, compile_unet: bool = False, tiny: bool = False) -> None:
+            out_file: str, compile_unet: bool = False, tiny: bool = False, backend: str = "inductor") -> None:
     from comfy_diffusionrig.core.devices import resolve_dtype
     from comfy_diffusionrig.model.diffusion import sampler_functions
     from comfy_diffusionrig.model.feature_cache import FeatureCache
@@ -110,8 +110,8 @@ def run_one(name: str, size: int, batch: int, device: str, precision: str | None
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     compiled = compile_unet and interval == 1 and name != next(iter(SETTINGS))
     if compiled:  # CUDA: CUDA graphs replay the ~500 kernel launches of a call (batch 1 is launch-bound)
-        model.denoisingUNet = torch.compile(model.denoisingUNet, mode="reduce-overhead" if device == "cuda"
-                                            else "default", dynamic=False)
+        mode = None if backend != "inductor" else "reduce-overhead" if device == "cuda" else "default"
+        model.denoisingUNet = torch.compile(model.denoisingUNet, backend=backend, mode=mode, dynamic=False)
     with torch.inference_mode():
         code = model.encode(image)
         model.denoise(image, torch.zeros(batch, dtype=torch.int64, device=device), source, code)  # warm-up
@@ -158,12 +158,14 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 32-channel model (default 32 px): checks the "
                                                              "plumbing, says nothing about speed")
     parser.add_argument("--json", help="also write every row's figures to this JSON file")
-    parser.add_argument("--one", nargs=9, help=argparse.SUPPRESS)
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend (eager: traces the UNet without compiling, for dry runs)")
+    parser.add_argument("--one", nargs=10, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        name, size, batch, device, precision, repeat, out_file, compile_unet, tiny = args.one
+        name, size, batch, device, precision, repeat, out_file, compile_unet, tiny, backend = args.one
         run_one(name, int(size), int(batch), device, precision, int(repeat), out_file, compile_unet == "1",
-                tiny == "1")
+                tiny == "1", backend)
         return
     if args.tiny and args.size == 256:
         args.size = 32
@@ -184,7 +186,7 @@ def main() -> None:
             out_file = f"{tmp}_{device}_{names.index(name)}.json"
             subprocess.run([sys.executable, __file__, "--one", name, str(args.size), str(args.batch), device,
                             args.precision, str(args.repeat), out_file, "1" if args.compile else "0",
-                            "1" if args.tiny else "0"], check=True)
+                            "1" if args.tiny else "0", args.compile_backend], check=True)
             with open(out_file) as f:
                 r = json.load(f)
             edit = torch.load(out_file + ".pt")

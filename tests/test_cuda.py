@@ -252,8 +252,9 @@ def test_video_relight_on_the_gpu(demo_models, monkeypatch):
     frames = [Image.fromarray((np.random.default_rng(k).random((256, 256, 3)) * 255).astype(np.uint8))
               for k in range(3)]
     result = relight_clip(model, deca, frames, sh_from_direction(40.0, 20.0, 0.9, 0.5), steps=2, identity=False)
-    assert len(result.photos) == 3 and all(p.size == (256, 256) for p in result.photos)
-    assert any(np.asarray(p).astype(int).sum() != np.asarray(f).astype(int).sum() for p, f in zip(result.photos, frames))
+    assert len(result.frames) == 3 and result.missing == [] and len(result.faces) == 3
+    assert all(p.size == (256, 256) for p in result.frames) and float(result.masks.max()) > 0
+    assert all(not np.array_equal(np.asarray(p), np.asarray(f)) for p, f in zip(result.frames, frames))
 
 
 @pytest.fixture
