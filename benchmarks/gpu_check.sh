@@ -94,22 +94,23 @@ SETTINGS=("ddim20" "dpmpp_2m 8 (fast)" "dpmpp_2m 7 (faster)" "faster, light try"
 # (a) the suite's CUDA tests
 step "a-cuda-tests" 150 "$PY" -m pytest -q -m cuda tests/test_cuda.py -p no:cacheprovider \
   --junitxml="$OUTDIR/steps/cuda_tests.xml"
-# (b) edits: eager at batch 1 and 8, then torch.compile (CUDA graphs) at batch 1
+# (b) edits: eager at batch 1 and 8 (torch.compile, with CUDA graphs, at batch 1 after the training)
 for batch in "${BATCHES[@]}"; do
   step "b-sample-eager-batch$batch" 80 "$PY" benchmarks/bench_sample.py --device "$DEVICE" "${EXTRA[@]}" \
     "${SIZES[@]}" --batch "$batch" --settings "${SETTINGS[@]}" --json "$OUTDIR/steps/sample_eager_b$batch.json"
 done
+# (c) training: stage 2 (full and LoRA, precision auto), stage 1 on one process
+step "c-train-stage2" 90 "$PY" benchmarks/bench_train.py --device "$DEVICE" "${EXTRA[@]}" "${TRAIN[@]}" \
+  --variants full lora16 --checkpointing off --json "$OUTDIR/steps/train_stage2.json"
+step "c-train-stage1" 60 "$PY" benchmarks/bench_train.py --stage1 "${EXTRA[@]}" --processes 1 \
+  $([ "$DEVICE" = cuda ] && echo "--steps 5" || echo "--steps 1") --json "$OUTDIR/steps/train_stage1.json"
+# (b) torch.compile last among the benchmarks: the costliest and least certain step
 # (the dry run traces with dynamo's eager backend: inductor's CPU compile takes minutes here and is not CUDA's)
 if [ "$DEVICE" = cuda ]; then COMPILED=("dpmpp_2m 8 (fast)" "faster, light try" "ddim20"); BACKEND=inductor; else
   COMPILED=("faster, light try"); BACKEND=eager; fi
 step "b-sample-compile-batch1" 150 "$PY" benchmarks/bench_sample.py --device "$DEVICE" "${EXTRA[@]}" "${SIZES[@]}" \
   --batch 1 --compile --compile-backend "$BACKEND" --settings "${COMPILED[@]}" \
   --json "$OUTDIR/steps/sample_compile_b1.json"
-# (c) training: stage 2 (full and LoRA, precision auto), stage 1 on one process
-step "c-train-stage2" 90 "$PY" benchmarks/bench_train.py --device "$DEVICE" "${EXTRA[@]}" "${TRAIN[@]}" \
-  --variants full lora16 --checkpointing off --json "$OUTDIR/steps/train_stage2.json"
-step "c-train-stage1" 60 "$PY" benchmarks/bench_train.py --stage1 "${EXTRA[@]}" --processes 1 \
-  $([ "$DEVICE" = cuda ] && echo "--steps 5" || echo "--steps 1") --json "$OUTDIR/steps/train_stage1.json"
 # (d) a real ComfyUI on CUDA, when its source travels along
 if [ -n "${COMFYUI_DIR:-}" ] && [ -f "${COMFYUI_DIR}/main.py" ] && [ "$DEVICE" = cuda ]; then
   step "d-comfyui" 90 "$PY" -m pytest -q tests/test_comfyui.py -p no:cacheprovider
