@@ -303,7 +303,7 @@ def unet_precision(precision: str, parameters: int = 0) -> str | torch.dtype:
     (a `ModelHandle` guards it: a non-finite result runs again in fp32), else fp32. A choice the pack does not
     run (fp8, fp64), or fp16 for the CPU, gives fp32. Outside ComfyUI, "auto" is left to the library
     (`core.devices.resolve_dtype`); parameters: the UNet's parameter count (ComfyUI weighs it against free memory)."""
-    if precision != "auto" or not IN_COMFYUI:
+    if precision != "auto" or _mm is None:
         return precision
     dtype = _mm.unet_dtype(device=torch_device(), model_params=parameters,
                            supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
@@ -407,7 +407,7 @@ def run_models(fn, handles: list[ModelHandle], *args, batch: int = 1, training: 
     An fp16 UNet whose output is not finite (fp16 tops out at 65504) is cast to fp32 for good and fn runs
     again from the start, with a one-line warning."""
     while True:
-        if IN_COMFYUI:
+        if _mm is not None:  # inside ComfyUI (its model management)
             memory = sum(h._model.activation_bytes(batch, training=training) for h in handles)
             _mm.load_models_gpu([h._load_patcher() for h in handles], memory_required=memory, force_full_load=True)
         guards = [g for g in (h._guard_fp16() for h in handles) if g is not None]

@@ -36,8 +36,12 @@ class LoadDiffusionRigModel:
                           {"tooltip": "Checkpoint file in models/diffusionrig/. A non-default official checkpoint "
                                       "needs its training kwargs in a .json file of the same name next to it."}),
             "precision": (["auto", "fp32", "bf16", "fp16"],
-                          {"default": "auto", "tooltip": "UNet precision. auto: bf16 on GPUs and on CPUs with native "
-                                                         "bf16, else fp32. fp16 is GPU-only."}),
+                          {"default": "auto", "tooltip": "UNet precision. auto: ComfyUI's own choice for diffusion "
+                                                         "models (its --fp32-unet, --bf16-unet, --fp16-unet and "
+                                                         "--force-fp32 flags apply): bf16 on GPUs with native bf16; "
+                                                         "on older GPUs fp16 where ComfyUI uses fp16 (a result that "
+                                                         "overflows is made again in fp32), else fp32; fp32 with "
+                                                         "--cpu. fp16 is GPU-only."}),
         }, "optional": {
             "lora_name": (["none"] + model_files("diffusionrig", (".safetensors",)),
                           {"default": "none", "tooltip": "A personalization LoRA saved by Save DiffusionRig Model, "
