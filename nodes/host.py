@@ -307,7 +307,8 @@ def unet_precision(precision: str, parameters: int = 0) -> str | torch.dtype:
         return precision
     dtype = _mm.unet_dtype(device=torch_device(), model_params=parameters,
                            supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
-    if dtype not in (torch.float32, torch.bfloat16, torch.float16) or (dtype == torch.float16 and torch_device().type == "cpu"):
+    ours = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if not ours or (dtype == torch.float16 and torch_device().type == "cpu"):
         return torch.float32
     return dtype
 
