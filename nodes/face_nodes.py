@@ -15,13 +15,13 @@ from comfy_diffusionrig.face.deca import FLAME_FILES, load_deca
 from comfy_diffusionrig.core.imaging import hex_color
 from comfy_diffusionrig.face.motion import rig_motion
 from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
-from comfy_diffusionrig.face.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
-                                    sweep, sweep_values)
+from comfy_diffusionrig.face.rig import (RENDER_BATCH, SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers,
+                                    stack_buffers, sweep, sweep_values)
 from comfy_diffusionrig.face.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
 
-from .host import (RIG_FOLDER, check_interrupt, check_model_file, file_fingerprint, find_model_files, image_to_pil,
-                   image_to_unit, input_files, input_path, managed, model_files, model_fingerprint, model_path,
-                   new_model_file, models_root, pil_to_image, storage_device, use_model)
+from .host import (RIG_FOLDER, ModelHandle, check_interrupt, check_model_file, file_fingerprint, find_model_files,
+                   image_to_pil, image_to_unit, input_files, input_path, model_files, model_fingerprint, model_path,
+                   new_model_file, models_root, pil_to_image, storage_device)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(detection.DETECTORS)
@@ -88,7 +88,7 @@ class LoadDECA:
         node = self.DISPLAY_NAME
         path = model_path("deca", deca_model, node)
         flame = find_model_files("flame", FLAME_FILES, node)
-        return (managed(load_deca(path, flame, device=storage_device(), backend=rasterizer)),)
+        return (ModelHandle(load_deca(path, flame, device=storage_device(), backend=rasterizer)),)
 
     @classmethod
     def IS_CHANGED(cls, deca_model, **_):
@@ -170,8 +170,7 @@ class DECAFit:
                                      "of Detect & Align Face, or check the image")
                 landmarks.append(found[0].landmarks)
             landmarks = np.stack(landmarks)
-        use_model(deca)
-        return (fit_faces(deca, image_to_unit(aligned, node), landmarks),)
+        return (deca.run(fit_faces, image_to_unit(aligned, node), landmarks, batch=len(landmarks)),)
 
 
 class LoadFaceRig:
@@ -388,8 +387,7 @@ class RenderBuffers:
         }}
 
     def render(self, deca, rig):
-        use_model(deca)
-        layers = render_layers(deca, rig)
+        layers = deca.run(render_layers, rig, batch=min(len(rig), RENDER_BATCH))
         buffers, alpha = stack_buffers(layers), layers["alpha"]
         shaded, normal, albedo = (x.permute(0, 2, 3, 1).contiguous() for x in buffer_images(buffers, alpha))
         preview = torch.cat([shaded, normal, albedo], dim=2)
@@ -530,9 +528,8 @@ class PasteFaceBack:
             raise ValueError(f"{node}: rig has {len(rig)} face(s) for {faces} aligned face(s) and edited_rig "
                              f"{len(edited_rig)} row(s) for {edits} edited image(s); connect the fit of these aligned "
                              "faces and the rig the edit was rendered from")
-        use_model(deca)
         try:
-            return rig_motion(deca, rig, edited_rig)
+            return deca.run(rig_motion, rig, edited_rig, batch=len(edited_rig))
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
 

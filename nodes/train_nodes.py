@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from pathlib import Path
@@ -19,7 +18,7 @@ from comfy_diffusionrig.demo.plotting import loss_curve
 from comfy_diffusionrig.train.loop import TrainConfig, train
 
 from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, image_to_pil, model_dir,
-                   photo_folder, pil_to_image, use_model)
+                   photo_folder, pil_to_image)
 
 CATEGORY = "DiffusionRig/personalize"
 TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
@@ -92,9 +91,9 @@ class BuildFaceAlbum:
             check_interrupt()
             progress.update(done)
 
-        use_model(deca)
-        album = build_album(photos, deca, names, size=size, detector=detector, check_identity=check_identity,
-                            cache_dir=cache_dir("albums"), progress=report)
+        album = deca.run(lambda model: build_album(photos, model, names, size=size, detector=detector,
+                                                   check_identity=check_identity, cache_dir=cache_dir("albums"),
+                                                   progress=report), batch=len(photos))
         text = (f"{len(album)} photo(s) in the album: {', '.join(album.names)}"
                 + "".join(f"\nwarning: {w}" for w in album.warnings))
         for warning in album.warnings:
@@ -197,12 +196,11 @@ class TrainDiffusionRig:
                                           steps=10)[0].cpu()
 
         with torch.inference_mode(False):
-            model = copy.deepcopy(dr_model)  # the loader's cached model must stay the base
-            use_model(model)
-            model, losses = train(model, data, config, checkpoint_path=checkpoint, callback=on_step,
-                                  resume=not restart, preview=preview)
+            personal = dr_model.copy()  # the loader's cached model must stay the base
+            _, losses = personal.run(train, data, config, checkpoint_path=checkpoint, callback=on_step,
+                                     resume=not restart, preview=preview, batch=config.batch_size, training=True)
         curve = pil_to_image([loss_curve(losses)])
-        return (model, curve)
+        return (personal, curve)
 
 
 class SaveDiffusionRigModel:
@@ -233,10 +231,9 @@ class SaveDiffusionRigModel:
         if path.exists() and not overwrite:
             raise FileExistsError(f"{node}: {path} already exists; choose another file name or turn on overwrite")
         dtype = None if precision == "fp32" else precision
-        if lora_layers(dr_model):
-            written = save_lora(dr_model, path, dtype=dtype, overwrite=overwrite)
-        else:
-            written = save_diffusionrig(dr_model, path, dtype=dtype, overwrite=overwrite)
+        save = lambda model: (save_lora if lora_layers(model) else save_diffusionrig)(  # noqa: E731
+            model, path, dtype=dtype, overwrite=overwrite)
+        written = dr_model.run(save, batch=0)  # only reads the weights
         return {"ui": {"text": [str(written)]}, "result": (str(written),)}
 
 

@@ -166,10 +166,9 @@ def test_an_uploaded_photo_is_listed_and_runs(comfyui_server):
 
 
 def test_models_are_managed_by_comfyui_in_process(tmp_path):
-    """Our host helpers against ComfyUI's real model management (CPU): a managed model is listed by
-    comfy.model_management.loaded_models() after use_model, once; a deep copy (as Train makes) is managed on its
-    own; unload_all_models (the Free-memory button) drops both, and the model still runs (model.device follows
-    the weights)."""
+    """Our model handle against ComfyUI's real model management (CPU): a handle's model is listed by
+    comfy.model_management.loaded_models() once it ran, once; a copy (as Train makes) is managed on its own;
+    unload_all_models (the Free-memory button) drops both, and the next run loads the model again."""
     script = tmp_path / "check.py"
     script.write_text(MANAGED_CHECK)
     done = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_DIR, str(REPO)], capture_output=True, text=True,
@@ -196,19 +195,21 @@ from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 config = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),
                     num_head_channels=16, dropout=0.0)
 ours = lambda: [p.model.held for p in mm.loaded_models() if hasattr(p.model, "held")]
-model = host.managed(DiffusionRig(config).eval())
+model = DiffusionRig(config).eval()
+handle = host.ModelHandle(model)
 assert ours() == [], "listed before use"
-assert host.use_model(model) == model.device == mm.get_torch_device()
-host.use_model(model)
+assert handle.run(lambda m: m.device) == mm.get_torch_device()
+handle.run(lambda m: None)
 assert ours() == [model], ours()
 assert type(mm.loaded_models()[0].model).__name__ == "DiffusionRig"
-twin = copy.deepcopy(model)
-host.use_model(twin)
-assert len(ours()) == 2 and {id(m) for m in ours()} == {id(model), id(twin)}
+twin = handle.copy()
+twin_model = twin.run(lambda m: m)
+assert twin_model is not model and {id(m) for m in ours()} == {id(model), id(twin_model)}, ours()
 mm.unload_all_models()
 assert ours() == [], ours()
 with torch.no_grad():
-    assert model.encode(torch.zeros(1, 3, 32, 32).to(model.device)).shape == (1, 64)
+    assert handle.run(lambda m: m.encode(torch.zeros(1, 3, 32, 32).to(m.device))).shape == (1, 64)
+assert ours() == [model], "run loads the model again after Free memory"
 print("ok")
 """
 

@@ -47,7 +47,7 @@ def test_load_lists_and_loads_models(models_dir):
     choices = model_nodes.LoadDiffusionRigModel.INPUT_TYPES()["required"]["ckpt_name"][0]
     assert choices == ["small.safetensors"]
     (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
-    assert model.config == SMALL and not model.training
+    assert model.config == SMALL and not model.run(lambda m: m.training)
 
 
 def test_missing_model_names_the_folder_and_source(models_dir):
@@ -97,9 +97,10 @@ class Interrupted(Exception):
     """What the stand-in for ComfyUI's cancel check raises."""
 
 
-def _cancel_at_the_second_step(model, monkeypatch) -> dict:
+def _cancel_at_the_second_step(handle, monkeypatch) -> dict:
     """Count the model's denoise calls and have the nodes' cancel check raise Interrupted once two have run."""
     calls = {"denoise": 0}
+    model = handle.run(lambda m: m)
     original = model.denoise
 
     def counting(*args):

@@ -203,6 +203,12 @@ class DECA(nn.Module):
         self.renderer = renderer
         self.crop_size = crop_size
 
+    def activation_bytes(self, batch: int = 1, training: bool = False) -> int:
+        """Estimated peak memory (bytes) of fitting and rendering `batch` faces at 256 px, beyond the weights, for
+        a host that makes room before running the model: 40 MiB a face (traced op by op: 32 MiB for encode +
+        decode at 256 px). training: DECA is never trained here (the same figure)."""
+        return batch * 40 * 2**20
+
     def encode(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
         """crop [B, 3, 224, 224] RGB in [0, 1] (see `warp_crop`) -> codes: shape [B,100], tex [B,50],
         exp [B,50], pose [B,6] (global axis-angle | jaw), cam [B,3] (scale, tx, ty), light [B,9,3]."""
