@@ -1,6 +1,7 @@
 """Integration with a real ComfyUI, through its HTTP API: the pack loads and registers every node, the
-example photos' previews are served, POST /free releases our models (read from ComfyUI's own log), an
-uploaded photo runs, our host helpers work against comfy.model_management in-process, and, on a machine
+example photos' previews are served, POST /free releases our models (read from ComfyUI's own log), a light
+change re-runs the sampling while ComfyUI reuses DiffusionRig Invert's cached output, an uploaded photo runs,
+our host helpers work against comfy.model_management in-process, and, on a machine
 with a GPU, servers with --lowvram and --gpu-only run the upscaling workflow. The shipped workflows run
 through the real frontend in test_frontend.py.
 
@@ -25,8 +26,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from real_comfyui import COMFYUI_DIR, COMFYUI_PYTHON, NO_COMFYUI, REPO, check_outputs, check_pasted_upscale, \
-    execution_errors, get_json, log_tail, post_json, start_comfyui, wait_for
+from real_comfyui import COMFYUI_DIR, COMFYUI_PYTHON, NO_COMFYUI, REPO, cached_nodes, check_outputs, \
+    check_pasted_upscale, execution_errors, get_json, log_tail, post_json, start_comfyui, wait_for
 
 import nodes
 
@@ -144,6 +145,38 @@ def test_free_memory_unloads_our_models_and_the_next_run_loads_them_again(comfyu
     _set(prompt, "DiffusionRigSampler", seed=103)
     _run(url, log, prompt, "run after /free")
     assert "Requested to load DiffusionRig" in _log_since(log, offset), log_tail(log)
+
+
+def test_a_light_change_reruns_the_sampling_only_and_gives_the_one_node_edit(comfyui_server):
+    """ComfyUI keeps DiffusionRig Invert's output while its inputs stay: after a change of one light widget it
+    reports the Invert node (and the global code) as cached (execution_cached) and runs Relight, Render Buffers
+    and the Sampler again, which gives another photo; that photo equals the one of a Sampler inverting itself
+    (the workflows before the Invert node) for that light."""
+    url, log = comfyui_server
+    prompt = _prompt("relight_sliders_lit_sphere")
+    ids = {spec["class_type"]: node_id for node_id, spec in prompt.items()}  # the one node of each type used
+    _set(prompt, "DiffusionRigRelight", azimuth=40.0)
+    entry, first = _run(url, log, prompt, "first run")
+    (before,) = check_outputs(url, prompt, entry, "first run")[ids["SaveImage"]]
+    _set(prompt, "DiffusionRigRelight", azimuth=-40.0)
+    entry, again = _run(url, log, prompt, "run after a light change")
+    print(f"\nfirst run {first:.1f} s, after a light change {again:.1f} s ({again / first:.0%})")
+    cached = cached_nodes(entry)
+    source_buffers = prompt[ids["DiffusionRigInvert"]]["inputs"]["source_buffers"][0]
+    edited_buffers = prompt[ids["DiffusionRigSampler"]]["inputs"]["rig_buffers"][0]
+    for kept in (ids["DiffusionRigInvert"], ids["DiffusionRigEncodeGlobalCode"], source_buffers):
+        assert kept in cached, (prompt[kept]["class_type"], cached)
+    for rerun in (ids["DiffusionRigRelight"], edited_buffers, ids["DiffusionRigSampler"], ids["SaveImage"]):
+        assert rerun not in cached, (prompt[rerun]["class_type"], cached)
+    (split,) = check_outputs(url, prompt, entry, "run after a light change")[ids["SaveImage"]]
+    assert split.tobytes() != before.tobytes(), "the Sampler's output did not change with the light"
+    sampler = prompt[ids["DiffusionRigSampler"]]["inputs"]
+    invert = prompt.pop(ids["DiffusionRigInvert"])["inputs"]
+    del sampler["inverted_start"]
+    sampler.update(source_image=invert["source_image"], source_buffers=invert["source_buffers"])
+    entry, _ = _run(url, log, prompt, "the one-node edit (the Sampler inverting itself)")
+    (one_node,) = check_outputs(url, prompt, entry, "the one-node edit")[ids["SaveImage"]]
+    assert one_node.tobytes() == split.tobytes(), "the Sampler inverting itself gives another edit than Invert's"
 
 
 def test_an_uploaded_photo_is_listed_and_runs(comfyui_server):
