@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from .core.conventions import PHOTO_SUFFIXES
+from .core.progress import in_stage
 from .face.presets import LIGHT_PRESETS
 from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, DETAIL_MODES, check_detail
 from .model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
@@ -41,7 +42,8 @@ def _clock(seconds: float) -> str:
 
 
 class _Bar:
-    """Progress on stderr, `stage [#####.....] done/total  elapsed  ETA` per stage.
+    """A progress callback (`core.progress`) that draws on stderr, `stage [#####.....] done/total  elapsed
+    ETA` per stage (its `stage` field).
 
     On a terminal one line is redrawn in place; when the output is redirected (a log file, CI)
     a stage prints a new line only at each tenth of its work, so a log stays readable.
@@ -55,7 +57,7 @@ class _Bar:
         self.start = self.stage_start = time.perf_counter()
         self.shown = -1  # tenths of the stage already printed (redirected output)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, stage: str = "", **_) -> None:
         now = time.perf_counter()
         if stage != self.stage:
             if self.stage is not None and self.live:
@@ -264,7 +266,7 @@ def _run_edits(args, make_edit, suffix: str) -> int:
                 result = edit_photo(models, load_image(photo_path), edit, steps=args.steps, seed=args.seed,
                                     start=args.start, faces=args.faces, detector=args.detector,
                                     color_match=args.color_match, sampler=args.sampler, cache_interval=args.cache,
-                                    callback=lambda done, total, name=photo_path.name: bar(name, done, total),
+                                    callback=in_stage(bar, photo_path.name),
                                     rig=rig, detail=args.detail, detail_radius=args.detail_radius)
             except NoFaceError:
                 if not many:

@@ -24,6 +24,7 @@ from .model.checkpoints import load_diffusionrig
 from .face.deca import load_deca
 from .editing import check_edit_settings, edit_faces
 from .core.imaging import pil_to_tensor, tensor_to_pil
+from .core.progress import Callback
 from .face.motion import rig_motion
 from .face.rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
 from .face.rig_files import rig_ready
@@ -105,7 +106,7 @@ class EditResult:
 def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, seed: int = 0,
                start: str = "inversion", faces: str = "largest", detector: str = "hog",
                color_match: bool = False, batch_size: int = 4, eta: float = 0.0,
-               callback: Callable[[int, int], None] | None = None, sampler: str = "ddim",
+               callback: Callback | None = None, sampler: str = "ddim",
                cache_interval: int = 1, rig: FaceRig | None = None, detail: str = DEFAULT_DETAIL,
                detail_radius: float = DEFAULT_DETAIL_RADIUS) -> EditResult:
     """Edit the face(s) of one photo; `edit` maps the fitted rig (one row per face) to the edited rig.
@@ -113,8 +114,9 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     An edit may return F rows per face (a sweep: face-major, as `rig.sweep` makes them), giving
     one output photo per frame. start "inversion" keeps the photo's background and details
     (each face DDIM-inverted under its own buffers), "noise" samples from seeded noise; the
-    denoising is `edit_faces` (with its sampler and cache_interval). callback(done, total) counts
-    face-steps of inversion and sampling. rig: the photo's known rig (a rigged photo, see `rig_files`):
+    denoising is `edit_faces` (with its sampler and cache_interval). callback(done, total, preview=)
+    counts face-steps of inversion and sampling (`core.progress`, as `edit_faces`). rig: the photo's
+    known rig (a rigged photo, see `rig_files`):
     the photo is then the aligned face itself, and alignment, fitting and pasting back are skipped.
     detail, detail_radius: how the edit goes back into the photo (`photo.paste.paste_back`); with the
     photo's own detail ("ratio", "difference") a face the edit moved takes its detail along (`rig_motion`).
@@ -150,7 +152,7 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     lap("encode")
     result = edit_faces(model, x, source_buffers, target_buffers, code, start=start, steps=steps, eta=eta, seed=seed,
                         batch_size=batch_size, sampler=sampler, cache_interval=cache_interval,
-                        callback=None if callback is None else (lambda done, total, preview: callback(done, total)))
+                        callback=callback)
     lap("denoise")
     edited_faces = [tensor_to_pil(f) for f in result]
     if aligned is None:  # a rigged photo is its own aligned face

@@ -364,21 +364,22 @@ def check_interrupt() -> None:
         _mm.throw_exception_if_processing_interrupted()
 
 
-class Progress:
-    """ComfyUI progress bar with optional JPEG previews; silent outside ComfyUI."""
+def progress_callback(stages: tuple[str, ...] | None = None):
+    """The library's progress protocol (`comfy_diffusionrig.core.progress`) as ComfyUI's, for a node to pass
+    as a library function's callback: every call raises ComfyUI's interrupt when the user pressed cancel
+    (so the work stops within one step), then moves one ComfyUI progress bar, made on the first call with
+    that call's total, and shows its `preview` (one image [3, H, W] in [-1, 1]) on the node. stages: only
+    calls of these stages move the bar. Outside ComfyUI: no bar, no cancel."""
+    bar = []
 
-    def __init__(self, total: int):
-        self.total = total
-        self._bar = _comfy_utils.ProgressBar(total) if IN_COMFYUI else None
-
-    def update(self, value: int, preview: torch.Tensor | None = None) -> None:
-        """preview: one image [3, H, W] in [-1, 1]."""
-        if self._bar is None:
+    def callback(done: int, total: int, stage: str | None = None, preview: torch.Tensor | None = None, **_):
+        check_interrupt()
+        if not IN_COMFYUI or (stages is not None and stage not in stages):
             return
-        image = None
-        if preview is not None:
-            image = ("JPEG", tensor_to_pil(preview), 512)
-        self._bar.update_absolute(value, self.total, image)
+        if not bar:
+            bar.append(_comfy_utils.ProgressBar(total))
+        bar[0].update_absolute(done, total, None if preview is None else ("JPEG", tensor_to_pil(preview), 512))
+    return callback
 
 
 def image_to_unit(image: torch.Tensor, node: str) -> torch.Tensor:

@@ -12,8 +12,9 @@ from comfy_diffusionrig.model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRE
 from comfy_diffusionrig.editing import check_edit_settings
 from comfy_diffusionrig.model.lora import load_lora, merge_lora
 
-from .host import (Progress, check_interrupt, check_model_file, image_to_model, managed, model_files,
-                   model_fingerprint, model_path, model_to_image, storage_device, torch_device, use_model)
+from .host import (check_interrupt, check_model_file, image_to_model, managed, model_files,
+                   model_fingerprint, model_path, model_to_image, progress_callback, storage_device, torch_device,
+                   use_model)
 
 CATEGORY = "DiffusionRig"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
@@ -126,18 +127,6 @@ def _sampler_settings(node: str, preset: str, sampler: str, steps: int, cache_in
     return tuple(SAMPLING_PRESETS[preset][k] for k in ("sampler", "steps", "cache_interval"))
 
 
-def _progress_callback():
-    """An edit_faces / invert_faces callback: one ComfyUI bar with previews, cancel checked every step."""
-    bar = []
-
-    def callback(done, total, preview):
-        check_interrupt()
-        if not bar:
-            bar.append(Progress(total))
-        bar[0].update(done, preview)
-    return callback
-
-
 def _source_images(source_image, source_buffers, dr_model, node: str) -> torch.Tensor:
     """The aligned source faces at the model's size, [N, 3, S, S] in [-1, 1], one per source buffer."""
     images = _to_model_size(image_to_model(source_image, node), dr_model, node)
@@ -196,7 +185,7 @@ class DiffusionRigInvert:
         check_interrupt()
         try:
             return (invert_faces(dr_model, images, source_buffers, global_code, steps=steps, sampler=sampler,
-                                 batch_size=batch_size, callback=_progress_callback(), cache_interval=cache_interval),)
+                                 batch_size=batch_size, callback=progress_callback(), cache_interval=cache_interval),)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
 
@@ -289,7 +278,7 @@ class DiffusionRigSampler:
         check_interrupt()
         try:
             edited = edit_faces(dr_model, images, source_buffers, rig_buffers, global_code, start=start, steps=steps,
-                                eta=eta, seed=seed, batch_size=batch_size, callback=_progress_callback(),
+                                eta=eta, seed=seed, batch_size=batch_size, callback=progress_callback(),
                                 sampler=sampler, cache_interval=cache_interval)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None

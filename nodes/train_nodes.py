@@ -18,8 +18,8 @@ from comfy_diffusionrig.model.lora import lora_layers, save_lora
 from comfy_diffusionrig.demo.plotting import loss_curve
 from comfy_diffusionrig.train.loop import TrainConfig, train
 
-from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, image_to_pil, model_dir,
-                   photo_folder, pil_to_image, use_model)
+from .host import (IMAGE_SUFFIXES, cache_dir, file_fingerprint, image_to_pil, model_dir, photo_folder, pil_to_image,
+                   progress_callback, use_model)
 
 CATEGORY = "DiffusionRig/personalize"
 TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
@@ -86,15 +86,9 @@ class BuildFaceAlbum:
                     log.warning("%s: %s skipped: %s", node, path.name, err)
         if not photos:
             raise ValueError(f"{node}: no photos; connect an IMAGE batch or give a folder of photos of the person")
-        progress = Progress(len(photos) + 2)
-
-        def report(done, total):
-            check_interrupt()
-            progress.update(done)
-
         use_model(deca)
         album = build_album(photos, deca, names, size=size, detector=detector, check_identity=check_identity,
-                            cache_dir=cache_dir("albums"), progress=report)
+                            cache_dir=cache_dir("albums"), progress=progress_callback())
         text = (f"{len(album)} photo(s) in the album: {', '.join(album.names)}"
                 + "".join(f"\nwarning: {w}" for w in album.warnings))
         for warning in album.warnings:
@@ -178,17 +172,16 @@ class TrainDiffusionRig:
                         batch_size, config.batch_size)
         checkpoint = model_dir("diffusionrig") / "training" / f"{name}{TRAINING_SUFFIX}"
         data = face_album.training_data()
-        progress = Progress(steps)
+        progress = progress_callback()
         preview_buffers = data.buffers[:1]
         preview_noise = torch.randn(1, *data.images.shape[1:], generator=torch.Generator().manual_seed(seed))
         last_preview = [None]
 
-        def on_step(step, total, loss, model):
+        def on_step(step, total, loss, **_):
             if step % 50 == 0 or step == total:
                 log.info("%s: step %d/%d, loss %.4f", node, step, total, loss)
-            progress.update(step, last_preview[0])
+            progress(step, total, preview=last_preview[0])
             last_preview[0] = None
-            check_interrupt()
 
         def preview(step, model):
             device = model.device

@@ -319,8 +319,8 @@ def test_the_progress_bar_gives_an_eta_and_stays_short_when_redirected():
     stream = io.StringIO()  # not a terminal
     bar = cli._Bar(stream)
     for done in range(0, 1501):
-        bar("stage 1", done, 1500)
-    bar("stage 2", 1, 4)
+        bar(done, 1500, stage="stage 1")
+    bar(1, 4, stage="stage 2")
     bar.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 11 + 1  # each tenth of stage 1 once, then stage 2's first line

@@ -111,7 +111,7 @@ def _cancel_at_the_second_step(model, monkeypatch) -> dict:
             raise Interrupted
 
     monkeypatch.setattr(model, "denoise", counting)
-    monkeypatch.setattr(model_nodes, "check_interrupt", check)
+    monkeypatch.setattr(host, "check_interrupt", check)  # what the nodes' progress callback calls
     return calls
 
 

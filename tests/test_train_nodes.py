@@ -6,7 +6,7 @@ import torch
 from comfy_diffusionrig import load_diffusionrig
 from comfy_diffusionrig.train.album import Album
 from comfy_diffusionrig.model.lora import lora_layers
-from nodes import model_nodes, train_nodes
+from nodes import host, model_nodes, train_nodes
 
 from test_nodes import SMALL, models_dir  # noqa: F401  (fixture)
 
@@ -48,7 +48,7 @@ def test_cancel_keeps_progress_and_queueing_again_resumes(models_dir, monkeypatc
         if calls["n"] == 2:
             raise Cancelled()
 
-    monkeypatch.setattr(train_nodes, "check_interrupt", interrupt)
+    monkeypatch.setattr(host, "check_interrupt", interrupt)
     node = train_nodes.TrainDiffusionRig()
     with pytest.raises(Cancelled):
         node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
@@ -57,7 +57,7 @@ def test_cancel_keeps_progress_and_queueing_again_resumes(models_dir, monkeypatc
     assert saved["step"] == 2
     resumed, _ = node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
                             save_name="bob", preview_every=0)
-    monkeypatch.setattr(train_nodes, "check_interrupt", lambda: None)
+    monkeypatch.setattr(host, "check_interrupt", lambda: None)
     straight, _ = node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
                              save_name="carl", preview_every=0)
     for key, value in straight.state_dict().items():

@@ -293,7 +293,7 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match=r"disk full: writing .*ckpt.pt needs about \d+ MB and \d+ MB are free; "
                                             r"free \d+ MB.*before training starts; no checkpoint has been written"):
         train(tiny_model(), album(), TrainConfig(steps=1, **FAST), checkpoint_path=path,
-              callback=lambda *args: steps.append(1))
+              callback=lambda *args, **_: steps.append(1))
     assert not steps and list(tmp_path.iterdir()) == []
     path.write_bytes(b"an earlier run's checkpoint")
     with pytest.raises(DiskFullError, match=r"ckpt.pt is unchanged"):
