@@ -160,6 +160,13 @@ def _denoiser(model, cache_interval: int):
 
 
 @torch.no_grad()
+def encode_faces(model, images: torch.Tensor) -> torch.Tensor:
+    """The global codes of aligned faces, the `codes` of `invert_faces` / `edit_faces`: images [N,3,S,S] in
+    [-1,1] -> [N, latent_dim] float32 on the CPU (the model's encoder, run where the model is)."""
+    return model.encode(images.to(model.device)).float().cpu()
+
+
+@torch.no_grad()
 def invert_faces(model, images: torch.Tensor, source_buffers: torch.Tensor, codes: torch.Tensor, *, steps: int = 20,
                  sampler: str = "ddim", batch_size: int = 4, callback: EditCallback | None = None,
                  cache_interval: int = 1) -> InvertedStart:

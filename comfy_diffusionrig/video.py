@@ -28,7 +28,7 @@ from PIL import Image
 
 from .core.imaging import pil_to_tensor, tensor_to_pil
 from .core.progress import Callback, in_stage, notify
-from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS
+from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, DEFAULT_FEATHER
 
 SMOOTH_KEYS = ("pose", "exp", "cam", "light")  # what jitters per fit; shape and tex are shared instead
 SPEED = 0.05  # One-Euro beta per frame, in units of a channel's typical jitter: lag shrinks on real motion
@@ -249,7 +249,7 @@ class ClipResult:
 def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor, end_light: torch.Tensor | None = None,
                  *, strength: float = 2.0, ease: bool = False, face: int = 0, start: str = "inversion",
                  steps: int = 20, eta: float = 0.0, seed: int = 0, batch_size: int = 4, detector: str = "hog",
-                 identity: bool = True, color_match: bool = False, feather: float = 0.08,
+                 identity: bool = True, color_match: bool = False, feather: float = DEFAULT_FEATHER,
                  models_dir=None, progress: Callback | None = None, sampler: str = "ddim",
                  cache_interval: int = 1, detail: str = DEFAULT_DETAIL,
                  detail_radius: float = DEFAULT_DETAIL_RADIUS) -> ClipResult:
@@ -269,7 +269,7 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     from .photo.alignment import align_face
     from .photo.detection import detect_faces
     from .photo.paste import check_detail, paste_faces
-    from .editing import check_edit_settings, edit_faces
+    from .editing import check_edit_settings, edit_faces, encode_faces
     from .face.rig import fit_faces, render_layers, render_rig, stack_buffers
 
     check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
@@ -311,9 +311,7 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     source_buffers = render_rig(deca, rig)
     target_buffers = stack_buffers(render_layers(deca, target))
     x = images * 2 - 1
-    with torch.no_grad():
-        codes = model.encode(x.to(model.device)).float().cpu()
-    codes = smooth_sequence(codes, strength, runs=runs)
+    codes = smooth_sequence(encode_faces(model, x), strength, runs=runs)
     edited = edit_faces(model, x, source_buffers, target_buffers, codes, start=start, steps=steps, eta=eta,
                         seed=seed, batch_size=batch_size, sampler=sampler, cache_interval=cache_interval,
                         callback=in_stage(progress, "relight"))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from comfy_diffusionrig.core.conventions import PHOTO_SUFFIXES, default_models_dir
 from comfy_diffusionrig.core.imaging import pil_to_tensor, tensor_to_pil
 
 try:  # inside ComfyUI
@@ -59,10 +60,6 @@ MODEL_FOLDERS = {
 }
 
 
-def _fallback_models_dir() -> Path:
-    return Path(os.environ.get("COMFY_DIFFUSIONRIG_MODELS", "models"))
-
-
 def register_model_folders() -> None:
     """Register our model folders with ComfyUI (so extra_model_paths.yaml works); no-op outside."""
     if not IN_COMFYUI:
@@ -82,7 +79,7 @@ def model_files(folder: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     if IN_COMFYUI:
         names = _folder_paths.get_filename_list(folder)
     else:
-        root = _fallback_models_dir() / folder
+        root = default_models_dir() / folder
         names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
             if root.is_dir() else []
     return [n for n in names if (not suffixes or n.lower().endswith(suffixes))
@@ -94,7 +91,7 @@ def folder_hint(folder: str) -> str:
     if IN_COMFYUI:
         place = f"ComfyUI/models/{folder}/ (or a path added to '{folder}' in extra_model_paths.yaml)"
     else:
-        place = str(_fallback_models_dir() / folder) + "/"
+        place = str(default_models_dir() / folder) + "/"
     return f"{what} go in {place}; get them from {where}"
 
 
@@ -138,14 +135,14 @@ def model_fingerprint(folder: str, *names: str, sidecar: str | None = None) -> s
 
 def models_root() -> Path:
     """ComfyUI's models/ folder (where optional insightface/ and dlib/ model folders are looked up)."""
-    return Path(_folder_paths.models_dir) if IN_COMFYUI else _fallback_models_dir()
+    return Path(_folder_paths.models_dir) if IN_COMFYUI else default_models_dir()
 
 
 def model_dirs(folder: str) -> list[Path]:
     """Every directory of a model folder, in ComfyUI's search order (extra_model_paths.yaml may add several)."""
     if IN_COMFYUI:
         return [Path(p) for p in _folder_paths.get_folder_paths(folder)]
-    return [_fallback_models_dir() / folder]
+    return [default_models_dir() / folder]
 
 
 def model_dir(folder: str) -> Path:
@@ -153,10 +150,11 @@ def model_dir(folder: str) -> Path:
     return model_dirs(folder)[0]
 
 
-def new_model_file(folder: str, name: str, node: str, suffix: str = "") -> Path:
+def new_model_file(folder: str, name: str, node: str, suffix: str = "", subfolder: str = "") -> Path:
     """Where a node writes `name` (+ `suffix`, added unless `name` ends with it) in the first directory of a
-    model folder, resolved; a ValueError naming the node when the name is empty or leads out of the folder."""
-    root = model_dir(folder).resolve()
+    model folder (in its `subfolder`, if given), resolved; a ValueError naming the node when the name is empty
+    or leads out of that folder."""
+    root = (model_dir(folder) / subfolder).resolve()
     stem = name.strip().removesuffix(suffix) if suffix else name.strip()
     path = (root / f"{stem}{suffix}").resolve()
     if not stem or root not in path.parents:
@@ -203,7 +201,7 @@ def file_fingerprint(paths: Iterable[Path]) -> str:
 
 EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
 EXAMPLE_PREFIX = "examples/"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES = (*PHOTO_SUFFIXES, ".gif")  # the photos we read, and GIFs as ComfyUI's own Load Image takes them
 
 
 def _input_dir() -> Path:
@@ -421,6 +419,11 @@ def pil_to_image(pictures) -> torch.Tensor:
     return pil_to_tensor(pictures).permute(0, 2, 3, 1).contiguous()
 
 
+def unit_to_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> ComfyUI IMAGE [B, H, W, 3] in 0..1 (clamped), float32 on the CPU."""
+    return x.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
+
+
 def model_to_image(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> ComfyUI IMAGE [B, H, W, 3] in 0..1, float32 on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous().cpu()
+    return unit_to_image((x.float().clamp(-1, 1) + 1) / 2)

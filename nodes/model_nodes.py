@@ -5,19 +5,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from comfy_diffusionrig import InvertedStart, edit_faces, invert_faces, load_diffusionrig
-from comfy_diffusionrig.model.checkpoints import for_inference
+from comfy_diffusionrig import InvertedStart, edit_faces, invert_faces
+from comfy_diffusionrig.model.checkpoints import CHECKPOINT_SUFFIXES
 from comfy_diffusionrig.core.conventions import SEED_MAX
 from comfy_diffusionrig.model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
 from comfy_diffusionrig.editing import check_edit_settings
-from comfy_diffusionrig.model.lora import load_lora, merge_lora
+from comfy_diffusionrig.model.lora import load_with_lora
 
 from .host import (check_interrupt, check_model_file, image_to_model, managed, model_files,
                    model_fingerprint, model_path, model_to_image, progress_callback, storage_device, torch_device,
                    use_model)
 
 CATEGORY = "DiffusionRig"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 class LoadDiffusionRigModel:
@@ -50,13 +49,9 @@ class LoadDiffusionRigModel:
     def load(self, ckpt_name, precision, lora_name="none", lora_strength=1.0):
         node = self.DISPLAY_NAME
         path = model_path("diffusionrig", ckpt_name, node)
-        if lora_name == "none":
-            return (managed(load_diffusionrig(path, device=storage_device(), dtype=precision,
-                                              run_device=torch_device())),)
-        lora = model_path("diffusionrig", lora_name, node)
-        model = load_lora(load_diffusionrig(path, device=storage_device()), lora)  # adapters merge in fp32
-        return (managed(for_inference(merge_lora(model, lora_strength), storage_device(), precision,
-                                      run_device=torch_device())),)
+        lora = None if lora_name == "none" else model_path("diffusionrig", lora_name, node)
+        return (managed(load_with_lora(path, lora, lora_strength, device=storage_device(), dtype=precision,
+                                       run_device=torch_device())),)
 
     @classmethod
     def VALIDATE_INPUTS(cls, ckpt_name):  # a missing checkpoint: say where it comes from (e.g. run the demo)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ..face.deca import FLAME_FILES
-from ..editing import edit_faces, invert_faces
+from ..editing import edit_faces, encode_faces, invert_faces
 from ..core.imaging import pil_to_tensor, tensor_to_pil
 from ..core.progress import Callback, in_stage, notify
 from ..face.lighting import sh_from_direction
@@ -257,8 +257,7 @@ def score_samplers(model: DiffusionRig, source: torch.Tensor, source_buffers: to
     and samples both from that start (`edit_faces`: bit for bit the edit that inverts itself)."""
     from ..model.diffusion import sampler_step_counts
 
-    with torch.no_grad():
-        code = model.encode(source)
+    code = encode_faces(model, source)
     to01 = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
     out = {}
     for name, (sampler, steps, interval) in sampler_settings().items():
@@ -283,9 +282,7 @@ def _full_calls(calls: int, interval: int) -> int:
 def _edit(model: DiffusionRig, source: torch.Tensor, source_buffers: torch.Tensor, target_buffers: torch.Tensor,
           steps: int) -> torch.Tensor:
     """The artist's edit (`edit_faces`): each source photo inverted under its buffers, denoised under the target's."""
-    with torch.no_grad():
-        code = model.encode(source)
-    return edit_faces(model, source, source_buffers, target_buffers, code, steps=steps, batch_size=len(source))
+    return edit_faces(model, source, source_buffers, target_buffers, encode_faces(model, source), steps=steps, batch_size=len(source))
 
 
 def _checkpoint_every(steps: int) -> int:
