@@ -82,6 +82,14 @@ def test_lora_training_saves_a_small_file_that_the_loader_applies(models_dir):
         got = loaded.denoise(x, t, buffers, code)
         base = _base().denoise(x, t, buffers, code)
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(base, want, atol=1e-5)
+    # another strength, against the adapters' own forward at that strength (base + strength * scale * up(down(x)))
+    (half,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32", lora_name="anna_lora.safetensors",
+                                                       lora_strength=0.5)
+    for layer in lora_layers(model).values():
+        layer.alpha /= 2
+    with torch.no_grad():
+        want_half, got_half = model.denoise(x, t, buffers, code), half.denoise(x, t, buffers, code)
+    assert torch.allclose(got_half, want_half, atol=1e-5) and not torch.allclose(got_half, want, atol=1e-5)
 
 
 def test_save_never_overwrites_without_the_flag(models_dir):

@@ -166,11 +166,18 @@ def test_preview_does_not_change_the_result():
     assert_same_weights(weights(model), weights(reference))
 
 
-def test_gradient_checkpointing_gives_the_same_weights():
+def test_gradient_checkpointing_gives_the_same_weights(monkeypatch):
+    from comfy_diffusionrig.model import unet
+
+    calls, real = [], unet.checkpoint
+    monkeypatch.setattr(unet, "checkpoint", lambda *args, **kwargs: (calls.append(1), real(*args, **kwargs))[1])
     config = TrainConfig(steps=3, lr=1e-3, **FAST)
     reference, _ = train(tiny_model(), album(), config)
+    assert not calls  # off by default
     model = tiny_model()
+    blocks = sum(isinstance(m, (unet.ResBlock, unet.AttentionBlock)) for m in model.denoisingUNet.modules())
     trained, _ = train(model, album(), TrainConfig(steps=3, lr=1e-3, gradient_checkpointing=True, **FAST))
+    assert len(calls) == 3 * blocks  # every block of the UNet recomputed, once per step (one micro-batch each)
     # recomputation replays the same ops (dropout RNG included), so fp32 results are bit-identical
     assert_same_weights(weights(trained), weights(reference))
     assert not any(getattr(m, "use_checkpoint", False) for m in trained.modules())  # switched back off
