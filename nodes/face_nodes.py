@@ -10,18 +10,18 @@ import torch
 from comfy_diffusionrig.photo import alignment as photo_alignment
 from comfy_diffusionrig.photo import detection, loading, paste
 from comfy_diffusionrig.photo import identity
-from comfy_diffusionrig.face.buffers import buffer_images
+from comfy_diffusionrig.face.buffers import buffer_images, buffer_preview
 from comfy_diffusionrig.face.deca import FLAME_FILES, load_deca
 from comfy_diffusionrig.core.imaging import hex_color
 from comfy_diffusionrig.face.motion import rig_motion
-from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
+from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, SLIDER_LIGHT, lit_sphere, preset_light, rotate_sh, sh_from_direction
 from comfy_diffusionrig.face.rig import (RENDER_BATCH, SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers,
                                     stack_buffers, sweep, sweep_values)
 from comfy_diffusionrig.face.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
 
 from .host import (RIG_FOLDER, ModelHandle, check_interrupt, check_model_file, file_fingerprint, find_model_files,
                    image_to_pil, image_to_unit, input_files, input_path, model_files, model_fingerprint, model_path,
-                   new_model_file, models_root, pil_to_image, storage_device)
+                   new_model_file, models_root, pil_to_image, storage_device, unit_to_image)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(detection.DETECTORS)
@@ -254,20 +254,20 @@ def parse_color(text: str, node: str) -> tuple[float, float, float]:
 
 
 def _sphere_image(light: torch.Tensor) -> torch.Tensor:
-    return lit_sphere(light.float(), size=256).permute(0, 2, 3, 1).contiguous()
+    return unit_to_image(lit_sphere(light.float(), size=256))
 
 
 # The light sliders of Relight and Relight Video Clip (widget order matters to saved workflows).
 LIGHT_SLIDERS = {
-    "azimuth": ("FLOAT", {"default": 45.0, "min": -180.0, "max": 180.0, "step": 1.0,
+    "azimuth": ("FLOAT", {"default": SLIDER_LIGHT["azimuth"], "min": -180.0, "max": 180.0, "step": 1.0,
                           "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
-    "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
+    "elevation": ("FLOAT", {"default": SLIDER_LIGHT["elevation"], "min": -90.0, "max": 90.0, "step": 1.0,
                             "tooltip": "Degrees; positive = from above."}),
-    "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05,
+    "intensity": ("FLOAT", {"default": SLIDER_LIGHT["intensity"], "min": 0.0, "max": 3.0, "step": 0.05,
                             "tooltip": "Direct light strength (sliders mode)."}),
-    "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
+    "ambient": ("FLOAT", {"default": SLIDER_LIGHT["ambient"], "min": 0.0, "max": 3.0, "step": 0.05,
                           "tooltip": "Light from everywhere (sliders mode): higher = softer shadows."}),
-    "color": ("STRING", {"default": "#FFFFFF",
+    "color": ("STRING", {"default": SLIDER_LIGHT["color"],
                          "tooltip": "Light colour as hex, e.g. #FFD8A8 for warm (sliders mode)."}),
 }
 
@@ -389,8 +389,8 @@ class RenderBuffers:
     def render(self, deca, rig):
         layers = deca.run(render_layers, rig, batch=min(len(rig), RENDER_BATCH))
         buffers, alpha = stack_buffers(layers), layers["alpha"]
-        shaded, normal, albedo = (x.permute(0, 2, 3, 1).contiguous() for x in buffer_images(buffers, alpha))
-        preview = torch.cat([shaded, normal, albedo], dim=2)
+        shaded, normal, albedo = (unit_to_image(x) for x in buffer_images(buffers, alpha))
+        preview = unit_to_image(buffer_preview(buffers, alpha))
         return (buffers, preview, shaded, normal, albedo, alpha[:, 0].contiguous())
 
 
@@ -464,7 +464,7 @@ class PasteFaceBack:
             "edited": ("IMAGE", {"tooltip": "Edited faces: one per aligned face, or many frames of a single face."}),
             "color_match": ("BOOLEAN", {"default": False, "tooltip": "Match the edit's colours to the original "
                                                                      "face (hides tint shifts)."}),
-            "feather": ("FLOAT", {"default": 0.08, "min": 0.0, "max": 0.5, "step": 0.01,
+            "feather": ("FLOAT", {"default": paste.DEFAULT_FEATHER, "min": 0.0, "max": 0.5, "step": 0.01,
                                   "tooltip": "Width of the soft edge, as a fraction of the face width."}),
         }, "optional": {
             "detail": (list(paste.DETAIL_MODES), {"default": paste.DEFAULT_DETAIL, "tooltip": DETAIL_TIP}),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from comfy_diffusionrig.core.conventions import PHOTO_SUFFIXES, default_models_dir
 from comfy_diffusionrig.core.imaging import pil_to_tensor, tensor_to_pil
 
 try:  # inside ComfyUI
@@ -62,10 +63,6 @@ MODEL_FOLDERS = {
 }
 
 
-def _fallback_models_dir() -> Path:
-    return Path(os.environ.get("COMFY_DIFFUSIONRIG_MODELS", "models"))
-
-
 def register_model_folders() -> None:
     """Register our model folders with ComfyUI (so extra_model_paths.yaml works); no-op outside."""
     if not IN_COMFYUI:
@@ -85,7 +82,7 @@ def model_files(folder: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     if IN_COMFYUI:
         names = _folder_paths.get_filename_list(folder)
     else:
-        root = _fallback_models_dir() / folder
+        root = default_models_dir() / folder
         names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
             if root.is_dir() else []
     return [n for n in names if (not suffixes or n.lower().endswith(suffixes))
@@ -97,7 +94,7 @@ def folder_hint(folder: str) -> str:
     if IN_COMFYUI:
         place = f"ComfyUI/models/{folder}/ (or a path added to '{folder}' in extra_model_paths.yaml)"
     else:
-        place = str(_fallback_models_dir() / folder) + "/"
+        place = str(default_models_dir() / folder) + "/"
     return f"{what} go in {place}; get them from {where}"
 
 
@@ -141,14 +138,14 @@ def model_fingerprint(folder: str, *names: str, sidecar: str | None = None) -> s
 
 def models_root() -> Path:
     """ComfyUI's models/ folder (where optional insightface/ and dlib/ model folders are looked up)."""
-    return Path(_folder_paths.models_dir) if IN_COMFYUI else _fallback_models_dir()
+    return Path(_folder_paths.models_dir) if IN_COMFYUI else default_models_dir()
 
 
 def model_dirs(folder: str) -> list[Path]:
     """Every directory of a model folder, in ComfyUI's search order (extra_model_paths.yaml may add several)."""
     if IN_COMFYUI:
         return [Path(p) for p in _folder_paths.get_folder_paths(folder)]
-    return [_fallback_models_dir() / folder]
+    return [default_models_dir() / folder]
 
 
 def model_dir(folder: str) -> Path:
@@ -156,10 +153,11 @@ def model_dir(folder: str) -> Path:
     return model_dirs(folder)[0]
 
 
-def new_model_file(folder: str, name: str, node: str, suffix: str = "") -> Path:
+def new_model_file(folder: str, name: str, node: str, suffix: str = "", subfolder: str = "") -> Path:
     """Where a node writes `name` (+ `suffix`, added unless `name` ends with it) in the first directory of a
-    model folder, resolved; a ValueError naming the node when the name is empty or leads out of the folder."""
-    root = model_dir(folder).resolve()
+    model folder (in its `subfolder`, if given), resolved; a ValueError naming the node when the name is empty
+    or leads out of that folder."""
+    root = (model_dir(folder) / subfolder).resolve()
     stem = name.strip().removesuffix(suffix) if suffix else name.strip()
     path = (root / f"{stem}{suffix}").resolve()
     if not stem or root not in path.parents:
@@ -206,7 +204,7 @@ def file_fingerprint(paths: Iterable[Path]) -> str:
 
 EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
 EXAMPLE_PREFIX = "examples/"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES = (*PHOTO_SUFFIXES, ".gif")  # the photos we read, and GIFs as ComfyUI's own Load Image takes them
 
 
 def _input_dir() -> Path:
@@ -430,21 +428,22 @@ def check_interrupt() -> None:
         _mm.throw_exception_if_processing_interrupted()
 
 
-class Progress:
-    """ComfyUI progress bar with optional JPEG previews; silent outside ComfyUI."""
+def progress_callback(stages: tuple[str, ...] | None = None):
+    """The library's progress protocol (`comfy_diffusionrig.core.progress`) as ComfyUI's, for a node to pass
+    as a library function's callback: every call raises ComfyUI's interrupt when the user pressed cancel
+    (so the work stops within one step), then moves one ComfyUI progress bar, made on the first call with
+    that call's total, and shows its `preview` (one image [3, H, W] in [-1, 1]) on the node. stages: only
+    calls of these stages move the bar. Outside ComfyUI: no bar, no cancel."""
+    bar = []
 
-    def __init__(self, total: int):
-        self.total = total
-        self._bar = _comfy_utils.ProgressBar(total) if IN_COMFYUI else None
-
-    def update(self, value: int, preview: torch.Tensor | None = None) -> None:
-        """preview: one image [3, H, W] in [-1, 1]."""
-        if self._bar is None:
+    def callback(done: int, total: int, stage: str | None = None, preview: torch.Tensor | None = None, **_):
+        check_interrupt()
+        if not IN_COMFYUI or (stages is not None and stage not in stages):
             return
-        image = None
-        if preview is not None:
-            image = ("JPEG", tensor_to_pil(preview), 512)
-        self._bar.update_absolute(value, self.total, image)
+        if not bar:
+            bar.append(_comfy_utils.ProgressBar(total))
+        bar[0].update_absolute(done, total, None if preview is None else ("JPEG", tensor_to_pil(preview), 512))
+    return callback
 
 
 def image_to_unit(image: torch.Tensor, node: str) -> torch.Tensor:
@@ -486,6 +485,11 @@ def pil_to_image(pictures) -> torch.Tensor:
     return pil_to_tensor(pictures).permute(0, 2, 3, 1).contiguous()
 
 
+def unit_to_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> ComfyUI IMAGE [B, H, W, 3] in 0..1 (clamped), float32 on the CPU."""
+    return x.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
+
+
 def model_to_image(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> ComfyUI IMAGE [B, H, W, 3] in 0..1, float32 on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous().cpu()
+    return unit_to_image((x.float().clamp(-1, 1) + 1) / 2)

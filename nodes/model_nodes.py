@@ -5,18 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from comfy_diffusionrig import InvertedStart, edit_faces, invert_faces, load_diffusionrig
-from comfy_diffusionrig.model.checkpoints import for_inference
+from comfy_diffusionrig import InvertedStart, edit_faces, invert_faces
+from comfy_diffusionrig.model.checkpoints import CHECKPOINT_SUFFIXES, for_inference
 from comfy_diffusionrig.core.conventions import SEED_MAX
 from comfy_diffusionrig.model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
 from comfy_diffusionrig.editing import check_edit_settings
-from comfy_diffusionrig.model.lora import load_lora, merge_lora
+from comfy_diffusionrig.model.lora import load_with_lora
 
-from .host import (ModelHandle, Progress, check_interrupt, check_model_file, image_to_model, model_files,
-                   model_fingerprint, model_path, model_to_image, storage_device, torch_device, unet_precision)
+from .host import (ModelHandle, check_interrupt, check_model_file, image_to_model, model_files, model_fingerprint,
+                   model_path, model_to_image, progress_callback, storage_device, torch_device, unet_precision)
 
 CATEGORY = "DiffusionRig"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 class LoadDiffusionRigModel:
@@ -52,9 +51,9 @@ class LoadDiffusionRigModel:
 
     def load(self, ckpt_name, precision, lora_name="none", lora_strength=1.0):
         node = self.DISPLAY_NAME
-        model = load_diffusionrig(model_path("diffusionrig", ckpt_name, node), device=storage_device())  # fp32
-        if lora_name != "none":  # adapters merge in fp32
-            model = merge_lora(load_lora(model, model_path("diffusionrig", lora_name, node)), lora_strength)
+        path = model_path("diffusionrig", ckpt_name, node)
+        lora = None if lora_name == "none" else model_path("diffusionrig", lora_name, node)
+        model = load_with_lora(path, lora, lora_strength, device=storage_device())  # fp32: adapters merge in fp32
         dtype = unet_precision(precision, sum(p.numel() for p in model.denoisingUNet.parameters()))
         return (ModelHandle(for_inference(model, storage_device(), dtype, run_device=torch_device())),)
 
@@ -130,18 +129,6 @@ def _sampler_settings(node: str, preset: str, sampler: str, steps: int, cache_in
     return tuple(SAMPLING_PRESETS[preset][k] for k in ("sampler", "steps", "cache_interval"))
 
 
-def _progress_callback():
-    """An edit_faces / invert_faces callback: one ComfyUI bar with previews, cancel checked every step."""
-    bar = []
-
-    def callback(done, total, preview):
-        check_interrupt()
-        if not bar:
-            bar.append(Progress(total))
-        bar[0].update(done, preview)
-    return callback
-
-
 def _source_images(source_image, source_buffers, dr_model, node: str) -> torch.Tensor:
     """The aligned source faces at the model's size, [N, 3, S, S] in [-1, 1], one per source buffer."""
     images = _to_model_size(image_to_model(source_image, node), dr_model, node)
@@ -199,7 +186,7 @@ class DiffusionRigInvert:
         check_interrupt()
         try:
             return (dr_model.run(invert_faces, images, source_buffers, global_code, steps=steps, sampler=sampler,
-                                 batch_size=batch_size, callback=_progress_callback(), cache_interval=cache_interval,
+                                 batch_size=batch_size, callback=progress_callback(), cache_interval=cache_interval,
                                  batch=min(batch_size, images.shape[0])),)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
@@ -292,7 +279,7 @@ class DiffusionRigSampler:
         check_interrupt()
         try:
             edited = dr_model.run(edit_faces, images, source_buffers, rig_buffers, global_code, start=start,
-                                  steps=steps, eta=eta, seed=seed, batch_size=batch_size, callback=_progress_callback(),
+                                  steps=steps, eta=eta, seed=seed, batch_size=batch_size, callback=progress_callback(),
                                   sampler=sampler, cache_interval=cache_interval,
                                   batch=min(batch_size, rig_buffers.shape[0]))
         except ValueError as err:

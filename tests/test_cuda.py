@@ -259,19 +259,28 @@ def test_video_relight_on_the_gpu(demo_models, monkeypatch):
 
 @pytest.fixture
 def nodes_on_device(monkeypatch, demo_person):
-    """The nodes as ComfyUI runs them on a GPU: models stored on the CPU, moved to the GPU by use_model."""
-    from nodes import face_nodes, host, model_nodes, train_nodes
+    """The nodes as ComfyUI runs them on a GPU: models stored on the CPU, moved to the GPU when a model handle
+    runs them (ComfyUI's load_models_gpu does that move inside ComfyUI)."""
+    from nodes import face_nodes, host, model_nodes, train_nodes, video_nodes
 
-    def use_model(model):
-        model.to(DEVICE)
-        return DEVICE
+    run_models = host.run_models
+
+    def run_on_device(fn, handles, *args, **kwargs):
+        for handle in handles:
+            handle._model.to(DEVICE)
+        return run_models(fn, handles, *args, **kwargs)
 
     monkeypatch.setenv("COMFY_DIFFUSIONRIG_MODELS", str(demo_person))
+    monkeypatch.setattr(host, "run_models", run_on_device)
+    monkeypatch.setattr(video_nodes, "run_models", run_on_device)
     for module in (host, face_nodes, model_nodes, train_nodes):
-        for name, value in (("use_model", use_model), ("torch_device", lambda: DEVICE)):
-            if hasattr(module, name):
-                monkeypatch.setattr(module, name, value)
+        if hasattr(module, "torch_device"):
+            monkeypatch.setattr(module, "torch_device", lambda: DEVICE)
     return demo_person
+
+
+def first_parameter(handle):
+    return handle.run(lambda model: next(model.parameters()))
 
 
 def test_the_nodes_on_the_gpu(nodes_on_device):
@@ -287,9 +296,9 @@ def test_the_nodes_on_the_gpu(nodes_on_device):
     lit = fn.Relight().relight(rig, "sliders", 60.0, 20.0, 1.0, 0.4, "#FFFFFF")[0]
     source = fn.RenderBuffers().render(deca, rig)[0]
     target = fn.RenderBuffers().render(deca, lit)[0]
-    assert on_device(next(deca.parameters())) and source.device.type == "cpu"
+    assert on_device(first_parameter(deca)) and source.device.type == "cpu"
     (code,) = mn.EncodeGlobalCode().encode(dr, image)
-    assert on_device(next(dr.parameters())) and code.device.type == "cpu"
+    assert on_device(first_parameter(dr)) and code.device.type == "cpu"
     (start,) = mn.DiffusionRigInvert().invert(dr, image, source, code, 4, 1, sampler="dpmpp_2m")
     (edited,) = mn.DiffusionRigSampler().sample(dr, target, code, 0, 4, 0.0, "inversion", 1, sampler="dpmpp_2m",
                                                  inverted_start=start)
@@ -306,4 +315,4 @@ def test_the_nodes_on_the_gpu(nodes_on_device):
     album = Album(images.permute(0, 3, 1, 2) * 2 - 1, buffers)
     trained, curve = tn.TrainDiffusionRig().train(dr, album, 2, 1e-4, 2, 0, 4, "cuda_check", precision="bf16",
                                                   preview_every=1, restart=True)
-    assert trained is not dr and on_device(next(trained.parameters())) and curve.shape[0] == 1
+    assert trained is not dr and on_device(first_parameter(trained)) and curve.shape[0] == 1

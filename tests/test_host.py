@@ -174,3 +174,42 @@ def test_loaders_store_weights_on_the_offload_device_in_the_run_devices_precisio
     monkeypatch.setattr(model_nodes, "torch_device", lambda: torch.device("cpu"))
     with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
         LOADER().load("small.safetensors", "fp16")  # running on the CPU: refused as before
+
+
+def test_one_progress_adapter_gives_comfyui_one_bar_with_previews_and_the_cancel_check(monkeypatch):
+    """progress_callback: the library's callback(done, total, **info) as ComfyUI's ProgressBar (made once, on
+    the first call, with that call's total), its JPEG preview, and the cancel check on every call."""
+    bars, checks = [], []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.updates = total, []
+            bars.append(self)
+
+        def update_absolute(self, value, total, preview):
+            self.updates.append((value, total, preview if preview is None else (preview[0], preview[1].size)))
+
+    monkeypatch.setattr(host, "IN_COMFYUI", True)
+    monkeypatch.setattr(host, "_comfy_utils", type("Utils", (), {"ProgressBar": Bar}))
+    monkeypatch.setattr(host, "check_interrupt", lambda: checks.append(1))
+    callback = host.progress_callback()
+    callback(1, 3, preview=torch.zeros(3, 8, 6))
+    callback(2, 3, x0=torch.zeros(1, 3, 8, 8))
+    callback(3, 3, loss=0.5, model=None)
+    assert len(bars) == 1 and bars[0].total == 3 and len(checks) == 3
+    assert bars[0].updates == [(1, 3, ("JPEG", (6, 8))), (2, 3, None), (3, 3, None)]
+    video = host.progress_callback(stages=("relight",))
+    video(1, 4, stage="track")
+    video(5, 10, stage="relight")
+    assert len(bars) == 2 and bars[1].total == 10 and bars[1].updates == [(5, 10, None)] and len(checks) == 5
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel():
+        raise Cancelled
+
+    monkeypatch.setattr(host, "check_interrupt", cancel)
+    with pytest.raises(Cancelled):
+        host.progress_callback()(1, 3)
+    assert len(bars) == 2  # cancel is checked before the bar moves

@@ -303,3 +303,14 @@ def test_detail_settings_are_checked(scene):
             paste_back(scene.photo, scene.face, scene.face.image, **bad)
     with pytest.raises(ValueError, match="1 aligned face\\(s\\) but 2 motion"):
         paste_back(scene.photo, [scene.face], [scene.face.image], motion=[None, None])
+
+
+def test_the_default_feather_is_the_paste_nodes_default(scene):
+    """The CLI pastes with paste_back's default feather: 0.08 of the face width, the Paste Face Back node's default."""
+    from nodes.face_nodes import PasteFaceBack
+
+    assert PasteFaceBack.INPUT_TYPES()["required"]["feather"][1]["default"] == 0.08
+    edit = scene.edits["light"]
+    default = np.asarray(paste_back(scene.photo, scene.face, edit))
+    assert np.array_equal(default, np.asarray(paste_back(scene.photo, scene.face, edit, feather=0.08)))
+    assert not np.array_equal(default, np.asarray(paste_back(scene.photo, scene.face, edit, feather=0.16)))

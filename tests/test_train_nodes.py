@@ -6,7 +6,7 @@ import torch
 from comfy_diffusionrig import load_diffusionrig
 from comfy_diffusionrig.train.album import Album
 from comfy_diffusionrig.model.lora import lora_layers
-from nodes import model_nodes, train_nodes
+from nodes import host, model_nodes, train_nodes
 
 from test_nodes import SMALL, models_dir  # noqa: F401  (fixture)
 
@@ -52,7 +52,7 @@ def test_cancel_keeps_progress_and_queueing_again_resumes(models_dir, monkeypatc
         if calls["n"] == 2:
             raise Cancelled()
 
-    monkeypatch.setattr(train_nodes, "check_interrupt", interrupt)
+    monkeypatch.setattr(host, "check_interrupt", interrupt)
     node = train_nodes.TrainDiffusionRig()
     with pytest.raises(Cancelled):
         node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
@@ -61,7 +61,7 @@ def test_cancel_keeps_progress_and_queueing_again_resumes(models_dir, monkeypatc
     assert saved["step"] == 2
     resumed, _ = node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
                             save_name="bob", preview_every=0)
-    monkeypatch.setattr(train_nodes, "check_interrupt", lambda: None)
+    monkeypatch.setattr(host, "check_interrupt", lambda: None)
     straight, _ = node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
                              save_name="carl", preview_every=0)
     for key, value in _state(straight).items():
@@ -85,6 +85,14 @@ def test_lora_training_saves_a_small_file_that_the_loader_applies(models_dir):
     with torch.no_grad():
         want, got, base = denoise(model), denoise(loaded), denoise(_base())
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(base, want, atol=1e-5)
+    # another strength, against the adapters' own forward at that strength (base + strength * scale * up(down(x)))
+    (half,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32", lora_name="anna_lora.safetensors",
+                                                       lora_strength=0.5)
+    for layer in lora_layers(model).values():
+        layer.alpha /= 2
+    with torch.no_grad():
+        want_half, got_half = model.denoise(x, t, buffers, code), half.denoise(x, t, buffers, code)
+    assert torch.allclose(got_half, want_half, atol=1e-5) and not torch.allclose(got_half, want, atol=1e-5)
 
 
 def test_save_never_overwrites_without_the_flag(models_dir):

@@ -10,8 +10,6 @@ original image as the physical buffers rendered | normal | albedo.
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .buffers import DECA_CROP_SIZE, Renderer, project
-from ..core.errors import ModelFileError, check_finite, unreadable
+from .buffers import DECA_CROP_SIZE, Renderer, project, stack_buffers
+from ..core.errors import ModelFileError, check_finite, torch_load_error
 from .flame import FLAME, FlameTexture, load_flame, load_flame_texture
 from .flame_files import read_obj, require_file
 from .flame import ffhq_center as face_center
@@ -267,8 +265,7 @@ class DECA(nn.Module):
 
         Same arguments as `decode` (image_size required).
         """
-        out = self.decode(codes, image_size, tform, ffhq_center)
-        return torch.cat([out["rendered"], out["normal"], out["albedo"]], 1)
+        return stack_buffers(self.decode(codes, image_size, tform, ffhq_center))
 
 
 def _read_e_flame(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -277,13 +274,7 @@ def _read_e_flame(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # refused pickle, corrupt or truncated file, absurd sizes (MemoryError)
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
-        if found:
-            raise DecaAssetError(f"{path}: refused (would run code): its pickle references {found.group(1)}, which "
-                                 f"DECA's checkpoint never does, so it was not unpickled; {advice}", path) from exc
-        problem = ("its data is not a valid pickle" if isinstance(exc, pickle.UnpicklingError)
-                   else f"{type(exc).__name__}: {str(exc)[:200]}")
-        raise unreadable(DecaAssetError, path, f"not a readable DECA checkpoint ({problem})", advice) from exc
+        raise torch_load_error(exc, path, DecaAssetError, "DECA checkpoint", advice) from exc
     if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
         found = [str(k) for k in checkpoint][:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise DecaAssetError(f"{path}: no 'E_flame' weights (found {found}); {advice}", path)

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..core.conventions import GLOBAL_POSE, JAW_POSE
+from .buffers import stack_buffers
 
 CODE_KEYS = ("shape", "tex", "exp", "pose", "cam", "light")
 
@@ -139,11 +140,6 @@ def check_head(deca, rig: FaceRig) -> None:
             f"{head_id(deca.flame)}): its codes would draw another face. Load DECA with the FLAME files the rig was "
             "made with (a rig from the offline demo needs the demo's synthetic FLAME files in models/flame), or fit "
             "the photo again")
-
-
-def stack_buffers(layers: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The UNet's conditioning [B, 9, H, W] = rendered | normal | albedo from `render_layers`' dict."""
-    return torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
 
 
 def render_rig(deca, rig: FaceRig, batch_size: int = RENDER_BATCH) -> torch.Tensor:
