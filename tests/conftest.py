@@ -23,6 +23,18 @@ def reference_file(*parts: str) -> Path:
     return path
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"  # the pack's example photos
+
+
+def skip_module_without_dlib_model(name: str) -> None:
+    """Skip the calling test module (with the loader's own message) when dlib's model file `name` is missing."""
+    from comfy_diffusionrig.photo.detector_models import dlib_model_path
+
+    try:
+        dlib_model_path(name)
+    except FileNotFoundError as exc:  # pragma: no cover - depends on the environment
+        pytest.skip(str(exc), allow_module_level=True)
+
 @pytest.fixture(scope="session")
 def dr_ref():
     """Loader for files of ../shared/reference/diffusionrig (skips when absent)."""
