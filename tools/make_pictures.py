@@ -13,8 +13,9 @@ and docs/pictures/README.md listing them all):
 - docs/pictures/contact_sheet.png: the first held-out edits of the demo's contact sheet (its images/ folder);
 - docs/pictures/buffers_astronaut.png: the buffers (shaded, normals, albedo) of example_images/astronaut.png
   as fitted by the DECA in --models (the label says when it is the random-weight stand-in);
-- docs/pictures/workflow_in_comfyui.png (only with --comfyui): relight_demo_person.json opened and run in the
-  real ComfyUI frontend (headless Chromium; setup as in tests/real_comfyui.py);
+- docs/pictures/workflow_in_comfyui.png (only with --comfyui, ComfyUI's Python in $COMFYUI_PYTHON):
+  relight_demo_person.json opened and run in the real ComfyUI frontend (headless Chromium; set up as
+  tests/real_comfyui.py says);
 - workflows/<name>.jpg, the template browser's thumbnail of each workflow: relight_demo_person.jpg is that
   workflow's own output (run in this process by tools/run_workflow.py on the demo's models); the others are a
   drawing of their graph (their pictures need the licensed models: the stand-ins would show noise).
@@ -387,29 +388,32 @@ def demo_thumbnail(frames: list[Image.Image], model_name: str) -> tuple[Image.Im
 
 # ------------------------------------------------------------------------------------------ the real frontend
 def comfyui_screenshot(comfyui: Path, models: Path) -> tuple[Image.Image, str]:
-    """relight_demo_person.json opened in the real ComfyUI frontend (headless Chromium) and run there."""
+    """relight_demo_person.json opened in the real ComfyUI frontend (headless Chromium) and run there; ComfyUI is
+    started as tests/real_comfyui.py starts it (its Python: $COMFYUI_PYTHON)."""
     os.environ["COMFYUI_DIR"] = str(comfyui)
     sys.path.insert(0, str(ROOT / "tests"))
     import real_comfyui
 
     with tempfile.TemporaryDirectory() as base, real_comfyui.start_comfyui(Path(base), models, "--cpu") as (url, log):
+        real_comfyui.post_json(f"{url}/api/settings", {"Comfy.Minimap.Visible": False})
         with real_comfyui.open_frontend(url, log) as frontend:
+            page = frontend.page
+            page.set_viewport_size({"width": 2000, "height": 820})
             frontend.open(WORKFLOWS / f"{DEMO_WORKFLOW}.json")
             frontend.run_to_end(DEMO_WORKFLOW)
-            page = frontend.page
-            page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 0.55; c.ds.offset = [30, 60];"
+            # 0.7: above LiteGraph's low-quality zoom (titles and widgets drawn); the whole graph in view
+            page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 0.7; c.ds.offset = [20, 50];"
                           " window.app.graph.setDirtyCanvas(true, true); }")
-            page.wait_for_timeout(1500)
+            page.wait_for_timeout(2000)
             with tempfile.NamedTemporaryFile(suffix=".png") as shot:
                 page.screenshot(path=shot.name)
                 picture = Image.open(shot.name).convert("RGB")
             version = real_comfyui.get_json(f"{url}/system_stats")["system"].get("comfyui_version", "?")
-    picture = picture.resize((picture.width * 3 // 4, picture.height * 3 // 4), Image.Resampling.LANCZOS)
     caption = (f"Screenshot: workflows/{DEMO_WORKFLOW}.json opened and run in the real ComfyUI frontend (ComfyUI "
                f"{version}, headless Chromium, --cpu) on the offline demo's models and its SYNTHETIC person. "
                f"{COMMAND} --comfyui COMFYUI_DIR")
-    return with_caption(picture, [f"ComfyUI {version}: {DEMO_WORKFLOW}.json after Run (the demo's synthetic person)",
-                                  f"made by {COMMAND} --comfyui COMFYUI_DIR"]), caption
+    return with_caption(picture, [f"ComfyUI {version}: {DEMO_WORKFLOW}.json after Run (the demo's synthetic person, "
+                                  "32 px model)", f"made by {COMMAND} --comfyui COMFYUI_DIR"]), caption
 
 
 # ------------------------------------------------------------------------------------------------ the index
