@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from .core.conventions import PHOTO_SUFFIXES
+from .core.conventions import MODELS_DEFAULT, MODELS_ENV, PHOTO_SUFFIXES, default_models_dir
+from .core.progress import in_stage
 from .face.presets import LIGHT_PRESETS
 from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, DETAIL_MODES, check_detail
 from .model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
@@ -41,7 +42,8 @@ def _clock(seconds: float) -> str:
 
 
 class _Bar:
-    """Progress on stderr, `stage [#####.....] done/total  elapsed  ETA` per stage.
+    """A progress callback (`core.progress`) that draws on stderr, `stage [#####.....] done/total  elapsed
+    ETA` per stage (its `stage` field).
 
     On a terminal one line is redrawn in place; when the output is redirected (a log file, CI)
     a stage prints a new line only at each tenth of its work, so a log stays readable.
@@ -55,7 +57,7 @@ class _Bar:
         self.start = self.stage_start = time.perf_counter()
         self.shown = -1  # tenths of the stage already printed (redirected output)
 
-    def __call__(self, stage: str, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, stage: str = "", **_) -> None:
         now = time.perf_counter()
         if stage != self.stage:
             if self.stage is not None and self.live:
@@ -101,7 +103,6 @@ def _cmd_demo_assets(args) -> int:
 
 
 def _cmd_prepare_data(args) -> int:
-    from .pipeline import default_models_dir
     from .train.prepare import PrepareConfig, parse_shard, prepare_data
 
     root = Path(args.models) if args.models else default_models_dir()
@@ -118,7 +119,6 @@ def _cmd_demo(args) -> int:
     from dataclasses import replace
 
     from .demo.run import DemoConfig, run_demo
-    from .pipeline import default_models_dir
 
     config = DemoConfig(seed=args.seed)
     if args.quick:
@@ -251,7 +251,8 @@ def _run_edits(args, make_edit, suffix: str) -> int:
         for path in [*plan["images"], plan["gif"], plan["mp4"], *plan["buffers"], *plan["light"]]:
             if path is not None:
                 _check_new(path, args.overwrite)
-    models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision)
+    models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision, lora=args.lora,
+                         lora_strength=args.lora_strength)
     edit = make_edit(models)
     if many:
         out.mkdir(parents=True, exist_ok=True)
@@ -264,7 +265,7 @@ def _run_edits(args, make_edit, suffix: str) -> int:
                 result = edit_photo(models, load_image(photo_path), edit, steps=args.steps, seed=args.seed,
                                     start=args.start, faces=args.faces, detector=args.detector,
                                     color_match=args.color_match, sampler=args.sampler, cache_interval=args.cache,
-                                    callback=lambda done, total, name=photo_path.name: bar(name, done, total),
+                                    callback=in_stage(bar, photo_path.name),
                                     rig=rig, detail=args.detail, detail_radius=args.detail_radius)
             except NoFaceError:
                 if not many:
@@ -361,15 +362,13 @@ def _reference_rig(models, path: str):
 
 def _slider_light(text: str, mirror: bool = False):
     """--light's text -> SH light [9, 3] (unset keys: the Relight node's slider defaults)."""
-    from .face.lighting import sh_from_direction
-
     from .core.imaging import hex_color
+    from .face.lighting import SLIDER_LIGHT, sh_from_direction
 
-    light = _parse_light(text)
-    color = hex_color(light.pop("color", "#FFFFFF"))
-    azimuth = light.get("azimuth", 45.0)
-    return sh_from_direction(-azimuth if mirror else azimuth, light.get("elevation", 20.0),
-                             light.get("intensity", 0.8), light.get("ambient", 0.5), color)
+    light = {**SLIDER_LIGHT, **_parse_light(text)}
+    azimuth = light["azimuth"]
+    return sh_from_direction(-azimuth if mirror else azimuth, light["elevation"], light["intensity"],
+                             light["ambient"], hex_color(light["color"]))
 
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".gif")
@@ -422,7 +421,8 @@ def _cmd_relight_video(args) -> int:
         for path in [*names, movie]:
             if path is not None:
                 _check_new(path, args.overwrite)
-        models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision)
+        models = load_models(args.models, args.checkpoint, device=args.device, dtype=args.precision, lora=args.lora,
+                             lora_strength=args.lora_strength)
         bar = _Bar()
         try:
             result = relight_clip(models.diffusionrig, models.deca, frames, light, end, strength=args.smooth,
@@ -457,11 +457,10 @@ def _cmd_relight(args) -> int:
             preset = preset_light(args.light_preset, mirror=args.mirror)
             return lambda rig: rig.with_light(preset)
         if args.light_env:
-            from .face.environment import load_environment, sh_from_environment
-            from .face.lighting import normalize_light
+            from .face.environment import environment_light, load_environment
 
-            env_light = normalize_light(sh_from_environment(load_environment(args.light_env), yaw=args.env_yaw))
-            env_light = env_light * 2.0 ** args.env_exposure
+            env_light = environment_light(load_environment(args.light_env), yaw=args.env_yaw,
+                                          exposure=args.env_exposure)
             return lambda rig: rig.with_light(env_light)
         if args.preset_file:
             from .face.presets import load_preset
@@ -536,9 +535,14 @@ def _edit_arguments(parser: argparse.ArgumentParser, out_help: str) -> None:
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
     """Models, sampler, device and output options shared by every editing command (photos and clips)."""
     parser.add_argument("--models", default=None, help="ComfyUI-style models folder with diffusionrig/, deca/, flame/ "
-                                                       "(default: $COMFY_DIFFUSIONRIG_MODELS or ./models)")
+                                                       f"{MODELS_HELP}")
     parser.add_argument("--checkpoint", default=None, help="file in models/diffusionrig/ (default: a real checkpoint "
                                                            "before the synthetic ones)")
+    parser.add_argument("--lora", default=None, metavar="FILE",
+                        help="a personalization LoRA (Save DiffusionRig Model of a LoRA-trained model; a path or a "
+                             "file in models/diffusionrig/) merged into the checkpoint it was trained from")
+    parser.add_argument("--lora-strength", type=float, default=1.0, metavar="S",
+                        help="how much of the LoRA to apply (1 = as trained, the default; 0 = none)")
     parser.add_argument("--steps", type=int, default=None, help="sampler steps (default: 20, the official ddim20; "
                                                                  "or the --preset's)")
     parser.add_argument("--sampler", choices=list(SAMPLER_NAMES), default=None,
@@ -573,6 +577,9 @@ def _run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="auto: a CUDA GPU when torch sees one, else the CPU")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+MODELS_HELP = f"(default: ${MODELS_ENV} or ./{MODELS_DEFAULT})"
 
 
 def _read_config(path: str | None):
@@ -612,7 +619,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "for --mean-shape) or one photo")
     prepare.add_argument("--out", required=True, help="dataset folder (what train --data reads)")
     prepare.add_argument("--models", default=None, help="models folder with deca/ and flame/ "
-                                                        "(default: $COMFY_DIFFUSIONRIG_MODELS or ./models)")
+                                                        f"{MODELS_HELP}")
     prepare.add_argument("--size", type=int, default=256, help="aligned face size (official: 256)")
     prepare.add_argument("--min-face", type=int, default=64, help="reject faces whose box is smaller (pixels)")
     prepare.add_argument("--detector", choices=["hog", "cnn", "insightface"], default="hog")
@@ -627,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "synthetic faces (about 12-15 minutes on 2 CPU cores)")
     demo.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
     demo.add_argument("--models", default=None,
-                      help="a ComfyUI-style models folder (default: $COMFY_DIFFUSIONRIG_MODELS or ./models); when it "
+                      help=f"a ComfyUI-style models folder {MODELS_HELP}; when it "
                            "holds the licensed FLAME, DECA and DiffusionRig files, the demo uses its FLAME head and "
                            "also relights the example photos with your checkpoint")
     demo.add_argument("--seed", type=int, default=0)

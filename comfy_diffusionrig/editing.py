@@ -14,15 +14,16 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from .core.progress import Callback, Tally
 from .model.diffusion import SAMPLERS, sampler_functions, sampler_step_counts
 
-# callback(done, total, preview): done/total count face-steps (one UNet row-evaluation each) over
-# inversion and sampling together; preview is the current x0 estimate of one face, [3, H, W] in [-1, 1].
-EditCallback = Callable[[int, int, torch.Tensor], None]
+# The edits' progress (`core.progress`): callback(done, total, preview=...) where done/total count face-steps
+# (one face through one sampler step) over inversion and sampling together, and preview is the current x0
+# estimate of one face, [3, H, W] in [-1, 1].
+EditCallback = Callback
 STARTS = ("inversion", "noise")
 _FINGERPRINT_VALUES = 64  # values per weight tensor in a model's fingerprint
 
@@ -158,17 +159,11 @@ def _denoiser(model, cache_interval: int):
     return FeatureCache(model, cache_interval)
 
 
-def _counter(callback: EditCallback | None, total: int, done: int = 0):
-    """progress(count) -> a sampler callback that adds `count` face-steps per step and reports the sum."""
-    state = [done]
-
-    def progress(count: int):
-        def report(step, steps_total, x, x0):
-            state[0] += count
-            if callback is not None:
-                callback(state[0], total, x0[0])
-        return report
-    return progress
+@torch.no_grad()
+def encode_faces(model, images: torch.Tensor) -> torch.Tensor:
+    """The global codes of aligned faces, the `codes` of `invert_faces` / `edit_faces`: images [N,3,S,S] in
+    [-1,1] -> [N, latent_dim] float32 on the CPU (the model's encoder, run where the model is)."""
+    return model.encode(images.to(model.device)).float().cpu()
 
 
 @torch.no_grad()
@@ -180,7 +175,7 @@ def invert_faces(model, images: torch.Tensor, source_buffers: torch.Tensor, code
     images [N,3,S,S] in [-1,1], source_buffers [N,9,S,S] (rendered|normal|albedo of the unedited
     fits), codes [N,64] or [1,64] (shared). sampler, steps, cache_interval as `edit_faces` (the
     edits from it must use the same). Faces are inverted `batch_size` at a time;
-    `callback(done, total, preview)` counts the inversion's face-steps (raise in it to cancel).
+    `callback(done, total, preview=)` counts the inversion's face-steps (`core.progress`; raise in it to cancel).
     -> InvertedStart (x_T [N,3,S,S] float32 on the CPU, with the settings and the model's fingerprint).
     """
     check_edit_settings("inversion", steps, 0.0, batch_size, sampler, cache_interval)
@@ -188,12 +183,12 @@ def invert_faces(model, images: torch.Tensor, source_buffers: torch.Tensor, code
     _check_codes(model, codes)
     codes = _rows(codes, n, "codes")
     _, invert_fn = sampler_functions(sampler)
-    progress = _counter(callback, n * sampler_step_counts(model, sampler, steps)[0])
+    tally = Tally(callback, n * sampler_step_counts(model, sampler, steps)[0])
     starts = []
     for first in range(0, n, batch_size):
         part = slice(first, first + batch_size)
         starts.append(invert_fn(_denoiser(model, cache_interval), images[part], source_buffers[part], codes[part],
-                                steps=steps, callback=progress(len(range(n)[part]))))
+                                steps=steps, callback=tally.steps(len(range(n)[part]))))
     return InvertedStart(torch.cat(starts).float().cpu(), sampler, steps, cache_interval, model_fingerprint(model),
                          _model_name(model))
 
@@ -218,7 +213,7 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
     every face and frame (so frames of a sweep stay consistent). eta > 0 adds per-step noise,
     also drawn from `seed` for each row, so a face's frames share it and a batch equals its
     faces alone. Faces and rows are processed `batch_size` at a time. `callback(done, total,
-    preview)` reports inversion and sampling as one count of face-steps.
+    preview=)` reports inversion and sampling as one count of face-steps (`core.progress`).
 
     sampler: "ddim" (official, the reference) or "dpmpp_2m" (DPM-Solver++(2M) with its matching
     inversion: second order, about half the steps for DDIM's accuracy); cache_interval N > 1
@@ -256,13 +251,14 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
     if inverting:
         start = invert_faces(model, images, source_buffers, codes, steps=steps, sampler=sampler, batch_size=batch_size,
                              cache_interval=cache_interval,
-                             callback=None if callback is None else (lambda done, _, x0: callback(done, total, x0)))
+                             callback=None if callback is None else (
+                                 lambda done, _, **info: callback(done, total, **info)))
     if isinstance(start, InvertedStart):
         x_start = start.x_t
     else:
         noise = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(seed))
         x_start = noise.expand(n, -1, -1, -1)
-    progress = _counter(callback, total, n * invert_steps if inverting else 0)
+    tally = Tally(callback, total, n * invert_steps if inverting else 0)
     device = getattr(model, "device", target_buffers.device)
     face_of_row = torch.arange(rows) // frames
     outputs = []
@@ -271,5 +267,5 @@ def edit_faces(model, images: torch.Tensor | None, source_buffers: torch.Tensor 
         generators = [torch.Generator(device).manual_seed(seed) for _ in part] if eta > 0 else None
         outputs.append(sample_fn(_denoiser(model, cache_interval), target_buffers[first:first + batch_size],
                                  codes[part.to(codes.device)], x_start[part], steps=steps, eta=eta,
-                                 generator=generators, callback=progress(len(part))).float().cpu())
+                                 generator=generators, callback=tally.steps(len(part))).float().cpu())
     return torch.cat(outputs)

@@ -7,7 +7,6 @@ The ComfyUI nodes run the same library calls one node at a time.
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,20 +19,28 @@ from PIL import Image
 from .photo.alignment import align_faces
 
 from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, check_detail, paste_back
-from .model.checkpoints import load_diffusionrig
+from .model.checkpoints import CHECKPOINT_SUFFIXES
+from .model.lora import is_lora_file, load_with_lora
 from .face.deca import load_deca
-from .editing import check_edit_settings, edit_faces
+from .editing import check_edit_settings, edit_faces, encode_faces
+from .core.conventions import default_models_dir
 from .core.imaging import pil_to_tensor, tensor_to_pil
+from .core.progress import Callback
 from .face.motion import rig_motion
 from .face.rig import FaceRig, fit_faces, render_layers, render_rig, stack_buffers
 from .face.rig_files import rig_ready
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 Edit = Callable[[FaceRig], FaceRig]
 
 
-def default_models_dir() -> Path:
-    return Path(os.environ.get("COMFY_DIFFUSIONRIG_MODELS", "models"))
+def _lora_path(models_dir: Path, name: str) -> Path:
+    path = Path(name) if Path(name).is_file() else models_dir / "diffusionrig" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {name} not found (as a path, or in {models_dir / 'diffusionrig'}/)")
+    if not is_lora_file(path):
+        raise ValueError(f"{path} is not a DiffusionRig LoRA (Save DiffusionRig Model of a LoRA-trained model "
+                         "writes one); give a full model with --checkpoint instead")
+    return path
 
 
 @dataclass
@@ -45,9 +52,10 @@ class Models:
 
 def find_checkpoint(models_dir: str | Path, name: str | None = None) -> Path:
     """models_dir/diffusionrig/<name>, or the only / first checkpoint there (real checkpoints first, then the
-    official-size stand-in of demo-assets, then the demo's small models trained on synthetic faces)."""
+    official-size stand-in of demo-assets, then the demo's small models trained on synthetic faces). LoRA files
+    are not checkpoints (they apply on top of one: `load_models(lora=...)`)."""
     folder = Path(models_dir) / "diffusionrig"
-    found = sorted((p for p in folder.glob("*") if p.suffix in CHECKPOINT_SUFFIXES),
+    found = sorted((p for p in folder.glob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and not is_lora_file(p)),
                    key=lambda p: ("synthetic" in p.name, "synthetic_demo" in p.name, p.name)) \
         if folder.is_dir() else []
     if name:
@@ -65,10 +73,15 @@ def find_checkpoint(models_dir: str | Path, name: str | None = None) -> Path:
 
 
 def load_models(models_dir: str | Path | None = None, checkpoint: str | None = None,
-                deca_file: str = "deca_model.tar", device="cpu", dtype="auto", backend: str = "auto") -> Models:
-    """DiffusionRig + DECA from a ComfyUI-style models folder (diffusionrig/, deca/, flame/)."""
+                deca_file: str = "deca_model.tar", device="cpu", dtype="auto", backend: str = "auto",
+                lora: str | None = None, lora_strength: float = 1.0) -> Models:
+    """DiffusionRig + DECA from a ComfyUI-style models folder (diffusionrig/, deca/, flame/).
+
+    lora: a LoRA file (a path, or a name in models_dir/diffusionrig/) merged into the checkpoint at
+    lora_strength (`model.lora.load_with_lora`)."""
     root = Path(models_dir) if models_dir is not None else default_models_dir()
-    model = load_diffusionrig(find_checkpoint(root, checkpoint), device=device, dtype=dtype)
+    lora_path = None if lora is None else _lora_path(root, lora)
+    model = load_with_lora(find_checkpoint(root, checkpoint), lora_path, lora_strength, device=device, dtype=dtype)
     deca = load_deca(root / "deca" / deca_file, root / "flame", device=device, backend=backend)
     return Models(model, deca, root)
 
@@ -105,7 +118,7 @@ class EditResult:
 def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, seed: int = 0,
                start: str = "inversion", faces: str = "largest", detector: str = "hog",
                color_match: bool = False, batch_size: int = 4, eta: float = 0.0,
-               callback: Callable[[int, int], None] | None = None, sampler: str = "ddim",
+               callback: Callback | None = None, sampler: str = "ddim",
                cache_interval: int = 1, rig: FaceRig | None = None, detail: str = DEFAULT_DETAIL,
                detail_radius: float = DEFAULT_DETAIL_RADIUS) -> EditResult:
     """Edit the face(s) of one photo; `edit` maps the fitted rig (one row per face) to the edited rig.
@@ -113,8 +126,9 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     An edit may return F rows per face (a sweep: face-major, as `rig.sweep` makes them), giving
     one output photo per frame. start "inversion" keeps the photo's background and details
     (each face DDIM-inverted under its own buffers), "noise" samples from seeded noise; the
-    denoising is `edit_faces` (with its sampler and cache_interval). callback(done, total) counts
-    face-steps of inversion and sampling. rig: the photo's known rig (a rigged photo, see `rig_files`):
+    denoising is `edit_faces` (with its sampler and cache_interval). callback(done, total, preview=)
+    counts face-steps of inversion and sampling (`core.progress`, as `edit_faces`). rig: the photo's
+    known rig (a rigged photo, see `rig_files`):
     the photo is then the aligned face itself, and alignment, fitting and pasting back are skipped.
     detail, detail_radius: how the edit goes back into the photo (`photo.paste.paste_back`); with the
     photo's own detail ("ratio", "difference") a face the edit moved takes its detail along (`rig_motion`).
@@ -145,12 +159,11 @@ def edit_photo(models: Models, photo: Image.Image, edit: Edit, steps: int = 20, 
     target_buffers = stack_buffers(target)
     lap("render")
     x = images * 2 - 1
-    with torch.no_grad():
-        code = model.encode(x.to(model.device)).cpu()
+    code = encode_faces(model, x)
     lap("encode")
     result = edit_faces(model, x, source_buffers, target_buffers, code, start=start, steps=steps, eta=eta, seed=seed,
                         batch_size=batch_size, sampler=sampler, cache_interval=cache_interval,
-                        callback=None if callback is None else (lambda done, total, preview: callback(done, total)))
+                        callback=callback)
     lap("denoise")
     edited_faces = [tensor_to_pil(f) for f in result]
     if aligned is None:  # a rigged photo is its own aligned face

@@ -27,7 +27,8 @@ import torch
 from PIL import Image
 
 from .core.imaging import pil_to_tensor, tensor_to_pil
-from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS
+from .core.progress import Callback, in_stage, notify
+from .photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, DEFAULT_FEATHER
 
 SMOOTH_KEYS = ("pose", "exp", "cam", "light")  # what jitters per fit; shape and tex are shared instead
 SPEED = 0.05  # One-Euro beta per frame, in units of a channel's typical jitter: lag shrinks on real motion
@@ -243,14 +244,13 @@ class ClipResult:
                 f"tracked face passed through unchanged: {', '.join(str(i) for i in self.missing)} (0-based)")
 
 
-ClipProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor, end_light: torch.Tensor | None = None,
                  *, strength: float = 2.0, ease: bool = False, face: int = 0, start: str = "inversion",
                  steps: int = 20, eta: float = 0.0, seed: int = 0, batch_size: int = 4, detector: str = "hog",
-                 identity: bool = True, color_match: bool = False, feather: float = 0.08,
-                 models_dir=None, progress: ClipProgress | None = None, sampler: str = "ddim",
+                 identity: bool = True, color_match: bool = False, feather: float = DEFAULT_FEATHER,
+                 models_dir=None, progress: Callback | None = None, sampler: str = "ddim",
                  cache_interval: int = 1, detail: str = DEFAULT_DETAIL,
                  detail_radius: float = DEFAULT_DETAIL_RADIUS) -> ClipResult:
     """Relight one person through a clip of frames (PIL images of one size) -> ClipResult.
@@ -263,11 +263,13 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     with the same settings (sampler and cache_interval too) and noise policy for every frame; detail,
     detail_radius: how each frame's face goes back (`photo.paste.paste_back`). Only the
     light changes, so the faces do not move: no rig motion is needed.
+    progress(done, total, stage=) (`core.progress`) counts each stage on its own: "track" (frames),
+    "fit" (0 then 1), "relight" (face-steps, with preview=, as `edit_faces`), "paste" (tracked frames).
     """
     from .photo.alignment import align_face
     from .photo.detection import detect_faces
     from .photo.paste import check_detail, paste_faces
-    from .editing import check_edit_settings, edit_faces
+    from .editing import check_edit_settings, edit_faces, encode_faces
     from .face.rig import fit_faces, render_layers, render_rig, stack_buffers
 
     check_edit_settings(start, steps, eta, batch_size, sampler, cache_interval)
@@ -279,7 +281,8 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     sizes = {f.size for f in frames}
     if len(sizes) != 1:
         raise ValueError(f"the frames of a clip must have one size, got {sorted(sizes)}")
-    report = progress or (lambda stage, done, total: None)
+    def report(stage, done, total, **info):
+        notify(progress, done, total, stage=stage, **info)
     detections = []
     for t, frame in enumerate(frames):
         detections.append(detect_faces(frame, detector=detector, models_dir=models_dir))
@@ -308,12 +311,10 @@ def relight_clip(model, deca, frames: Sequence[Image.Image], light: torch.Tensor
     source_buffers = render_rig(deca, rig)
     target_buffers = stack_buffers(render_layers(deca, target))
     x = images * 2 - 1
-    with torch.no_grad():
-        codes = model.encode(x.to(model.device)).float().cpu()
-    codes = smooth_sequence(codes, strength, runs=runs)
+    codes = smooth_sequence(encode_faces(model, x), strength, runs=runs)
     edited = edit_faces(model, x, source_buffers, target_buffers, codes, start=start, steps=steps, eta=eta,
                         seed=seed, batch_size=batch_size, sampler=sampler, cache_interval=cache_interval,
-                        callback=lambda done, total, preview: report("relight", done, total))
+                        callback=in_stage(progress, "relight"))
     faces = [tensor_to_pil(f) for f in edited]
     out = list(frames)
     width, height = frames[0].size

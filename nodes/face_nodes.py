@@ -11,18 +11,18 @@ import torch
 from comfy_diffusionrig.photo import alignment as photo_alignment
 from comfy_diffusionrig.photo import detection, loading, paste
 from comfy_diffusionrig.photo import identity
-from comfy_diffusionrig.face.buffers import buffer_images, shading_maps
+from comfy_diffusionrig.face.buffers import buffer_images, buffer_preview, shading_maps
 from comfy_diffusionrig.face.deca import FLAME_FILES, load_deca
 from comfy_diffusionrig.core.imaging import hex_color
 from comfy_diffusionrig.face.motion import rig_motion
-from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, lit_sphere, preset_light, rotate_sh, sh_from_direction
-from comfy_diffusionrig.face.rig import (SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers, stack_buffers,
-                                    sweep, sweep_values)
+from comfy_diffusionrig.face.lighting import LIGHT_PRESETS, SLIDER_LIGHT, lit_sphere, preset_light, rotate_sh, sh_from_direction
+from comfy_diffusionrig.face.rig import (RENDER_BATCH, SWEEP_PARAMETERS, copy_from, edit_pose, fit_faces, render_layers,
+                                    stack_buffers, sweep, sweep_values)
 from comfy_diffusionrig.face.rig_files import RigFileError, load_rigged_photo, save_rigged_photo
 
-from .host import (RIG_FOLDER, check_interrupt, check_model_file, file_fingerprint, find_model_files, image_to_pil,
-                   image_to_unit, input_files, input_path, managed, model_files, model_fingerprint, model_path,
-                   new_model_file, models_root, pil_to_image, preview_file, storage_device, use_model)
+from .host import (RIG_FOLDER, ModelHandle, check_interrupt, check_model_file, file_fingerprint, find_model_files,
+                   image_to_pil, image_to_unit, input_files, input_path, model_files, model_fingerprint, model_path,
+                   new_model_file, models_root, pil_to_image, preview_file, storage_device, unit_to_image)
 
 CATEGORY = "DiffusionRig"
 DETECTORS = list(detection.DETECTORS)
@@ -89,7 +89,7 @@ class LoadDECA:
         node = self.DISPLAY_NAME
         path = model_path("deca", deca_model, node)
         flame = find_model_files("flame", FLAME_FILES, node)
-        return (managed(load_deca(path, flame, device=storage_device(), backend=rasterizer)),)
+        return (ModelHandle(load_deca(path, flame, device=storage_device(), backend=rasterizer)),)
 
     @classmethod
     def IS_CHANGED(cls, deca_model, **_):
@@ -171,8 +171,7 @@ class DECAFit:
                                      "of Detect & Align Face, or check the image")
                 landmarks.append(found[0].landmarks)
             landmarks = np.stack(landmarks)
-        use_model(deca)
-        return (fit_faces(deca, image_to_unit(aligned, node), landmarks),)
+        return (deca.run(fit_faces, image_to_unit(aligned, node), landmarks, batch=len(landmarks)),)
 
 
 class LoadFaceRig:
@@ -256,20 +255,20 @@ def parse_color(text: str, node: str) -> tuple[float, float, float]:
 
 
 def _sphere_image(light: torch.Tensor) -> torch.Tensor:
-    return lit_sphere(light.float(), size=256).permute(0, 2, 3, 1).contiguous()
+    return unit_to_image(lit_sphere(light.float(), size=256))
 
 
 # The light sliders of Relight and Relight Video Clip (widget order matters to saved workflows).
 LIGHT_SLIDERS = {
-    "azimuth": ("FLOAT", {"default": 45.0, "min": -180.0, "max": 180.0, "step": 1.0,
+    "azimuth": ("FLOAT", {"default": SLIDER_LIGHT["azimuth"], "min": -180.0, "max": 180.0, "step": 1.0,
                           "tooltip": "Degrees; 0 = from the camera, positive = from image right."}),
-    "elevation": ("FLOAT", {"default": 20.0, "min": -90.0, "max": 90.0, "step": 1.0,
+    "elevation": ("FLOAT", {"default": SLIDER_LIGHT["elevation"], "min": -90.0, "max": 90.0, "step": 1.0,
                             "tooltip": "Degrees; positive = from above."}),
-    "intensity": ("FLOAT", {"default": 0.8, "min": 0.0, "max": 3.0, "step": 0.05,
+    "intensity": ("FLOAT", {"default": SLIDER_LIGHT["intensity"], "min": 0.0, "max": 3.0, "step": 0.05,
                             "tooltip": "Direct light strength (sliders mode)."}),
-    "ambient": ("FLOAT", {"default": 0.5, "min": 0.0, "max": 3.0, "step": 0.05,
+    "ambient": ("FLOAT", {"default": SLIDER_LIGHT["ambient"], "min": 0.0, "max": 3.0, "step": 0.05,
                           "tooltip": "Light from everywhere (sliders mode): higher = softer shadows."}),
-    "color": ("STRING", {"default": "#FFFFFF",
+    "color": ("STRING", {"default": SLIDER_LIGHT["color"],
                          "tooltip": "Light colour as hex, e.g. #FFD8A8 for warm (sliders mode)."}),
 }
 
@@ -396,11 +395,10 @@ class RenderBuffers:
         }}
 
     def render(self, deca, rig):
-        use_model(deca)
-        layers = render_layers(deca, rig)
+        layers = deca.run(render_layers, rig, batch=min(len(rig), RENDER_BATCH))
         buffers, alpha = stack_buffers(layers), layers["alpha"]
-        shaded, normal, albedo = (x.permute(0, 2, 3, 1).contiguous() for x in buffer_images(buffers, alpha))
-        preview = torch.cat([shaded, normal, albedo], dim=2)
+        shaded, normal, albedo = (unit_to_image(x) for x in buffer_images(buffers, alpha))
+        preview = unit_to_image(buffer_preview(buffers, alpha))
         result = (buffers, preview, shaded, normal, albedo, alpha[:, 0].contiguous())
         return {"ui": {"diffusionrig_shading": [_shading_preview(layers, rig)]}, "result": result}
 
@@ -485,7 +483,7 @@ class PasteFaceBack:
             "edited": ("IMAGE", {"tooltip": "Edited faces: one per aligned face, or many frames of a single face."}),
             "color_match": ("BOOLEAN", {"default": False, "tooltip": "Match the edit's colours to the original "
                                                                      "face (hides tint shifts)."}),
-            "feather": ("FLOAT", {"default": 0.08, "min": 0.0, "max": 0.5, "step": 0.01,
+            "feather": ("FLOAT", {"default": paste.DEFAULT_FEATHER, "min": 0.0, "max": 0.5, "step": 0.01,
                                   "tooltip": "Width of the soft edge, as a fraction of the face width."}),
         }, "optional": {
             "detail": (list(paste.DETAIL_MODES), {"default": paste.DEFAULT_DETAIL, "tooltip": DETAIL_TIP}),
@@ -549,9 +547,8 @@ class PasteFaceBack:
             raise ValueError(f"{node}: rig has {len(rig)} face(s) for {faces} aligned face(s) and edited_rig "
                              f"{len(edited_rig)} row(s) for {edits} edited image(s); connect the fit of these aligned "
                              "faces and the rig the edit was rendered from")
-        use_model(deca)
         try:
-            return rig_motion(deca, rig, edited_rig)
+            return deca.run(rig_motion, rig, edited_rig, batch=len(edited_rig))
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
 

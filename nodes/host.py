@@ -9,8 +9,9 @@ models stay where they were loaded, and progress/cancel are no-ops.
 
 from __future__ import annotations
 
-import functools
+import copy
 import hashlib
+import logging
 import os
 import sys
 from collections.abc import Iterable
@@ -18,17 +19,20 @@ from pathlib import Path
 
 import torch
 
+from comfy_diffusionrig.core.conventions import PHOTO_SUFFIXES, default_models_dir
 from comfy_diffusionrig.core.imaging import pil_to_tensor, tensor_to_pil
 from comfy_diffusionrig.model.checkpoints import atomic_write
 
 try:  # inside ComfyUI
     import comfy.model_management as _mm
+    import comfy.model_patcher as _model_patcher
     import comfy.utils as _comfy_utils
     import folder_paths as _folder_paths
 except ImportError:  # library use and tests
-    _mm = _comfy_utils = _folder_paths = None
+    _mm = _model_patcher = _comfy_utils = _folder_paths = None
 
 IN_COMFYUI = _folder_paths is not None
+log = logging.getLogger("comfy_diffusionrig")
 
 PRESET_FOLDER = "diffusionrig_presets"  # Save / Load Rig Preset's files, a model folder of its own
 RIG_FOLDER = "face_rigs"  # rigged photos (an aligned face + its rig): Save / Load Face Rig, the demo's person
@@ -61,10 +65,6 @@ MODEL_FOLDERS = {
 }
 
 
-def _fallback_models_dir() -> Path:
-    return Path(os.environ.get("COMFY_DIFFUSIONRIG_MODELS", "models"))
-
-
 def register_model_folders() -> None:
     """Register our model folders with ComfyUI (so extra_model_paths.yaml works); no-op outside."""
     if not IN_COMFYUI:
@@ -84,7 +84,7 @@ def model_files(folder: str, suffixes: tuple[str, ...] = ()) -> list[str]:
     if IN_COMFYUI:
         names = _folder_paths.get_filename_list(folder)
     else:
-        root = _fallback_models_dir() / folder
+        root = default_models_dir() / folder
         names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) \
             if root.is_dir() else []
     return [n for n in names if (not suffixes or n.lower().endswith(suffixes))
@@ -96,7 +96,7 @@ def folder_hint(folder: str) -> str:
     if IN_COMFYUI:
         place = f"ComfyUI/models/{folder}/ (or a path added to '{folder}' in extra_model_paths.yaml)"
     else:
-        place = str(_fallback_models_dir() / folder) + "/"
+        place = str(default_models_dir() / folder) + "/"
     return f"{what} go in {place}; get them from {where}"
 
 
@@ -140,14 +140,14 @@ def model_fingerprint(folder: str, *names: str, sidecar: str | None = None) -> s
 
 def models_root() -> Path:
     """ComfyUI's models/ folder (where optional insightface/ and dlib/ model folders are looked up)."""
-    return Path(_folder_paths.models_dir) if IN_COMFYUI else _fallback_models_dir()
+    return Path(_folder_paths.models_dir) if IN_COMFYUI else default_models_dir()
 
 
 def model_dirs(folder: str) -> list[Path]:
     """Every directory of a model folder, in ComfyUI's search order (extra_model_paths.yaml may add several)."""
     if IN_COMFYUI:
         return [Path(p) for p in _folder_paths.get_folder_paths(folder)]
-    return [_fallback_models_dir() / folder]
+    return [default_models_dir() / folder]
 
 
 def model_dir(folder: str) -> Path:
@@ -155,10 +155,11 @@ def model_dir(folder: str) -> Path:
     return model_dirs(folder)[0]
 
 
-def new_model_file(folder: str, name: str, node: str, suffix: str = "") -> Path:
+def new_model_file(folder: str, name: str, node: str, suffix: str = "", subfolder: str = "") -> Path:
     """Where a node writes `name` (+ `suffix`, added unless `name` ends with it) in the first directory of a
-    model folder, resolved; a ValueError naming the node when the name is empty or leads out of the folder."""
-    root = model_dir(folder).resolve()
+    model folder (in its `subfolder`, if given), resolved; a ValueError naming the node when the name is empty
+    or leads out of that folder."""
+    root = (model_dir(folder) / subfolder).resolve()
     stem = name.strip().removesuffix(suffix) if suffix else name.strip()
     path = (root / f"{stem}{suffix}").resolve()
     if not stem or root not in path.parents:
@@ -218,7 +219,7 @@ def file_fingerprint(paths: Iterable[Path]) -> str:
 
 EXAMPLE_IMAGES = Path(__file__).resolve().parents[1] / "example_images"
 EXAMPLE_PREFIX = "examples/"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+IMAGE_SUFFIXES = (*PHOTO_SUFFIXES, ".gif")  # the photos we read, and GIFs as ComfyUI's own Load Image takes them
 
 
 def _input_dir() -> Path:
@@ -301,76 +302,139 @@ def torch_device() -> torch.device:
 
 def storage_device() -> torch.device:
     """Where a freshly loaded model's weights go: ComfyUI's offload device, so that loading never needs room
-    on a GPU that other models fill (`use_model` moves the weights to `torch_device` when a node runs the
+    on a GPU that other models fill (a `ModelHandle` moves the weights to `torch_device` when a node runs the
     model, after ComfyUI has freed what it needs); the CPU outside ComfyUI."""
     return _mm.unet_offload_device() if IN_COMFYUI else torch.device("cpu")
 
 
-class _Held(torch.nn.Module):
+def unet_precision(precision: str, parameters: int = 0) -> str | torch.dtype:
+    """A loader's `precision` input as the UNet precision to load with.
+
+    Inside ComfyUI, "auto" is ComfyUI's own choice for a diffusion model on its torch device
+    (`model_management.unet_dtype`), so its flags apply (--fp32-unet, --bf16-unet, --fp16-unet, --force-fp32,
+    --cpu): bf16 on GPUs with native bf16; on GPUs without it fp16 where ComfyUI runs its own models in fp16
+    (a `ModelHandle` guards it: a non-finite result runs again in fp32), else fp32. A choice the pack does not
+    run (fp8, fp64), or fp16 for the CPU, gives fp32. Outside ComfyUI, "auto" is left to the library
+    (`core.devices.resolve_dtype`); parameters: the UNet's parameter count (ComfyUI weighs it against free memory)."""
+    if precision != "auto" or _mm is None:
+        return precision
+    dtype = _mm.unet_dtype(device=torch_device(), model_params=parameters,
+                           supported_dtypes=[torch.bfloat16, torch.float16, torch.float32])
+    ours = dtype in (torch.float32, torch.bfloat16, torch.float16)
+    if not ours or (dtype == torch.float16 and torch_device().type == "cpu"):
+        return torch.float32
+    return dtype
+
+
+class _Holder(torch.nn.Module):
     """What ComfyUI's ModelPatcher holds: our model as a submodule. ModelPatcher writes its bookkeeping
-    (`device`, `model_loaded_weight_memory`, ...) onto this holder, so our model's own `device`
-    property keeps reading where its weights are, wherever ComfyUI moves them."""
+    (`device`, `model_loaded_weight_memory`, ...) onto this holder, so our model's own `device` property keeps
+    reading where its weights are, wherever ComfyUI moves them."""
 
     def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.held = model
 
 
-@functools.cache
-def _held_class(model_class: type) -> type:
-    # ComfyUI's log names the class of what it loads and unloads: "Requested to load DiffusionRig"
-    return type(model_class.__name__, (_Held,), {"__module__": __name__})
+# ComfyUI's log names the class of what it loads and unloads: "Requested to load DiffusionRig"
+class DiffusionRig(_Holder):
+    """ModelPatcher's holder of a DiffusionRig model."""
 
 
-class _PatcherSlot:
-    """Carries a model's ModelPatcher. A deep copy of the model (Train copies its base model) gets an
-    empty slot: the copy is a model of its own and gets its own patcher on first use."""
-
-    def __init__(self, patcher=None):
-        self.patcher = patcher
-
-    def __deepcopy__(self, memo):
-        return _PatcherSlot()
+class DECA(_Holder):
+    """ModelPatcher's holder of DECA (with FLAME and the renderer)."""
 
 
-_SLOT = "_comfy_patcher_slot"
+_HOLDERS = {cls.__name__: cls for cls in (DiffusionRig, DECA)}
 
 
-def _patcher(model: torch.nn.Module):
-    slot = model.__dict__.get(_SLOT)
-    if slot is None or slot.patcher is None:
-        import comfy.model_patcher
-
-        # all parameters and buffers: DECA's FLAME and renderer tensors are buffers outside its state_dict
-        size = sum(t.nelement() * t.element_size() for t in (*model.parameters(), *model.buffers()))
-        held = _held_class(type(model))(model)
-        slot = _PatcherSlot(comfy.model_patcher.ModelPatcher(
-            held, load_device=_mm.get_torch_device(), offload_device=_mm.unet_offload_device(), size=size))
-        model.__dict__[_SLOT] = slot
-    return slot.patcher
+class _Overflow(Exception):
+    """An fp16 UNet gave a non-finite output (raised inside the library call, caught by `run_models`)."""
 
 
-def managed(model: torch.nn.Module) -> torch.nn.Module:
-    """Hand a freshly loaded model to ComfyUI's model management and move it to ComfyUI's offload device
-    (where idle models wait); `use_model` loads it before each use. Returns the model itself, which the
-    nodes pass around as before. Outside ComfyUI: the model, untouched."""
-    if IN_COMFYUI:
-        model.to(_patcher(model).offload_device)
-    return model
+def _model_bytes(model: torch.nn.Module) -> int:
+    # all parameters and buffers: DECA's FLAME and renderer tensors are buffers outside its state_dict
+    return sum(t.nelement() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def use_model(model: torch.nn.Module) -> torch.device:
-    """Call before running a model; returns the device to run it on (where its weights are).
+class ModelHandle:
+    """What the DR_MODEL and DECA_MODEL sockets carry: a model and, inside ComfyUI, its ModelPatcher.
 
-    Inside ComfyUI: `comfy.model_management.load_models_gpu` loads it onto the GPU, offloading other
-    models as needed, and lists it among ComfyUI's loaded models, so the Free-memory button, --lowvram,
-    --gpu-only and --cpu apply to it like to ComfyUI's own. It is loaded whole (force_full_load): our
-    layers are plain torch modules, which ComfyUI cannot run half on the GPU; with --novram ComfyUI
-    keeps the weights on the CPU and the model runs there. A model not yet managed (a copy made by
-    Train) is taken under management here."""
-    if IN_COMFYUI:
-        _mm.load_models_gpu([_patcher(model)], force_full_load=True)
-    return next(model.parameters()).device
+    The model is reached only through `run` (or `run_models`), which loads it first, so no node can run a
+    model that ComfyUI has not loaded (as core's `comfy.clip_vision.ClipVisionModel` loads itself in its own
+    methods). Outside ComfyUI the model stays where it was loaded and `run` only calls the function."""
+
+    def __init__(self, model: torch.nn.Module):
+        self._model = model
+        self._patcher = None  # made on first load; made again when the model's size changed (fp32 fallback, Train)
+
+    def __repr__(self) -> str:
+        return f"<{type(self._model).__name__} model handle>"
+
+    @property
+    def config(self):
+        """The model's configuration (a DiffusionRig's UNetConfig: image size, ...); reading it runs nothing."""
+        return self._model.config
+
+    def copy(self) -> ModelHandle:
+        """A handle of a deep copy of the model, with a ModelPatcher of its own (Train personalizes a copy: the
+        loader's cached model stays the base)."""
+        return ModelHandle(copy.deepcopy(self._model))
+
+    def run(self, fn, *args, batch: int = 1, training: bool = False, **kwargs):
+        """fn(model, *args, **kwargs) once ComfyUI has loaded the model, with room asked for the activations of
+        `batch` items (`training`: of a training step); see `run_models`."""
+        return run_models(fn, [self], *args, batch=batch, training=training, **kwargs)
+
+    def _load_patcher(self):
+        size = _model_bytes(self._model)
+        if self._patcher is None or self._patcher.size != size:
+            # ComfyUI unloads the stale patcher as a clone of this one (it holds the same module)
+            holder = self._patcher.model if self._patcher is not None else \
+                _HOLDERS.get(type(self._model).__name__, _Holder)(self._model)
+            self._patcher = _model_patcher.ModelPatcher(holder, load_device=_mm.get_torch_device(),
+                                                        offload_device=_mm.unet_offload_device(), size=size)
+        return self._patcher
+
+    def _guard_fp16(self):
+        """A hook that raises _Overflow where an fp16 UNet's output is not finite; None for other models. The
+        UNet's last layer (`denoisingUNet.out`) sees every denoiser output, plain and feature-cached."""
+        unet = getattr(self._model, "denoisingUNet", None)
+        if unet is None or self._model.dtype != torch.float16:
+            return None
+
+        def check(module, args, out):
+            if not bool(torch.isfinite(out).all()):
+                raise _Overflow(self)
+        return unet.out.register_forward_hook(check)
+
+
+def run_models(fn, handles: list[ModelHandle], *args, batch: int = 1, training: bool = False, **kwargs):
+    """fn(*models, *args, **kwargs) with the handles' models, once they are loaded (together).
+
+    Inside ComfyUI, `comfy.model_management.load_models_gpu` loads them onto the GPU, offloading other models as
+    needed to leave room for the activations of `batch` items (`memory_required`), and lists them among
+    ComfyUI's loaded models, so the Free-memory button, --lowvram, --gpu-only and --cpu apply to them like to
+    ComfyUI's own. They are loaded whole (force_full_load): our layers are plain torch modules, which ComfyUI
+    cannot run half on the GPU; with --novram ComfyUI keeps the weights on the CPU and the models run there.
+
+    An fp16 UNet whose output is not finite (fp16 tops out at 65504) is cast to fp32 for good and fn runs
+    again from the start, with a one-line warning."""
+    while True:
+        if _mm is not None:  # inside ComfyUI (its model management)
+            memory = sum(h._model.activation_bytes(batch, training=training) for h in handles)
+            _mm.load_models_gpu([h._load_patcher() for h in handles], memory_required=memory, force_full_load=True)
+        guards = [g for g in (h._guard_fp16() for h in handles) if g is not None]
+        try:
+            return fn(*(h._model for h in handles), *args, **kwargs)
+        except _Overflow as overflow:
+            model = overflow.args[0]._model
+            log.warning("%s: the fp16 UNet overflowed (inf or NaN); running again in fp32, and keeping this model "
+                        "in fp32 (load it with precision bf16 or fp32 to skip the fp16 try)", type(model).__name__)
+            model.denoisingUNet.to(torch.float32)
+        finally:
+            for guard in guards:
+                guard.remove()
 
 
 def check_interrupt() -> None:
@@ -379,21 +443,22 @@ def check_interrupt() -> None:
         _mm.throw_exception_if_processing_interrupted()
 
 
-class Progress:
-    """ComfyUI progress bar with optional JPEG previews; silent outside ComfyUI."""
+def progress_callback(stages: tuple[str, ...] | None = None):
+    """The library's progress protocol (`comfy_diffusionrig.core.progress`) as ComfyUI's, for a node to pass
+    as a library function's callback: every call raises ComfyUI's interrupt when the user pressed cancel
+    (so the work stops within one step), then moves one ComfyUI progress bar, made on the first call with
+    that call's total, and shows its `preview` (one image [3, H, W] in [-1, 1]) on the node. stages: only
+    calls of these stages move the bar. Outside ComfyUI: no bar, no cancel."""
+    bar = []
 
-    def __init__(self, total: int):
-        self.total = total
-        self._bar = _comfy_utils.ProgressBar(total) if IN_COMFYUI else None
-
-    def update(self, value: int, preview: torch.Tensor | None = None) -> None:
-        """preview: one image [3, H, W] in [-1, 1]."""
-        if self._bar is None:
+    def callback(done: int, total: int, stage: str | None = None, preview: torch.Tensor | None = None, **_):
+        check_interrupt()
+        if not IN_COMFYUI or (stages is not None and stage not in stages):
             return
-        image = None
-        if preview is not None:
-            image = ("JPEG", tensor_to_pil(preview), 512)
-        self._bar.update_absolute(value, self.total, image)
+        if not bar:
+            bar.append(_comfy_utils.ProgressBar(total))
+        bar[0].update_absolute(done, total, None if preview is None else ("JPEG", tensor_to_pil(preview), 512))
+    return callback
 
 
 def image_to_unit(image: torch.Tensor, node: str) -> torch.Tensor:
@@ -435,6 +500,11 @@ def pil_to_image(pictures) -> torch.Tensor:
     return pil_to_tensor(pictures).permute(0, 2, 3, 1).contiguous()
 
 
+def unit_to_image(x: torch.Tensor) -> torch.Tensor:
+    """[B, 3, H, W] in [0, 1] -> ComfyUI IMAGE [B, H, W, 3] in 0..1 (clamped), float32 on the CPU."""
+    return x.float().clamp(0, 1).permute(0, 2, 3, 1).contiguous().cpu()
+
+
 def model_to_image(x: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] in [-1, 1] -> ComfyUI IMAGE [B, H, W, 3] in 0..1, float32 on the CPU."""
-    return ((x.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).contiguous().cpu()
+    return unit_to_image((x.float().clamp(-1, 1) + 1) / 2)

@@ -5,17 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from comfy_diffusionrig.face.environment import environment_preview, load_environment, sh_from_environment, srgb_to_linear
-from comfy_diffusionrig.face.lighting import normalize_light
+from comfy_diffusionrig.face.environment import (LEVELS, environment_light, environment_preview, load_environment,
+                                                 srgb_to_linear)
 from comfy_diffusionrig.face.presets import load_preset, save_preset
 from comfy_diffusionrig.face.rig import apply_preset, preset_from_rig
 
 from .face_nodes import CATEGORY, _sphere_image
-from .host import PRESET_FOLDER, input_files, input_path, model_files, model_path, new_model_file
+from .host import PRESET_FOLDER, file_fingerprint, input_files, input_path, model_files, model_path, new_model_file
 
 ENVIRONMENT_SUFFIXES = (".hdr", ".pic", ".exr")
 NO_FILE = "(use the panorama input)"
-LEVELS = ["portrait", "as exposed"]
 PACK_PRESETS = Path(__file__).resolve().parents[1] / "presets"
 PACK_PREFIX = "pack/"
 
@@ -46,7 +45,7 @@ class LightFromEnvironment:
                                          "face towards image right (as Relight's rotate azimuth)."}),
             "exposure": ("FLOAT", {"default": 0.0, "min": -10.0, "max": 10.0, "step": 0.1,
                                    "tooltip": "Stops (EV) of brightness on top of the level: +1 doubles the light."}),
-            "level": (LEVELS, {"default": "portrait",
+            "level": (list(LEVELS), {"default": "portrait",
                                "tooltip": "portrait: scale so the brightest point of the light is the presets' "
                                           "(key 1 + ambient 0.35), whatever the panorama's exposure. as exposed: "
                                           "keep the panorama's radiance (a uniform panorama of value v shades v)."}),
@@ -59,8 +58,7 @@ class LightFromEnvironment:
     def IS_CHANGED(cls, rig, environment, yaw, exposure, level, panorama=None):
         if environment == NO_FILE:
             return ""
-        path = input_path(environment, cls.DISPLAY_NAME)
-        return f"{path}:{path.stat().st_mtime_ns}"
+        return file_fingerprint([input_path(environment, cls.DISPLAY_NAME)])
 
     def relight(self, rig, environment, yaw, exposure, level, panorama=None):
         node = self.DISPLAY_NAME
@@ -73,10 +71,7 @@ class LightFromEnvironment:
                 env = load_environment(input_path(environment, node))
             except ValueError as exc:
                 raise ValueError(f"{node}: {exc}") from exc
-        light = sh_from_environment(env, yaw=yaw)
-        if level == "portrait":
-            light = normalize_light(light)
-        light = light * 2.0 ** exposure
+        light = environment_light(env, yaw=yaw, exposure=exposure, level=level)
         preview = environment_preview(env, light, yaw=yaw)
         out = rig.with_light(light)
         return (out, _sphere_image(out.codes["light"]), preview[None])
@@ -159,8 +154,7 @@ class LoadRigPreset:
 
     @classmethod
     def IS_CHANGED(cls, rig, preset, apply_light, apply_expression, apply_pose):
-        path = preset_path(preset, cls.DISPLAY_NAME)
-        return f"{path}:{path.stat().st_mtime_ns}"
+        return file_fingerprint([preset_path(preset, cls.DISPLAY_NAME)])
 
     def load(self, rig, preset, apply_light, apply_expression, apply_pose):
         node = self.DISPLAY_NAME

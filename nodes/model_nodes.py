@@ -5,18 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from comfy_diffusionrig import InvertedStart, edit_faces, invert_faces, load_diffusionrig
-from comfy_diffusionrig.model.checkpoints import for_inference
+from comfy_diffusionrig import InvertedStart, edit_faces, invert_faces
+from comfy_diffusionrig.model.checkpoints import CHECKPOINT_SUFFIXES, for_inference
 from comfy_diffusionrig.core.conventions import SEED_MAX
 from comfy_diffusionrig.model.sampler_presets import SAMPLER_NAMES, SAMPLING_PRESETS
 from comfy_diffusionrig.editing import check_edit_settings
-from comfy_diffusionrig.model.lora import load_lora, merge_lora
+from comfy_diffusionrig.model.lora import load_with_lora
 
-from .host import (Progress, check_interrupt, check_model_file, image_to_model, managed, model_files,
-                   model_fingerprint, model_path, model_to_image, storage_device, torch_device, use_model)
+from .host import (ModelHandle, check_interrupt, check_model_file, image_to_model, model_files, model_fingerprint,
+                   model_path, model_to_image, progress_callback, storage_device, torch_device, unet_precision)
 
 CATEGORY = "DiffusionRig"
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 
 
 class LoadDiffusionRigModel:
@@ -36,8 +35,12 @@ class LoadDiffusionRigModel:
                           {"tooltip": "Checkpoint file in models/diffusionrig/. A non-default official checkpoint "
                                       "needs its training kwargs in a .json file of the same name next to it."}),
             "precision": (["auto", "fp32", "bf16", "fp16"],
-                          {"default": "auto", "tooltip": "UNet precision. auto: bf16 on GPUs and on CPUs with native "
-                                                         "bf16, else fp32. fp16 is GPU-only."}),
+                          {"default": "auto", "tooltip": "UNet precision. auto: ComfyUI's own choice for diffusion "
+                                                         "models (its --fp32-unet, --bf16-unet, --fp16-unet and "
+                                                         "--force-fp32 flags apply): bf16 on GPUs with native bf16; "
+                                                         "on older GPUs fp16 where ComfyUI uses fp16 (a result that "
+                                                         "overflows is made again in fp32), else fp32; fp32 with "
+                                                         "--cpu. fp16 is GPU-only."}),
         }, "optional": {
             "lora_name": (["none"] + model_files("diffusionrig", (".safetensors",)),
                           {"default": "none", "tooltip": "A personalization LoRA saved by Save DiffusionRig Model, "
@@ -49,13 +52,10 @@ class LoadDiffusionRigModel:
     def load(self, ckpt_name, precision, lora_name="none", lora_strength=1.0):
         node = self.DISPLAY_NAME
         path = model_path("diffusionrig", ckpt_name, node)
-        if lora_name == "none":
-            return (managed(load_diffusionrig(path, device=storage_device(), dtype=precision,
-                                              run_device=torch_device())),)
-        lora = model_path("diffusionrig", lora_name, node)
-        model = load_lora(load_diffusionrig(path, device=storage_device()), lora)  # adapters merge in fp32
-        return (managed(for_inference(merge_lora(model, lora_strength), storage_device(), precision,
-                                      run_device=torch_device())),)
+        lora = None if lora_name == "none" else model_path("diffusionrig", lora_name, node)
+        model = load_with_lora(path, lora, lora_strength, device=storage_device())  # fp32: adapters merge in fp32
+        dtype = unet_precision(precision, sum(p.numel() for p in model.denoisingUNet.parameters()))
+        return (ModelHandle(for_inference(model, storage_device(), dtype, run_device=torch_device())),)
 
     @classmethod
     def VALIDATE_INPUTS(cls, ckpt_name):  # a missing checkpoint: say where it comes from (e.g. run the demo)
@@ -78,6 +78,11 @@ def _to_model_size(image: torch.Tensor, model, node: str) -> torch.Tensor:
     return image
 
 
+def _encode(model, image: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.encode(image.to(model.device)).cpu()
+
+
 class EncodeGlobalCode:
     DISPLAY_NAME = "Encode Global Code"
     DESCRIPTION = ("Encodes an aligned face photo into DiffusionRig's 64-d global code (hair, clothes, background: "
@@ -98,9 +103,7 @@ class EncodeGlobalCode:
 
     def encode(self, dr_model, aligned_image):
         image = _to_model_size(image_to_model(aligned_image, self.DISPLAY_NAME), dr_model, self.DISPLAY_NAME)
-        device = use_model(dr_model)
-        with torch.no_grad():
-            return (dr_model.encode(image.to(device)).cpu(),)
+        return (dr_model.run(_encode, image, batch=image.shape[0]),)
 
 
 SAMPLER_TIP = ("ddim: the official sampler and inversion (the reference; 20 steps = 40 UNet calls per edit). "
@@ -124,18 +127,6 @@ def _sampler_settings(node: str, preset: str, sampler: str, steps: int, cache_in
     if preset not in SAMPLING_PRESETS:
         raise ValueError(f"{node}: unknown preset {preset!r}; choose custom or one of {', '.join(SAMPLING_PRESETS)}")
     return tuple(SAMPLING_PRESETS[preset][k] for k in ("sampler", "steps", "cache_interval"))
-
-
-def _progress_callback():
-    """An edit_faces / invert_faces callback: one ComfyUI bar with previews, cancel checked every step."""
-    bar = []
-
-    def callback(done, total, preview):
-        check_interrupt()
-        if not bar:
-            bar.append(Progress(total))
-        bar[0].update(done, preview)
-    return callback
 
 
 def _source_images(source_image, source_buffers, dr_model, node: str) -> torch.Tensor:
@@ -191,12 +182,12 @@ class DiffusionRigInvert:
             check_edit_settings("inversion", steps, 0.0, batch_size, sampler, cache_interval)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
-        use_model(dr_model)
         images = _source_images(source_image, source_buffers, dr_model, node)
         check_interrupt()
         try:
-            return (invert_faces(dr_model, images, source_buffers, global_code, steps=steps, sampler=sampler,
-                                 batch_size=batch_size, callback=_progress_callback(), cache_interval=cache_interval),)
+            return (dr_model.run(invert_faces, images, source_buffers, global_code, steps=steps, sampler=sampler,
+                                 batch_size=batch_size, callback=progress_callback(), cache_interval=cache_interval,
+                                 batch=min(batch_size, images.shape[0])),)
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
 
@@ -279,7 +270,6 @@ class DiffusionRigSampler:
                                  "source_image (the aligned photo) and source_buffers (Render Buffers of its "
                                  "unedited fit); connect them or use start = noise")
             images = _source_images(source_image, source_buffers, dr_model, node)
-        use_model(dr_model)
         faces = inverted_start.faces if inverted_start is not None else (
             images.shape[0] if images is not None else global_code.shape[0])
         if rig_buffers.shape[0] % faces or global_code.shape[0] not in (1, faces):
@@ -288,9 +278,10 @@ class DiffusionRigSampler:
                              "the same number of frames for every face, all frames of a face together")
         check_interrupt()
         try:
-            edited = edit_faces(dr_model, images, source_buffers, rig_buffers, global_code, start=start, steps=steps,
-                                eta=eta, seed=seed, batch_size=batch_size, callback=_progress_callback(),
-                                sampler=sampler, cache_interval=cache_interval)
+            edited = dr_model.run(edit_faces, images, source_buffers, rig_buffers, global_code, start=start,
+                                  steps=steps, eta=eta, seed=seed, batch_size=batch_size, callback=progress_callback(),
+                                  sampler=sampler, cache_interval=cache_interval,
+                                  batch=min(batch_size, rig_buffers.shape[0]))
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
         return (model_to_image(edited),)

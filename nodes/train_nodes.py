@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import logging
-import re
 from pathlib import Path
 
 import torch
@@ -18,23 +16,12 @@ from comfy_diffusionrig.model.lora import lora_layers, save_lora
 from comfy_diffusionrig.demo.plotting import loss_curve
 from comfy_diffusionrig.train.loop import TrainConfig, train
 
-from .host import (IMAGE_SUFFIXES, Progress, cache_dir, check_interrupt, file_fingerprint, image_to_pil, model_dir,
-                   photo_folder, pil_to_image, use_model)
+from .host import (IMAGE_SUFFIXES, cache_dir, file_fingerprint, image_to_pil, model_to_image, new_model_file,
+                   photo_folder, pil_to_image, progress_callback)
 
 CATEGORY = "DiffusionRig/personalize"
 TRAINING_SUFFIX = ".dr-train"  # resumable training checkpoints; not listed by the model loader
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 _.-]{0,99}$")
 log = logging.getLogger("comfy_diffusionrig")
-
-
-def _checked_name(name: str, node: str) -> str:
-    name = name.strip()
-    if name.endswith(".safetensors"):
-        name = name[: -len(".safetensors")]
-    if not _NAME.match(name):
-        raise ValueError(f"{node}: save name {name!r} is not usable as a file name; use letters, digits, spaces, "
-                         "'_', '-' or '.' (no folders), e.g. 'anna_personalized'")
-    return name
 
 
 def _folder_photos(root: Path) -> list[Path]:
@@ -86,20 +73,14 @@ class BuildFaceAlbum:
                     log.warning("%s: %s skipped: %s", node, path.name, err)
         if not photos:
             raise ValueError(f"{node}: no photos; connect an IMAGE batch or give a folder of photos of the person")
-        progress = Progress(len(photos) + 2)
-
-        def report(done, total):
-            check_interrupt()
-            progress.update(done)
-
-        use_model(deca)
-        album = build_album(photos, deca, names, size=size, detector=detector, check_identity=check_identity,
-                            cache_dir=cache_dir("albums"), progress=report)
+        album = deca.run(lambda model: build_album(photos, model, names, size=size, detector=detector,
+                                                   check_identity=check_identity, cache_dir=cache_dir("albums"),
+                                                   progress=progress_callback()), batch=len(photos))
         text = (f"{len(album)} photo(s) in the album: {', '.join(album.names)}"
                 + "".join(f"\nwarning: {w}" for w in album.warnings))
         for warning in album.warnings:
             log.warning("%s: %s", node, warning)
-        preview = ((album.images + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).contiguous()
+        preview = model_to_image(album.images)
         return {"ui": {"text": [text]}, "result": (album, preview, text)}
 
     @classmethod
@@ -165,7 +146,6 @@ class TrainDiffusionRig:
     def train(self, dr_model, face_album, steps, learning_rate, batch_size, seed, lora_rank, save_name,
               precision="auto", gradient_checkpointing=False, preview_every=250, restart=False):
         node = self.DISPLAY_NAME
-        name = _checked_name(save_name, node)
         if len(face_album) < 2:
             raise ValueError(f"{node}: the album has {len(face_album)} photo(s); personalizing needs several "
                              "photos of the person (the paper uses about 20)")
@@ -176,19 +156,19 @@ class TrainDiffusionRig:
         if config.batch_size < batch_size:
             log.warning("%s: the album has %d photos: batch size lowered from %d to %d", node, len(face_album),
                         batch_size, config.batch_size)
-        checkpoint = model_dir("diffusionrig") / "training" / f"{name}{TRAINING_SUFFIX}"
+        checkpoint = new_model_file("diffusionrig", save_name.strip().removesuffix(".safetensors"), node,
+                                    TRAINING_SUFFIX, subfolder="training")
         data = face_album.training_data()
-        progress = Progress(steps)
+        progress = progress_callback()
         preview_buffers = data.buffers[:1]
         preview_noise = torch.randn(1, *data.images.shape[1:], generator=torch.Generator().manual_seed(seed))
         last_preview = [None]
 
-        def on_step(step, total, loss, model):
+        def on_step(step, total, loss, **_):
             if step % 50 == 0 or step == total:
                 log.info("%s: step %d/%d, loss %.4f", node, step, total, loss)
-            progress.update(step, last_preview[0])
+            progress(step, total, preview=last_preview[0])
             last_preview[0] = None
-            check_interrupt()
 
         def preview(step, model):
             device = model.device
@@ -197,12 +177,11 @@ class TrainDiffusionRig:
                                           steps=10)[0].cpu()
 
         with torch.inference_mode(False):
-            model = copy.deepcopy(dr_model)  # the loader's cached model must stay the base
-            use_model(model)
-            model, losses = train(model, data, config, checkpoint_path=checkpoint, callback=on_step,
-                                  resume=not restart, preview=preview)
+            personal = dr_model.copy()  # the loader's cached model must stay the base
+            _, losses = personal.run(train, data, config, checkpoint_path=checkpoint, callback=on_step,
+                                     resume=not restart, preview=preview, batch=config.batch_size, training=True)
         curve = pil_to_image([loss_curve(losses)])
-        return (model, curve)
+        return (personal, curve)
 
 
 class SaveDiffusionRigModel:
@@ -229,14 +208,13 @@ class SaveDiffusionRigModel:
 
     def save(self, dr_model, filename, precision, overwrite):
         node = self.DISPLAY_NAME
-        path = model_dir("diffusionrig") / f"{_checked_name(filename, node)}.safetensors"
+        path = new_model_file("diffusionrig", filename, node, ".safetensors")
         if path.exists() and not overwrite:
             raise FileExistsError(f"{node}: {path} already exists; choose another file name or turn on overwrite")
         dtype = None if precision == "fp32" else precision
-        if lora_layers(dr_model):
-            written = save_lora(dr_model, path, dtype=dtype, overwrite=overwrite)
-        else:
-            written = save_diffusionrig(dr_model, path, dtype=dtype, overwrite=overwrite)
+        save = lambda model: (save_lora if lora_layers(model) else save_diffusionrig)(  # noqa: E731
+            model, path, dtype=dtype, overwrite=overwrite)
+        written = dr_model.run(save, batch=0)  # only reads the weights
         return {"ui": {"text": [str(written)]}, "result": (str(written),)}
 
 

@@ -10,7 +10,7 @@ from comfy_diffusionrig.video import relight_clip
 from comfy_diffusionrig.photo.paste import DEFAULT_DETAIL, DEFAULT_DETAIL_RADIUS, DETAIL_MODES
 
 from .face_nodes import CATEGORY, DETAIL_TIP, DETECTORS, LIGHT_SLIDERS, RADIUS_TIP, parse_color
-from .host import Progress, check_interrupt, image_to_pil, models_root, pil_to_image
+from .host import image_to_pil, models_root, pil_to_image, progress_callback, run_models
 
 LIGHTS = ["sliders", *LIGHT_PRESETS]
 
@@ -96,20 +96,12 @@ class RelightVideoClip:
                              f"{tuple(frames.shape)}")
         start_light, end_light = clip_lights(light, azimuth, elevation, intensity, ambient, color, end_azimuth_turn,
                                              end_elevation_turn, node, light_rig)
-        bar = []
-
-        def progress(stage, done, total):
-            check_interrupt()
-            if stage == "relight":
-                if not bar:
-                    bar.append(Progress(total))
-                bar[0].update(done)
-
         try:
-            result = relight_clip(dr_model, deca, image_to_pil(frames, node), start_light, end_light, strength=smoothing,
-                                  face=face_index, start=start, steps=steps, seed=seed, batch_size=batch_size,
-                                  detector=detector, models_dir=str(models_root()), progress=progress,
-                                  detail=detail, detail_radius=detail_radius)
+            result = run_models(relight_clip, [dr_model, deca], image_to_pil(frames, node), start_light, end_light,
+                                strength=smoothing, face=face_index, start=start, steps=steps, seed=seed,
+                                batch_size=batch_size, detector=detector, models_dir=str(models_root()),
+                                progress=progress_callback(stages=("relight",)), detail=detail,
+                                detail_radius=detail_radius, batch=min(batch_size, frames.shape[0]))
         except ValueError as err:
             raise ValueError(f"{node}: {err}") from None
         out = frames[..., :3].clone()  # frames without the face stay bit-identical

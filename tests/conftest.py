@@ -23,6 +23,18 @@ def reference_file(*parts: str) -> Path:
     return path
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"  # the pack's example photos
+
+
+def skip_module_without_dlib_model(name: str) -> None:
+    """Skip the calling test module (with the loader's own message) when dlib's model file `name` is missing."""
+    from comfy_diffusionrig.photo.detector_models import dlib_model_path
+
+    try:
+        dlib_model_path(name)
+    except FileNotFoundError as exc:  # pragma: no cover - depends on the environment
+        pytest.skip(str(exc), allow_module_level=True)
+
 @pytest.fixture(scope="session")
 def dr_ref():
     """Loader for files of ../shared/reference/diffusionrig (skips when absent)."""
@@ -77,6 +89,19 @@ def demo_person(demo_models):
                 p.normal_(0, 0.02)
     install_demo(demo_models, config, demo_models / "flame", model, model, photos, world.rig(person, views))
     return demo_models
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` skip, with the reason, where torch sees no CUDA GPU (DIFFUSIONRIG_TEST_DEVICE=cpu runs
+    them on the CPU instead: the dry run of benchmarks/gpu_check.sh)."""
+    if torch.cuda.is_available() or os.environ.get("DIFFUSIONRIG_TEST_DEVICE"):
+        return
+    build = "a CPU-only build" if torch.version.cuda is None else "no GPU or driver visible"
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: torch {torch.__version__} has none ({build}); "
+                                   "benchmarks/gpu_check.sh runs these on one")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
 
 
 # Without dlib (an optional install outside the pack's requirements, e.g. a minimal environment), every test

@@ -32,12 +32,9 @@ from comfy_diffusionrig.photo.detector_models import dlib_model_path  # noqa: E4
 from comfy_diffusionrig.photo.loading import load_image, to_rgb  # noqa: E402
 from comfy_diffusionrig.photo.paste import face_region_mask  # noqa: E402
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"
+from conftest import EXAMPLES, skip_module_without_dlib_model  # noqa: E402
 
-try:
-    dlib_model_path("shape_predictor_68_face_landmarks.dat")
-except FileNotFoundError as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(str(exc), allow_module_level=True)
+skip_module_without_dlib_model("shape_predictor_68_face_landmarks.dat")
 
 
 @pytest.fixture(scope="module")

@@ -192,7 +192,7 @@ def test_malicious_pickle_is_refused_without_running(tmp_path):
     with open(tmp_path / "evil_plain.pt", "wb") as f:  # a legacy plain pickle too
         pickle.dump(_Payload(marker), f, protocol=2)
     for name in ("evil.pt", "evil_plain.pt"):
-        with pytest.raises(CheckpointError, match=r"refused to load .* \(would run code\).*system"):
+        with pytest.raises(CheckpointError, match=r"refused \(would run code\).*system"):
             load_diffusionrig(tmp_path / name)
         assert not marker.exists()
 

@@ -319,8 +319,8 @@ def test_the_progress_bar_gives_an_eta_and_stays_short_when_redirected():
     stream = io.StringIO()  # not a terminal
     bar = cli._Bar(stream)
     for done in range(0, 1501):
-        bar("stage 1", done, 1500)
-    bar("stage 2", 1, 4)
+        bar(done, 1500, stage="stage 1")
+    bar(1, 4, stage="stage 2")
     bar.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 11 + 1  # each tenth of stage 1 once, then stage 2's first line
@@ -366,5 +366,52 @@ def test_relight_with_an_environment_map_or_a_preset_file(tmp_path, monkeypatch,
 def test_relight_with_the_example_environment_end_to_end(tmp_path, run_cli):
     out = tmp_path / "studio.png"
     assert run_cli("relight", str(ASTRONAUT), "--out", str(out), "--light-env", str(EXAMPLES / "studio_key_fill.hdr"),
-                   "--start", "noise") == 0
+                   "--start", "noise", "--save-buffers") == 0
     _face_only(_changed(_pixels(out), _pixels(ASTRONAUT)), ASTRONAUT_FACE)
+    # the studio's warm key is at azimuth +50 (image right), its dim blue fill at -60: the face's shaded buffer
+    # and the lit sphere are brighter and warmer on the right
+    sphere, shaded = _pixels(tmp_path / "studio_light.png").astype(float), _pixels(tmp_path / "studio_buffers.png")
+    left, right = sphere[:, :128], sphere[:, 128:]
+    assert right.mean() > left.mean() + 10 and right[..., 0].mean() > right[..., 2].mean()
+    shaded = shaded[:, :256].astype(float).sum(-1)
+    assert shaded[:, 128:].mean() > 1.2 * shaded[:, :128].mean()
+
+
+def _random_lora(checkpoint, path):
+    """A LoRA for `checkpoint` whose adapters are not zero (a fresh one changes nothing)."""
+    from comfy_diffusionrig import load_diffusionrig
+    from comfy_diffusionrig.model.lora import inject_lora, lora_layers, save_lora
+
+    model = load_diffusionrig(checkpoint)
+    inject_lora(model, rank=2)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_up.weight.copy_(torch.randn(layer.lora_up.weight.shape, generator=gen) * 0.05)
+    return save_lora(model, path)
+
+
+def test_a_lora_changes_the_edit_and_strength_zero_is_the_checkpoint_alone(demo_models, tmp_path, run_cli):
+    lora = _random_lora(pipeline.find_checkpoint(demo_models), tmp_path / "anna_lora.safetensors")
+    runs = {"none": [], "zero": ["--lora", str(lora), "--lora-strength", "0"], "one": ["--lora", str(lora)]}
+    pixels = {}
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.png"
+        assert run_cli("relight", str(ASTRONAUT), "--out", str(out), "--light-preset", "rim", "--start", "noise",
+                       *extra) == 0
+        pixels[name] = _pixels(out)
+    assert np.array_equal(pixels["zero"], pixels["none"])
+    assert np.abs(pixels["one"] - pixels["none"]).max() > 8
+
+
+def test_find_checkpoint_skips_lora_files_and_reads_suffixes_in_any_case(demo_models, tmp_path):
+    folder = tmp_path / "diffusionrig"
+    folder.mkdir()
+    base = pipeline.find_checkpoint(demo_models)
+    _random_lora(base, folder / "a_lora.safetensors")  # named to sort first: only its content says what it is
+    shutil.copy(base, folder / "b_MODEL.PT")
+    shutil.copy(base.with_suffix(".json"), folder / "b_MODEL.json")
+    assert pipeline.find_checkpoint(tmp_path) == folder / "b_MODEL.PT"
+    (folder / "b_MODEL.PT").unlink()
+    with pytest.raises(FileNotFoundError, match="no DiffusionRig checkpoint in"):
+        pipeline.find_checkpoint(tmp_path)  # the LoRA alone is no checkpoint

@@ -1,6 +1,7 @@
 """Integration with a real ComfyUI, through its HTTP API: the pack loads and registers every node, the
-example photos' previews are served, POST /free releases our models (read from ComfyUI's own log), an
-uploaded photo runs, our host helpers work against comfy.model_management in-process, and, on a machine
+example photos' previews are served, POST /free releases our models (read from ComfyUI's own log), a light
+change re-runs the sampling while ComfyUI reuses DiffusionRig Invert's cached output, an uploaded photo runs,
+our host helpers work against comfy.model_management in-process, and, on a machine
 with a GPU, servers with --lowvram and --gpu-only run the upscaling workflow. The shipped workflows run
 through the real frontend in test_frontend.py.
 
@@ -25,8 +26,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-from real_comfyui import COMFYUI_DIR, COMFYUI_PYTHON, NO_COMFYUI, REPO, check_outputs, check_pasted_upscale, \
-    execution_errors, get_json, log_tail, post_json, start_comfyui, wait_for
+from real_comfyui import COMFYUI_DIR, COMFYUI_PYTHON, NO_COMFYUI, REPO, cached_nodes, check_outputs, \
+    check_pasted_upscale, execution_errors, get_json, log_tail, post_json, start_comfyui, wait_for
 
 import nodes
 
@@ -146,6 +147,38 @@ def test_free_memory_unloads_our_models_and_the_next_run_loads_them_again(comfyu
     assert "Requested to load DiffusionRig" in _log_since(log, offset), log_tail(log)
 
 
+def test_a_light_change_reruns_the_sampling_only_and_gives_the_one_node_edit(comfyui_server):
+    """ComfyUI keeps DiffusionRig Invert's output while its inputs stay: after a change of one light widget it
+    reports the Invert node (and the global code) as cached (execution_cached) and runs Relight, Render Buffers
+    and the Sampler again, which gives another photo; that photo equals the one of a Sampler inverting itself
+    (the workflows before the Invert node) for that light."""
+    url, log = comfyui_server
+    prompt = _prompt("relight_sliders_lit_sphere")
+    ids = {spec["class_type"]: node_id for node_id, spec in prompt.items()}  # the one node of each type used
+    _set(prompt, "DiffusionRigRelight", azimuth=40.0)
+    entry, first = _run(url, log, prompt, "first run")
+    (before,) = check_outputs(url, prompt, entry, "first run")[ids["SaveImage"]]
+    _set(prompt, "DiffusionRigRelight", azimuth=-40.0)
+    entry, again = _run(url, log, prompt, "run after a light change")
+    print(f"\nfirst run {first:.1f} s, after a light change {again:.1f} s ({again / first:.0%})")
+    cached = cached_nodes(entry)
+    source_buffers = prompt[ids["DiffusionRigInvert"]]["inputs"]["source_buffers"][0]
+    edited_buffers = prompt[ids["DiffusionRigSampler"]]["inputs"]["rig_buffers"][0]
+    for kept in (ids["DiffusionRigInvert"], ids["DiffusionRigEncodeGlobalCode"], source_buffers):
+        assert kept in cached, (prompt[kept]["class_type"], cached)
+    for rerun in (ids["DiffusionRigRelight"], edited_buffers, ids["DiffusionRigSampler"], ids["SaveImage"]):
+        assert rerun not in cached, (prompt[rerun]["class_type"], cached)
+    (split,) = check_outputs(url, prompt, entry, "run after a light change")[ids["SaveImage"]]
+    assert split.tobytes() != before.tobytes(), "the Sampler's output did not change with the light"
+    sampler = prompt[ids["DiffusionRigSampler"]]["inputs"]
+    invert = prompt.pop(ids["DiffusionRigInvert"])["inputs"]
+    del sampler["inverted_start"]
+    sampler.update(source_image=invert["source_image"], source_buffers=invert["source_buffers"])
+    entry, _ = _run(url, log, prompt, "the one-node edit (the Sampler inverting itself)")
+    (one_node,) = check_outputs(url, prompt, entry, "the one-node edit")[ids["SaveImage"]]
+    assert one_node.tobytes() == split.tobytes(), "the Sampler inverting itself gives another edit than Invert's"
+
+
 def test_an_uploaded_photo_is_listed_and_runs(comfyui_server):
     """The upload button's route (POST /upload/image, as the frontend sends it) puts the photo where Load Face
     Photo lists it, and a workflow runs on it."""
@@ -166,10 +199,9 @@ def test_an_uploaded_photo_is_listed_and_runs(comfyui_server):
 
 
 def test_models_are_managed_by_comfyui_in_process(tmp_path):
-    """Our host helpers against ComfyUI's real model management (CPU): a managed model is listed by
-    comfy.model_management.loaded_models() after use_model, once; a deep copy (as Train makes) is managed on its
-    own; unload_all_models (the Free-memory button) drops both, and the model still runs (model.device follows
-    the weights)."""
+    """Our model handle against ComfyUI's real model management (CPU): a handle's model is listed by
+    comfy.model_management.loaded_models() once it ran, once; a copy (as Train makes) is managed on its own;
+    unload_all_models (the Free-memory button) drops both, and the next run loads the model again."""
     script = tmp_path / "check.py"
     script.write_text(MANAGED_CHECK)
     done = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_DIR, str(REPO)], capture_output=True, text=True,
@@ -196,19 +228,21 @@ from comfy_diffusionrig.model.unet import DiffusionRig, UNetConfig
 config = UNetConfig(image_size=32, num_channels=32, num_res_blocks=1, channel_mult=(1, 2), attention_resolutions=(16,),
                     num_head_channels=16, dropout=0.0)
 ours = lambda: [p.model.held for p in mm.loaded_models() if hasattr(p.model, "held")]
-model = host.managed(DiffusionRig(config).eval())
+model = DiffusionRig(config).eval()
+handle = host.ModelHandle(model)
 assert ours() == [], "listed before use"
-assert host.use_model(model) == model.device == mm.get_torch_device()
-host.use_model(model)
+assert handle.run(lambda m: m.device) == mm.get_torch_device()
+handle.run(lambda m: None)
 assert ours() == [model], ours()
 assert type(mm.loaded_models()[0].model).__name__ == "DiffusionRig"
-twin = copy.deepcopy(model)
-host.use_model(twin)
-assert len(ours()) == 2 and {id(m) for m in ours()} == {id(model), id(twin)}
+twin = handle.copy()
+twin_model = twin.run(lambda m: m)
+assert twin_model is not model and {id(m) for m in ours()} == {id(model), id(twin_model)}, ours()
 mm.unload_all_models()
 assert ours() == [], ours()
 with torch.no_grad():
-    assert model.encode(torch.zeros(1, 3, 32, 32).to(model.device)).shape == (1, 64)
+    assert handle.run(lambda m: m.encode(torch.zeros(1, 3, 32, 32).to(m.device))).shape == (1, 64)
+assert ours() == [model], "run loads the model again after Free memory"
 print("ok")
 """
 

@@ -34,7 +34,7 @@ def test_world_photographs_a_subject_with_buffers_that_match(tmp_path):
 
 def test_tiny_demo_runs_learns_and_reports(tmp_path):
     progress = []
-    report = run_demo(tmp_path, TINY, progress=lambda stage, done, total: progress.append((stage, done, total)))
+    report = run_demo(tmp_path, TINY, progress=lambda done, total, stage, **_: progress.append((stage, done, total)))
     assert {s for s, _, _ in progress} >= {"photograph", "stage 1", "stage 2", "stage 2 (LoRA)", "edit held-out views"}
     for name in ("contact_sheet.png", "album.png", "loss_stage1.png", "loss_stage2.png", "report.md", "report.json"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -101,7 +101,7 @@ def test_an_interrupted_demo_resumes_to_the_same_result(tmp_path):
     whole = run_demo(tmp_path / "whole", TINY)
     assert not whole["resumed"]
 
-    def stop_in_stage_2(stage, done, total):
+    def stop_in_stage_2(done, total, stage, **_):
         if stage == "stage 2" and done == 2:
             raise KeyboardInterrupt
 
@@ -110,7 +110,7 @@ def test_an_interrupted_demo_resumes_to_the_same_result(tmp_path):
     saved = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert saved == ["config.json", "stage1.pt", "stage2.pt"]  # stage 1 whole, stage 2 up to its last step
     stages = []
-    resumed = run_demo(tmp_path / "cut", TINY, progress=lambda stage, done, total: stages.append((stage, done)))
+    resumed = run_demo(tmp_path / "cut", TINY, progress=lambda done, total, stage, **_: stages.append((stage, done)))
     assert resumed["resumed"]
     assert ("stage 1", 1) not in stages  # stage 1 was not trained again
     key = "scores (mean over held-out edits, images in [0,1])"

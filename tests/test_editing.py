@@ -99,14 +99,19 @@ def test_eta_noise_is_per_row_and_seeded(model, faces):
             - batched).abs().mean() > 1e-3
 
 
-def test_progress_counts_inversion_and_sampling_on_one_bar(model, faces):
+def test_progress_counts_inversion_and_sampling_on_one_bar(model, faces, monkeypatch):
+    """The progress protocol (core.progress): done is, at every call, the face-steps the UNet has run."""
     images, source, codes, target = faces
-    calls = []
+    rows, calls = [0], []
+    original = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda x, *args: (rows.__setitem__(0, rows[0] + x.shape[0]),
+                                                            original(x, *args))[1])
     edit_faces(model, images, source, target, codes, steps=3, batch_size=2,
-               callback=lambda done, total, preview: calls.append((done, total, tuple(preview.shape))))
+               callback=lambda done, total, preview: calls.append((done, total, tuple(preview.shape), rows[0])))
     total = 3 * 3 + 6 * 3  # 3 faces inverted, 6 rows sampled, 3 steps each
     assert {c[1] for c in calls} == {total}
-    assert [c[0] for c in calls] == sorted(c[0] for c in calls) and calls[-1][0] == total
+    assert [c[0] for c in calls] == [c[3] for c in calls]  # done = face-steps run so far
+    assert [c[0] for c in calls] == sorted(c[0] for c in calls) and calls[-1][0] == total == rows[0]
     assert len(calls) == 2 * 3 + 3 * 3  # one call per step of each chunk (2 inversion chunks, 3 sampling)
     assert calls[0][2] == (3, SIZE, SIZE)
     noise_calls = []
@@ -115,15 +120,19 @@ def test_progress_counts_inversion_and_sampling_on_one_bar(model, faces):
     assert set(noise_calls) == {6 * 2}
 
 
-def test_a_callback_can_cancel(model, faces):
+def test_a_callback_can_cancel(model, faces, monkeypatch):
     images, source, codes, target = faces
+    denoised = []
+    original = model.denoise
+    monkeypatch.setattr(model, "denoise", lambda *args: (denoised.append(1), original(*args))[1])
 
-    def cancel(done, total, preview):
+    def cancel(done, total, **_):
         if done > 4:
             raise InterruptedError("cancelled")
 
     with pytest.raises(InterruptedError):
         edit_faces(model, images, source, target, codes, steps=3, callback=cancel)
+    assert len(denoised) == 2  # 3 faces a step: the second step's report (6 face-steps) stopped it
 
 
 @pytest.mark.parametrize("change, message", [

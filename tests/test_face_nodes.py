@@ -499,7 +499,7 @@ def test_paste_face_back_moves_the_photos_detail_with_the_rig(pipe):
     assert not bool(motion_mask[mask == 0].any()) and float(motion_mask.sum()) < 0.5 * float(mask.sum())
     photo = host.image_to_pil(pipe.photo, "x")[0]
     face = host.image_to_pil(pipe.aligned, "x")[0]
-    direct = paste_faces(photo, pipe.alignment.faces, [face], motion=rig_motion(pipe.deca, pipe.rig, opened))
+    direct = paste_faces(photo, pipe.alignment.faces, [face], motion=pipe.deca.run(rig_motion, pipe.rig, opened))
     assert torch.equal(image, host.pil_to_image([direct.image]))
     (relit, _) = pipe_relit(pipe)
     same = node.paste(pipe.photo, pipe.alignment, pipe.aligned, False, 0.08, "ratio", 2.0, pipe.deca, pipe.rig, relit)

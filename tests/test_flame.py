@@ -255,10 +255,58 @@ def test_obj_is_checked_against_flames_counts(tmp_path, flame):
     past = lines.copy()
     past[face_lines[0]] = f"f {n_vertices + 1}/1 1/2 2/3"
     path.write_text("\n".join(past) + "\n")
-    read_obj(path)  # on its own the file is a mesh
+    with pytest.raises(FlameAssetError, match=rf"a face uses vertex {n_vertices + 1}, but the file has {n_vertices} 'v'"):
+        read_obj(path)  # on its own too: a face past the file's own vertices
     with pytest.raises(FlameAssetError, match=rf"vertex indices out of range .*1\.\.{n_vertices} for FLAME"):
         read_obj(path, n_vertices=n_vertices, n_faces=n_faces)
     past[face_lines[0]] = "f 99999999999999999999999/1 1/2 2/3"  # used to overflow int64 in torch.tensor
     path.write_text("\n".join(past) + "\n")
     with pytest.raises(FlameAssetError, match=r"out of range"):
+        read_obj(path)
+
+
+def test_a_damaged_module_name_in_a_flame_pickle_is_called_damaged_not_malicious(tmp_path):
+    """One damaged byte in a numpy module name: a name that exists nowhere cannot run code; say it is damaged."""
+    real = reference_file("flame", "flame_synthetic.pkl").read_bytes()
+    at = real.index(b"numpy")
+    damaged = real[:at] + b"numpz" + real[at + 5:]
+    pkl = tmp_path / "generic_model.pkl"
+    pkl.write_bytes(damaged)
+    with pytest.raises(FlameAssetError, match=r"generic_model\.pkl: damaged: the pickle asks for 'numpz\..*no module "
+                                              r"or name that exists") as err:
+        read_flame_model(pkl)
+    assert "would run code" not in str(err.value)
+    name = real.index(b"_reconstruct")  # a damaged name inside a real numpy module: damaged too
+    pkl.write_bytes(real[:name] + b"_reconstrucx" + real[name + 12:])
+    with pytest.raises(FlameAssetError, match=r"damaged: the pickle asks for 'numpy\..*_reconstrucx'"):
+        read_flame_model(pkl)
+
+
+def _obj_lines(text: str) -> list[str]:
+    return text.splitlines(keepends=True)
+
+
+def test_a_cut_head_template_read_on_its_own_is_refused(tmp_path):
+    """Without FLAME's counts the reader itself sees a cut file: no final line break, vertices in no face (the
+    faces that used them are missing), or a face past the file's own vertices."""
+    text = reference_file("flame", "head_template_synthetic.obj").read_text()
+    lines = _obj_lines(text)
+    path = tmp_path / "head_template.obj"
+    path.write_text(text)
+    faces, _, _ = read_obj(path)
+    assert len(faces) == sum(line.startswith("f ") for line in lines)
+    path.write_text(text[:-2])  # cut inside the last number of the last face: it still reads as a face
+    with pytest.raises(FlameAssetError, match=r"head_template\.obj: the file ends in the middle of line \d+ .*cut short"):
+        read_obj(path)
+    half = [line for line in lines if not line.startswith("f ")] + [line for line in lines if line.startswith("f ")][
+        : len(faces) // 2]
+    path.write_text("".join(half))  # cut at a line break, halfway through the faces
+    with pytest.raises(FlameAssetError, match=r"head_template\.obj: \d+ of its \d+ vertices are in no face: the file "
+                                              r"is cut short"):
+        read_obj(path)
+    vertices = sum(line.startswith("v ") for line in lines)
+    kept = [line for line in lines if not line.startswith("v ")]
+    v_lines = [line for line in lines if line.startswith("v ")]
+    path.write_text("".join(v_lines[: vertices - 5] + kept))  # the last vertices lost
+    with pytest.raises(FlameAssetError, match=rf"a face uses vertex \d+, but the file has {vertices - 5} 'v' lines"):
         read_obj(path)

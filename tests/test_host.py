@@ -34,7 +34,8 @@ def test_replacing_the_checkpoint_changes_is_changed_and_the_loaded_weights(mode
     _bump_mtime(path)  # file systems with coarse timestamps: the replacement must look newer
     assert LOADER.IS_CHANGED(ckpt_name="small.safetensors", precision="fp32") != before
     (new,) = LOADER().load("small.safetensors", "fp32")
-    assert not torch.equal(old.encoder.conv1.weight, new.encoder.conv1.weight)
+    weight = lambda handle: handle.run(lambda model: model.encoder.conv1.weight)  # noqa: E731
+    assert not torch.equal(weight(old), weight(new))
 
 
 def test_is_changed_follows_same_size_rewrites_the_config_sidecar_and_the_lora(models_dir):
@@ -126,7 +127,7 @@ def test_flame_files_are_found_across_every_flame_folder(tmp_path, monkeypatch, 
     dirs = {"flame": [first, second]}
     monkeypatch.setattr(host, "model_dirs", lambda folder: dirs.get(folder, [demo_models / folder]))
     (deca,) = face_nodes.LoadDECA().load("deca_model.tar", "torch")
-    assert deca.flame is not None
+    assert deca.run(lambda model: model.flame) is not None
     os.remove(first / FLAME_FILES[1])
     with pytest.raises(FileNotFoundError) as err:
         face_nodes.LoadDECA().load("deca_model.tar", "torch")
@@ -136,8 +137,8 @@ def test_flame_files_are_found_across_every_flame_folder(tmp_path, monkeypatch, 
 
 def test_outside_comfyui_models_stay_where_they_were_loaded(models_dir):
     (model,) = LOADER().load("small.safetensors", "fp32")
-    assert host.managed(model) is model
-    assert host.use_model(model) == torch.device("cpu") == model.device
+    assert isinstance(model, host.ModelHandle) and model.config == SMALL
+    assert model.run(lambda m: next(m.parameters()).device) == torch.device("cpu")
 
 
 def test_load_face_photo_has_the_upload_button():
@@ -167,9 +168,48 @@ def test_loaders_store_weights_on_the_offload_device_in_the_run_devices_precisio
     monkeypatch.setattr(host, "torch_device", lambda: torch.device("cuda"))
     monkeypatch.setattr(model_nodes, "torch_device", host.torch_device)
     (model,) = LOADER().load("small.safetensors", "fp16")
-    unet = next(model.denoisingUNet.parameters())
+    unet, encoder = model.run(lambda m: (next(m.denoisingUNet.parameters()), next(m.encoder.parameters())))
     assert unet.device.type == "cpu" and unet.dtype == torch.float16
-    assert next(model.encoder.parameters()).dtype == torch.float32
+    assert encoder.dtype == torch.float32
     monkeypatch.setattr(model_nodes, "torch_device", lambda: torch.device("cpu"))
     with pytest.raises(ValueError, match="fp16 is not supported on the CPU"):
         LOADER().load("small.safetensors", "fp16")  # running on the CPU: refused as before
+
+
+def test_one_progress_adapter_gives_comfyui_one_bar_with_previews_and_the_cancel_check(monkeypatch):
+    """progress_callback: the library's callback(done, total, **info) as ComfyUI's ProgressBar (made once, on
+    the first call, with that call's total), its JPEG preview, and the cancel check on every call."""
+    bars, checks = [], []
+
+    class Bar:
+        def __init__(self, total):
+            self.total, self.updates = total, []
+            bars.append(self)
+
+        def update_absolute(self, value, total, preview):
+            self.updates.append((value, total, preview if preview is None else (preview[0], preview[1].size)))
+
+    monkeypatch.setattr(host, "IN_COMFYUI", True)
+    monkeypatch.setattr(host, "_comfy_utils", type("Utils", (), {"ProgressBar": Bar}))
+    monkeypatch.setattr(host, "check_interrupt", lambda: checks.append(1))
+    callback = host.progress_callback()
+    callback(1, 3, preview=torch.zeros(3, 8, 6))
+    callback(2, 3, x0=torch.zeros(1, 3, 8, 8))
+    callback(3, 3, loss=0.5, model=None)
+    assert len(bars) == 1 and bars[0].total == 3 and len(checks) == 3
+    assert bars[0].updates == [(1, 3, ("JPEG", (6, 8))), (2, 3, None), (3, 3, None)]
+    video = host.progress_callback(stages=("relight",))
+    video(1, 4, stage="track")
+    video(5, 10, stage="relight")
+    assert len(bars) == 2 and bars[1].total == 10 and bars[1].updates == [(5, 10, None)] and len(checks) == 5
+
+    class Cancelled(Exception):
+        pass
+
+    def cancel():
+        raise Cancelled
+
+    monkeypatch.setattr(host, "check_interrupt", cancel)
+    with pytest.raises(Cancelled):
+        host.progress_callback()(1, 3)
+    assert len(bars) == 2  # cancel is checked before the bar moves

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ pytest.importorskip("dlib", reason=NO_DLIB)
 from comfy_diffusionrig.photo.alignment import align_face  # noqa: E402
 from comfy_diffusionrig.photo.loading import load_image  # noqa: E402
 
-from comfy_diffusionrig.photo.detector_models import dlib_model_path, insightface_app
+from comfy_diffusionrig.photo.detector_models import insightface_app  # noqa: E402
 from comfy_diffusionrig.photo.identity import (  # noqa: E402
     ARCFACE_COSINE_THRESHOLD,
     DLIB_DISTANCE_THRESHOLD,
@@ -28,12 +27,9 @@ from comfy_diffusionrig.photo.identity import (  # noqa: E402
     resolve_backend,
 )
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "example_images"
+from conftest import EXAMPLES, skip_module_without_dlib_model  # noqa: E402
 
-try:
-    dlib_model_path("dlib_face_recognition_resnet_model_v1.dat")
-except FileNotFoundError as exc:  # pragma: no cover - depends on the environment
-    pytest.skip(str(exc), allow_module_level=True)
+skip_module_without_dlib_model("dlib_face_recognition_resnet_model_v1.dat")
 
 
 @pytest.fixture(scope="module")

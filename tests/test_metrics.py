@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,3 +41,21 @@ def test_ssim_small_images_and_bad_shapes():
         ssim(x, torch.rand(1, 3, 6, 6))
     with pytest.raises(ValueError, match="too small"):
         ssim(torch.rand(1, 1, 2, 2), torch.rand(1, 1, 2, 2))
+
+
+def test_ssim_of_one_window_is_wang_et_al_written_out():
+    """An 11x11 pair has one valid window: SSIM is then the paper's formula over one Gaussian-weighted window
+    (sigma 1.5, K1 0.01, K2 0.03), written out here directly; a change to any constant moves it."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 1, 11, 11, generator=gen, dtype=torch.float64)
+    b = (0.6 * a + 0.4 * torch.rand(1, 1, 11, 11, generator=gen, dtype=torch.float64)) * 0.8
+    x = np.arange(11) - 5.0
+    g = np.exp(-x ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    p, q = a[0, 0].numpy(), b[0, 0].numpy()
+    mp, mq = (w * p).sum(), (w * q).sum()
+    vp, vq, cov = (w * (p - mp) ** 2).sum(), (w * (q - mq) ** 2).sum(), (w * (p - mp) * (q - mq)).sum()
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    expected = (2 * mp * mq + c1) * (2 * cov + c2) / ((mp ** 2 + mq ** 2 + c1) * (vp + vq + c2))
+    assert float(ssim(b, a)) == pytest.approx(expected, rel=1e-6)  # ssim returns float32
+    assert float(ssim(b, a)) < 0.9  # far from 1: the structure term (K2) and the window's weights matter

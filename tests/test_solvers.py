@@ -156,9 +156,10 @@ def test_fixed_point_inversion_with_no_iterations_is_ddim_inversion():
         D.ddim_invert_fixed_point(gaussian_denoiser, image, *cond(), steps=10, iterations=-1)
 
 
-@pytest.mark.parametrize("fn, calls", [(D.dpmpp_2m_sample, 6), (D.dpmpp_2m_invert, 5),
-                                       (D.ddim_invert_fixed_point, 5)])
+@pytest.mark.parametrize("fn, calls", [(D.ddim_sample, 6), (D.ddim_invert, 6), (D.dpmpp_2m_sample, 6),
+                                       (D.dpmpp_2m_invert, 5), (D.ddim_invert_fixed_point, 5)])
 def test_callback_once_per_step(fn, calls):
+    """The progress protocol (core.progress): done = 1 .. total, total = the steps, one UNet call per step."""
     seen, count = [], []
 
     def counted(*args):
@@ -166,9 +167,9 @@ def test_callback_once_per_step(fn, calls):
         return gaussian_denoiser(*args)
 
     x = flow(z_field(6), ABAR[0]).float()
-    args = (*cond(), x) if fn is D.dpmpp_2m_sample else (x, *cond())
-    out = fn(counted, *args, steps=6, callback=lambda step, total, x, x0: seen.append((step, total, x.clone(), x0)))
-    assert [(s, n) for s, n, _, _ in seen] == [(i, calls) for i in range(calls)]
+    args = (*cond(), x) if fn in (D.ddim_sample, D.dpmpp_2m_sample) else (x, *cond())
+    out = fn(counted, *args, steps=6, callback=lambda done, total, x, x0: seen.append((done, total, x.clone(), x0)))
+    assert [(d, n) for d, n, _, _ in seen] == [(i, calls) for i in range(1, calls + 1)]
     assert torch.equal(seen[-1][2], out)
     assert len(count) == (2 * calls if fn is D.ddim_invert_fixed_point else calls)
     if fn is D.dpmpp_2m_sample:

@@ -6,7 +6,7 @@ import torch
 from comfy_diffusionrig import load_diffusionrig
 from comfy_diffusionrig.train.album import Album
 from comfy_diffusionrig.model.lora import lora_layers
-from nodes import model_nodes, train_nodes
+from nodes import host, model_nodes, train_nodes
 
 from test_nodes import SMALL, models_dir  # noqa: F401  (fixture)
 
@@ -18,6 +18,10 @@ def _album(n=4, size=32):
     return Album(images, buffers, names=[f"photo{i}" for i in range(n)])
 
 
+def _state(handle) -> dict:
+    return handle.run(lambda model: model.state_dict())
+
+
 def _base():
     (model,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32")
     return model
@@ -25,13 +29,13 @@ def _base():
 
 def test_training_personalizes_a_copy_and_draws_the_loss_curve(models_dir):
     base = _base()
-    before = {k: v.clone() for k, v in base.state_dict().items()}
+    before = {k: v.clone() for k, v in _state(base).items()}
     model, curve = train_nodes.TrainDiffusionRig().train(base, _album(), steps=3, learning_rate=1e-4, batch_size=2,
                                                          seed=0, lora_rank=0, save_name="anna", preview_every=2)
-    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items()), "the cached base model changed"
-    changed = [k for k, v in model.state_dict().items() if k.startswith("denoisingUNet") and not torch.equal(before[k], v)]
+    assert all(torch.equal(before[k], v) for k, v in _state(base).items()), "the cached base model changed"
+    changed = [k for k, v in _state(model).items() if k.startswith("denoisingUNet") and not torch.equal(before[k], v)]
     assert changed, "training did not change the UNet"
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()
+    assert all(torch.equal(before[k], v) for k, v in _state(model).items()
                if k.startswith("encoder") and "running" not in k and "num_batches" not in k)
     assert curve.shape == (1, 320, 640, 3) and 0 <= curve.min() and curve.max() <= 1
     assert (models_dir / "diffusionrig" / "training" / "anna.dr-train").is_file()
@@ -48,7 +52,7 @@ def test_cancel_keeps_progress_and_queueing_again_resumes(models_dir, monkeypatc
         if calls["n"] == 2:
             raise Cancelled()
 
-    monkeypatch.setattr(train_nodes, "check_interrupt", interrupt)
+    monkeypatch.setattr(host, "check_interrupt", interrupt)
     node = train_nodes.TrainDiffusionRig()
     with pytest.raises(Cancelled):
         node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
@@ -57,31 +61,38 @@ def test_cancel_keeps_progress_and_queueing_again_resumes(models_dir, monkeypatc
     assert saved["step"] == 2
     resumed, _ = node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
                             save_name="bob", preview_every=0)
-    monkeypatch.setattr(train_nodes, "check_interrupt", lambda: None)
+    monkeypatch.setattr(host, "check_interrupt", lambda: None)
     straight, _ = node.train(_base(), _album(), steps=4, learning_rate=1e-4, batch_size=2, seed=1, lora_rank=0,
                              save_name="carl", preview_every=0)
-    for key, value in straight.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[key]), key
+    for key, value in _state(straight).items():
+        assert torch.equal(value, _state(resumed)[key]), key
 
 
 def test_lora_training_saves_a_small_file_that_the_loader_applies(models_dir):
     model, _ = train_nodes.TrainDiffusionRig().train(_base(), _album(), steps=2, learning_rate=1e-3, batch_size=2,
                                                      seed=0, lora_rank=4, save_name="lora_run", preview_every=0)
-    assert lora_layers(model)
+    assert model.run(lora_layers)
     (path,) = train_nodes.SaveDiffusionRigModel().save(model, "anna_lora", "fp32", False)["result"]
     full = models_dir / "diffusionrig" / "small.safetensors"
     assert 0 < (models_dir / "diffusionrig" / "anna_lora.safetensors").stat().st_size < full.stat().st_size / 2
     (loaded,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32", lora_name="anna_lora.safetensors",
                                                          lora_strength=1.0)
-    assert not lora_layers(loaded), "the loader merges the adapters"
+    assert not loaded.run(lora_layers), "the loader merges the adapters"
     gen = torch.Generator().manual_seed(0)
     x, buffers = torch.randn(1, 3, 32, 32, generator=gen), torch.rand(1, 9, 32, 32, generator=gen)
     t, code = torch.tensor([500]), torch.randn(1, 64, generator=gen)
+    denoise = lambda handle: handle.run(lambda m: m.eval().denoise(x, t, buffers, code))  # noqa: E731
     with torch.no_grad():
-        want = model.eval().denoise(x, t, buffers, code)
-        got = loaded.denoise(x, t, buffers, code)
-        base = _base().denoise(x, t, buffers, code)
+        want, got, base = denoise(model), denoise(loaded), denoise(_base())
     assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(base, want, atol=1e-5)
+    # another strength, against the adapters' own forward at that strength (base + strength * scale * up(down(x)))
+    (half,) = model_nodes.LoadDiffusionRigModel().load("small.safetensors", "fp32", lora_name="anna_lora.safetensors",
+                                                       lora_strength=0.5)
+    for layer in lora_layers(model).values():
+        layer.alpha /= 2
+    with torch.no_grad():
+        want_half, got_half = model.denoise(x, t, buffers, code), half.denoise(x, t, buffers, code)
+    assert torch.allclose(got_half, want_half, atol=1e-5) and not torch.allclose(got_half, want, atol=1e-5)
 
 
 def test_save_never_overwrites_without_the_flag(models_dir):

@@ -166,11 +166,18 @@ def test_preview_does_not_change_the_result():
     assert_same_weights(weights(model), weights(reference))
 
 
-def test_gradient_checkpointing_gives_the_same_weights():
+def test_gradient_checkpointing_gives_the_same_weights(monkeypatch):
+    from comfy_diffusionrig.model import unet
+
+    calls, real = [], unet.checkpoint
+    monkeypatch.setattr(unet, "checkpoint", lambda *args, **kwargs: (calls.append(1), real(*args, **kwargs))[1])
     config = TrainConfig(steps=3, lr=1e-3, **FAST)
     reference, _ = train(tiny_model(), album(), config)
+    assert not calls  # off by default
     model = tiny_model()
+    blocks = sum(isinstance(m, (unet.ResBlock, unet.AttentionBlock)) for m in model.denoisingUNet.modules())
     trained, _ = train(model, album(), TrainConfig(steps=3, lr=1e-3, gradient_checkpointing=True, **FAST))
+    assert len(calls) == 3 * blocks  # every block of the UNet recomputed, once per step (one micro-batch each)
     # recomputation replays the same ops (dropout RNG included), so fp32 results are bit-identical
     assert_same_weights(weights(trained), weights(reference))
     assert not any(getattr(m, "use_checkpoint", False) for m in trained.modules())  # switched back off
@@ -293,7 +300,7 @@ def test_full_disk_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(DiskFullError, match=r"disk full: writing .*ckpt.pt needs about \d+ MB and \d+ MB are free; "
                                             r"free \d+ MB.*before training starts; no checkpoint has been written"):
         train(tiny_model(), album(), TrainConfig(steps=1, **FAST), checkpoint_path=path,
-              callback=lambda *args: steps.append(1))
+              callback=lambda *args, **_: steps.append(1))
     assert not steps and list(tmp_path.iterdir()) == []
     path.write_bytes(b"an earlier run's checkpoint")
     with pytest.raises(DiskFullError, match=r"ckpt.pt is unchanged"):

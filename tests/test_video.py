@@ -181,7 +181,7 @@ def test_relight_video_clip_node_hands_the_detail_settings_to_the_library(clip_n
                                                detail_radius=5.0)
     assert seen["detail"] == "difference" and seen["detail_radius"] == 5.0
     with pytest.raises(ValueError, match="unknown detail mode 'sharp'"):
-        relight_clip(dr, deca, [], torch.zeros(9, 3), detail="sharp")
+        host.run_models(relight_clip, [dr, deca], [], torch.zeros(9, 3), detail="sharp")
 
 
 def test_relight_video_cli_on_a_frames_folder(demo_models, tmp_path, capsys):
@@ -291,8 +291,8 @@ def test_smoothing_never_bridges_frames_without_the_face(monkeypatch, clip_nodes
 
     monkeypatch.setattr(video, "smooth_sequence", spy)
     deca, dr = clip_nodes
-    video.relight_clip(dr, deca, _clip_frames(), sh_from_direction(40.0, 20.0, 0.9, 0.5), strength=2.0, steps=1,
-                       identity=False)
+    host.run_models(video.relight_clip, [dr, deca], _clip_frames(), sh_from_direction(40.0, 20.0, 0.9, 0.5),
+                    strength=2.0, steps=1, identity=False)
     top_level = [n for n in lengths if len(n) > 1]  # (each run is then smoothed by a call of its own)
     assert top_level and all(n == [1, 1] for n in top_level), lengths  # landmarks, pose..., global code
     assert len(top_level) == 1 + len(video.SMOOTH_KEYS) + 1

@@ -9,16 +9,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import nodes
-from nodes import host
-from comfy_diffusionrig.demo.synthetic import compact_upscale
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 
 from make_workflows import build_all  # noqa: E402
+from run_workflow import run_prompt  # noqa: E402
 from workflow_format import CONTROL_BY_NAME, check_workflow, has_control_widget, to_api  # noqa: E402
 
 WORKFLOWS = sorted((ROOT / "workflows").glob("*.json"))
@@ -91,49 +89,6 @@ def test_the_checker_catches_a_seed_without_its_control_value():
     del values[at]
     problems = check_workflow(workflow, nodes.NODE_CLASS_MAPPINGS)
     assert any("seed lacks its control-after-generate value" in p for p in problems), problems
-
-
-def _core(class_type, inputs, out_dir):
-    """Stand-ins for the core ComfyUI nodes the workflows use."""
-    if class_type == "UpscaleModelLoader":  # ComfyUI: spandrel; here the compact layout of the demo upscaler
-        return (load_file(host.model_dirs("upscale_models")[0] / inputs["model_name"]),)
-    if class_type == "ImageUpscaleWithModel":
-        image = inputs["image"].permute(0, 3, 1, 2)
-        return (compact_upscale(inputs["upscale_model"], image).clamp(0, 1).permute(0, 2, 3, 1),)
-    if class_type == "ImageScaleBy":
-        image = inputs["image"].permute(0, 3, 1, 2)
-        size = [round(s * inputs["scale_by"]) for s in image.shape[-2:]]
-        return (torch.nn.functional.interpolate(image, size=size, mode="bilinear").permute(0, 2, 3, 1),)
-    if class_type == "MaskToImage":
-        return (inputs["mask"][..., None].expand(*inputs["mask"].shape, 3),)
-    if class_type == "RepeatImageBatch":
-        return (inputs["image"].repeat(inputs["amount"], 1, 1, 1),)
-    if class_type == "SaveImage":
-        torch.save(inputs["images"], out_dir / f"{inputs['filename_prefix']}.pt")
-    return ()
-
-
-def run_prompt(prompt: dict, out_dir: Path) -> dict:
-    """Execute an API-format prompt by calling the node functions in dependency order."""
-    results = {}
-
-    def run(node_id):
-        if node_id in results:
-            return results[node_id]
-        spec = prompt[node_id]
-        inputs = {k: (run(v[0])[v[1]] if isinstance(v, list) else v) for k, v in spec["inputs"].items()}
-        cls = nodes.NODE_CLASS_MAPPINGS.get(spec["class_type"])
-        if cls is None:
-            out = _core(spec["class_type"], inputs, out_dir)
-        else:
-            out = getattr(cls(), cls.FUNCTION)(**inputs)
-            out = out["result"] if isinstance(out, dict) else out
-        results[node_id] = out
-        return out
-
-    for node_id in prompt:
-        run(node_id)
-    return results
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

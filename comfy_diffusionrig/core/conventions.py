@@ -2,10 +2,13 @@
 
 The 68 facial landmarks (dlib / iBUG 300-W order, as the official align.py and DECA use them),
 the parts of DECA's pose code, the channels of DiffusionRig's 9-channel buffers, the photo
-file suffixes we read, and the seed range of the samplers.
+file suffixes we read, the seed range of the samplers, and the models folder outside ComfyUI.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 # 68 landmarks, 0-based (iBUG 300-W): the eyes as the image shows them (image-left first)
 JAW_LINE = slice(0, 17)
@@ -31,3 +34,12 @@ PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # seeds: any unsigned 64-bit value (ComfyUI's seed widget range; torch.Generator.manual_seed takes it)
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+# the models folder of the CLI, the library and the nodes outside ComfyUI (diffusionrig/, deca/, flame/, ...)
+MODELS_ENV = "COMFY_DIFFUSIONRIG_MODELS"
+MODELS_DEFAULT = "models"
+
+
+def default_models_dir() -> Path:
+    """$COMFY_DIFFUSIONRIG_MODELS, else ./models."""
+    return Path(os.environ.get(MODELS_ENV, MODELS_DEFAULT))

@@ -35,14 +35,17 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     """Turn "auto" / "fp32" / "bf16" / "fp16" / a torch dtype into a torch dtype for the UNet.
 
-    "auto": bf16 on CUDA GPUs that support it (fp16 on older ones), bf16 on CPUs with native
-    bf16 support, fp32 elsewhere. fp16 on CPU is refused: CPUs without AVX512-FP16 emulate it
-    slowly and it overflows more easily than bf16.
+    "auto": bf16 on CUDA GPUs with native bf16 (Ampere and newer), fp32 on older GPUs (fp16 is
+    never picked: it overflows past 65504, the black images other face packs gave on GTX 16xx
+    cards; ask for "fp16" to take that risk), bf16 on CPUs with native bf16 support, fp32
+    elsewhere. fp16 on CPU is refused: CPUs without AVX512-FP16 emulate it slowly and it
+    overflows more easily than bf16.
     """
     device = torch.device(device)
     if dtype == "auto":
         if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            native = torch.cuda.is_bf16_supported(including_emulation=False)
+            return torch.bfloat16 if native else torch.float32
         return torch.bfloat16 if device.type == "cpu" and cpu_has_fast_bf16() else torch.float32
     resolved = parse_dtype(dtype)
     if resolved == torch.float16 and device.type == "cpu":

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import re
 import struct
 from pathlib import Path
 
@@ -101,6 +103,22 @@ def unreadable(error_type: type[ModelFileError], path: str | os.PathLike, proble
     kind = file_kind(path)
     advice = _KIND_ADVICE.get(kind, advice)
     return error_type(f"{path}: {problem}; the file is {kind}: {advice}", path)
+
+
+def torch_load_error(cause: BaseException, path: str | os.PathLike, error_type: type[ModelFileError], what: str,
+                     advice: str, refused_advice: str | None = None) -> ModelFileError:
+    """The error for a file that `torch.load(..., weights_only=True)` could not read (`what`: "DECA checkpoint").
+
+    A global that torch's weights-only unpickler does not allow: refused, naming it, and nothing was run
+    (`refused_advice`, default `advice`); anything else: `unreadable`, with `advice`.
+    """
+    found = re.search(r"GLOBAL ([\w.]+)", str(cause)) if isinstance(cause, pickle.UnpicklingError) else None
+    if found:
+        return error_type(f"{path}: refused (would run code): its pickle references {found.group(1)}, which a "
+                          f"{what} never does, so it was not unpickled; {refused_advice or advice}", path)
+    problem = ("its data is not a valid pickle" if isinstance(cause, pickle.UnpicklingError)
+               else f"{type(cause).__name__}: {str(cause)[:200]}")
+    return unreadable(error_type, path, f"not a readable {what} ({problem})", advice)
 
 
 def check_finite(arrays: dict, path: str | os.PathLike, error_type: type[ModelFileError], advice: str,

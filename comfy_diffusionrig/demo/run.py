@@ -13,18 +13,19 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 
 from ..face.deca import FLAME_FILES
-from ..editing import edit_faces, invert_faces
+from ..editing import edit_faces, encode_faces, invert_faces
 from ..core.imaging import pil_to_tensor, tensor_to_pil
+from ..core.progress import Callback, in_stage, notify
 from ..face.lighting import sh_from_direction
 from .metrics import psnr, ssim
 from ..pipeline import find_checkpoint
@@ -37,7 +38,6 @@ from ..train.loop import TrainConfig, TrainingData, train
 from ..model.unet import DiffusionRig, UNetConfig
 
 EXAMPLE_IMAGES = Path(__file__).resolve().parents[2] / "example_images"
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ EXAMPLE_LIGHTS = {"light from the left": dict(azimuth_deg=-60.0, elevation_deg=1
 
 def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[Path] | None = None,
                      checkpoint: str | None = None, steps: int = 20, device="cpu",
-                     progress: Progress | None = None) -> list[Path]:
+                     progress: Callback | None = None) -> list[Path]:
     """Relight the example portraits under EXAMPLE_LIGHTS with the models of models_dir.
 
     Writes out_dir/examples/<photo>_<light>.png (the whole photo with the face pasted back)
@@ -121,9 +121,9 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
     folder.mkdir(parents=True, exist_ok=True)
     lights = torch.stack([sh_from_direction(**v, intensity=0.9, ambient=0.45) for v in EXAMPLE_LIGHTS.values()])
     written, rows = [], []
-    report = progress or (lambda stage, done, total: None)
+    report = functools.partial(notify, progress, stage="relight example photos")
     for i, path in enumerate(photos):
-        report("relight example photos", i, len(photos))
+        report(i, len(photos))
         photo = load_image(path)
         result = edit_photo(models, photo, lambda rig: rig.expand(len(lights)).with_light(lights), steps=steps)
         rows.append([result.aligned[0], *result.faces])
@@ -131,7 +131,7 @@ def relight_examples(models_dir: str | Path, out_dir: str | Path, photos: list[P
             target = folder / f"{Path(path).stem}_{name.replace(' ', '_')}.png"
             picture.save(target)
             written.append(target)
-    report("relight example photos", len(photos), len(photos))
+    report(len(photos), len(photos))
     sheet = Path(out_dir) / "examples.png"
     contact_sheet(rows, column_labels=["aligned photo", *EXAMPLE_LIGHTS], cell=160).save(sheet)
     return [sheet, *written]
@@ -257,8 +257,7 @@ def score_samplers(model: DiffusionRig, source: torch.Tensor, source_buffers: to
     and samples both from that start (`edit_faces`: bit for bit the edit that inverts itself)."""
     from ..model.diffusion import sampler_step_counts
 
-    with torch.no_grad():
-        code = model.encode(source)
+    code = encode_faces(model, source)
     to01 = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
     out = {}
     for name, (sampler, steps, interval) in sampler_settings().items():
@@ -283,9 +282,7 @@ def _full_calls(calls: int, interval: int) -> int:
 def _edit(model: DiffusionRig, source: torch.Tensor, source_buffers: torch.Tensor, target_buffers: torch.Tensor,
           steps: int) -> torch.Tensor:
     """The artist's edit (`edit_faces`): each source photo inverted under its buffers, denoised under the target's."""
-    with torch.no_grad():
-        code = model.encode(source)
-    return edit_faces(model, source, source_buffers, target_buffers, code, steps=steps, batch_size=len(source))
+    return edit_faces(model, source, source_buffers, target_buffers, encode_faces(model, source), steps=steps, batch_size=len(source))
 
 
 def _checkpoint_every(steps: int) -> int:
@@ -327,17 +324,19 @@ def prepare_out_dir(out: Path, config: DemoConfig, overwrite: bool = False) -> b
 
 
 def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir: str | Path | None = None,
-             progress: Progress | None = None, overwrite: bool = False, quick: bool = False) -> dict:
+             progress: Callback | None = None, overwrite: bool = False, quick: bool = False) -> dict:
     """Run the whole demo, write images, a contact sheet and a report into out_dir; returns the report.
 
     Each training stage checkpoints into out_dir/checkpoints/ as it goes: an interrupted run,
     started again with the same settings, resumes where it stopped (bit for bit). quick marks
-    the report as a plumbing check whose numbers mean nothing.
+    the report as a plumbing check whose numbers mean nothing. progress(done, total, stage=)
+    (`core.progress`) counts each stage on its own; raise in it to stop (a later run resumes).
     """
     out = Path(out_dir)
     resumed = prepare_out_dir(out, config, overwrite)
     state = out / "checkpoints"
-    report_progress = progress or (lambda stage, done, total: None)
+    def report_progress(stage: str, done: int, total: int) -> None:
+        notify(progress, done, total, stage=stage)
     start = time.perf_counter()
     timings: dict[str, float] = {}
     torch.manual_seed(config.seed)
@@ -377,7 +376,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
                          checkpoint_every=_checkpoint_every(config.stage1_steps))
     model, losses1 = train(model, TrainingData(torch.cat(images), torch.cat(buffers)), stage1,
                            checkpoint_path=state / "stage1.pt",
-                           callback=lambda step, total, loss, m: report_progress("stage 1", step, total))
+                           callback=in_stage(progress, "stage 1"))
     t = lap("stage 1", t)
 
     album = TrainingData(album_photos, album_buffers)
@@ -390,7 +389,7 @@ def run_demo(out_dir: str | Path, config: DemoConfig = DemoConfig(), models_dir:
                                lora_rank=lora_rank, checkpoint_every=_checkpoint_every(config.stage2_steps))
         name = f"stage2_lora{lora_rank}.pt" if lora_rank else "stage2.pt"
         return train(copy, album, settings, checkpoint_path=state / name,
-                     callback=lambda step, total, loss, m: report_progress(stage, step, total))
+                     callback=in_stage(progress, stage))
 
     personal, losses2 = personalize("stage 2", config.stage2_lr)
     t = lap("stage 2", t)

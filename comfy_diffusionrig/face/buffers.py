@@ -23,6 +23,12 @@ _Z_OFFSET = 10.0
 DECA_CROP_SIZE = 224
 
 
+def stack_buffers(layers: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The UNet's conditioning [B, 9, H, W] = rendered | normal | albedo from a render's dict of layers
+    (`Renderer.forward`, `DECA.decode`, `rig.render_layers`)."""
+    return torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
+
+
 def buffer_images(buffers: torch.Tensor, coverage: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The buffers as pictures, each [B, 3, H, W] in [0, 1]: the shaded face, the normal map as RGB = (n + 1) / 2
     (x image right -> R, y up -> G, z towards the camera -> B) and the albedo, black outside the face.
@@ -209,19 +215,9 @@ class Renderer(nn.Module):
             "bary": fragments.bary,
         }
 
-    def render_buffers(
-        self,
-        verts: torch.Tensor,
-        trans_verts: torch.Tensor,
-        albedo: torch.Tensor,
-        light: torch.Tensor,
-        image_size=256,
-        tform: torch.Tensor | None = None,
-        crop_size: int = DECA_CROP_SIZE,
-    ) -> torch.Tensor:
+    def render_buffers(self, *args, **kwargs) -> torch.Tensor:
         """The UNet's physical conditioning: [B, 9, H, W] = cat(rendered, normal, albedo).
 
         Same arguments as `forward`.
         """
-        out = self(verts, trans_verts, albedo, light, image_size, tform, crop_size)
-        return torch.cat([out["rendered"], out["normal"], out["albedo"]], 1)
+        return stack_buffers(self(*args, **kwargs))

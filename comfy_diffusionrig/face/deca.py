@@ -10,8 +10,6 @@ original image as the physical buffers rendered | normal | albedo.
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .buffers import DECA_CROP_SIZE, Renderer, project
-from ..core.errors import ModelFileError, check_finite, unreadable
+from .buffers import DECA_CROP_SIZE, Renderer, project, stack_buffers
+from ..core.errors import ModelFileError, check_finite, torch_load_error
 from .flame import FLAME, FlameTexture, load_flame, load_flame_texture
 from .flame_files import read_obj, require_file
 from .flame import ffhq_center as face_center
@@ -203,6 +201,12 @@ class DECA(nn.Module):
         self.renderer = renderer
         self.crop_size = crop_size
 
+    def activation_bytes(self, batch: int = 1, training: bool = False) -> int:
+        """Estimated peak memory (bytes) of fitting and rendering `batch` faces at 256 px, beyond the weights, for
+        a host that makes room before running the model: 40 MiB a face (traced op by op: 32 MiB for encode +
+        decode at 256 px). training: DECA is never trained here (the same figure)."""
+        return batch * 40 * 2**20
+
     def encode(self, crop: torch.Tensor) -> dict[str, torch.Tensor]:
         """crop [B, 3, 224, 224] RGB in [0, 1] (see `warp_crop`) -> codes: shape [B,100], tex [B,50],
         exp [B,50], pose [B,6] (global axis-angle | jaw), cam [B,3] (scale, tx, ty), light [B,9,3]."""
@@ -261,8 +265,7 @@ class DECA(nn.Module):
 
         Same arguments as `decode` (image_size required).
         """
-        out = self.decode(codes, image_size, tform, ffhq_center)
-        return torch.cat([out["rendered"], out["normal"], out["albedo"]], 1)
+        return stack_buffers(self.decode(codes, image_size, tform, ffhq_center))
 
 
 def _read_e_flame(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -271,13 +274,7 @@ def _read_e_flame(path: Path, expected: dict[str, torch.Tensor]) -> dict[str, to
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # refused pickle, corrupt or truncated file, absurd sizes (MemoryError)
-        found = re.search(r"GLOBAL ([\w.]+)", str(exc)) if isinstance(exc, pickle.UnpicklingError) else None
-        if found:
-            raise DecaAssetError(f"{path}: refused (would run code): its pickle references {found.group(1)}, which "
-                                 f"DECA's checkpoint never does, so it was not unpickled; {advice}", path) from exc
-        problem = ("its data is not a valid pickle" if isinstance(exc, pickle.UnpicklingError)
-                   else f"{type(exc).__name__}: {str(exc)[:200]}")
-        raise unreadable(DecaAssetError, path, f"not a readable DECA checkpoint ({problem})", advice) from exc
+        raise torch_load_error(exc, path, DecaAssetError, "DECA checkpoint", advice) from exc
     if not isinstance(checkpoint, dict) or "E_flame" not in checkpoint:
         found = [str(k) for k in checkpoint][:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise DecaAssetError(f"{path}: no 'E_flame' weights (found {found}); {advice}", path)

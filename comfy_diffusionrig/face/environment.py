@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .lighting import light_parameters, rotation_matrix, sh_from_radiance
+from .lighting import light_parameters, normalize_light, rotation_matrix, sh_from_radiance
+
+LEVELS = ("portrait", "as exposed")  # how bright `environment_light` makes a panorama's light
 
 
 def srgb_to_linear(image):
@@ -108,6 +110,18 @@ def sh_from_environment(env, yaw: float = 0.0) -> torch.Tensor:
         light += sh_from_radiance((directions @ turn).reshape(-1, 3), env[rows].double().reshape(-1, 3),
                                   weights.reshape(-1)).double()
     return light.float()
+
+
+def environment_light(env, yaw: float = 0.0, exposure: float = 0.0, level: str = "portrait") -> torch.Tensor:
+    """The light [9, 3] that Light from Environment and `relight --light-env` give a panorama: `sh_from_environment`
+    turned by yaw, at `level` ("portrait": `lighting.normalize_light`, the presets' brightest point, whatever
+    the panorama's exposure; "as exposed": its own radiance), then `exposure` stops brighter (x 2**exposure)."""
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}: choose one of {', '.join(LEVELS)}")
+    light = sh_from_environment(env, yaw=yaw)
+    if level == "portrait":
+        light = normalize_light(light)
+    return light * 2.0 ** exposure
 
 
 _PIXELS_AT_ONCE = 1 << 18

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import ast
 import importlib
+import importlib.util
 import io
 import math
 import os
 import pickle
 import struct
+import sys
 import zipfile
 from pathlib import Path
 
@@ -164,6 +166,34 @@ def _embedding_globals() -> dict[tuple[str, str], object]:
     return allowed
 
 
+def _global_exists(module: str, name: str, safe_modules=()) -> bool:
+    """Whether `module.name` names something that exists, found without importing anything new (but the
+    `safe_modules`, which the allow-list imports itself): a module not yet imported is looked up by its spec
+    only; one inside a package not yet imported counts as existing (it could not be checked without running
+    the package's code)."""
+    parts = module.split(".")
+    if not all(part.isidentifier() for part in parts) or not name.replace(".", "_").isidentifier():
+        return False
+    if module in safe_modules:
+        importlib.import_module(module)
+    for depth in range(1, len(parts) + 1):
+        prefix = ".".join(parts[:depth])
+        if prefix in sys.modules:
+            continue
+        if depth > 1 and ".".join(parts[:depth - 1]) not in sys.modules:
+            return True
+        try:
+            return importlib.util.find_spec(prefix) is not None
+        except (ImportError, ValueError):
+            return False
+    target = sys.modules[module]
+    for attribute in name.split("."):
+        if not hasattr(target, attribute):
+            return False
+        target = getattr(target, attribute)
+    return True
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     """Unpickler that resolves only allow-listed globals (plus `chumpy.*` as `_ChumpyArray`)."""
 
@@ -176,6 +206,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
         if module == "chumpy" or module.startswith("chumpy."):
             return _ChumpyArray
         found = self._allowed.get((module, name))
+        if found is None and not _global_exists(module, name, {m for m, _ in self._allowed}):
+            raise FlameAssetError(
+                f"{self._path}: damaged: the pickle asks for '{module}.{name}', which is no module or name that "
+                "exists (a FLAME/DECA file names numpy, scipy and chumpy ones), so the file is corrupt rather than "
+                f"made to run code; nothing in it was run. Replace it with the original file ({FLAME_SOURCE}).",
+                self._path
+            )
         if found is None:
             raise FlameAssetError(
                 f"{self._path}: refused (would run code): the pickle asks for '{module}.{name}'. Only numpy arrays, "
@@ -389,19 +426,24 @@ def read_obj(path: str | os.PathLike, n_vertices: int | None = None,
     """DECA's `head_template.obj` -> faces [F,3] int64, uvcoords [T,2] float32 (OBJ `vt`), uvfaces [F,3] int64.
 
     Faces are `f a/ta b/tb c/tc` lines (1-based; a third `/n` field is ignored); only triangles.
-    n_vertices, n_faces: FLAME's counts (`FLAME.v_template`, `FLAME.faces`), when known: a cut
-    file or a vertex index past FLAME's vertices is refused here, not at render time.
+    Read on its own, a file is refused when it is cut short (it does not end with a line break, or
+    some of its own `v` vertices are in no face: the faces that held them are missing) or when a
+    face uses a vertex past its `v` lines. n_vertices, n_faces: FLAME's counts (`FLAME.v_template`,
+    `FLAME.faces`), when known: a file of another mesh is refused here, not at render time.
     """
     path = require_file(path, "flame", OBJ_SOURCE)
     advice = f"use head_template.obj from {OBJ_SOURCE}"
     faces, uvfaces, uvcoords = [], [], []
+    vertices, line = 0, "\n"
     with open(path, encoding="utf8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             tokens = line.split()
             if not tokens:
                 continue
             try:
-                if tokens[0] == "vt":
+                if tokens[0] == "v":
+                    vertices += 1
+                elif tokens[0] == "vt":
                     uv = (float(tokens[1]), float(tokens[2]))
                     if not all(math.isfinite(c) for c in uv):
                         raise ValueError("a texture coordinate that is not a finite number")
@@ -417,16 +459,26 @@ def read_obj(path: str | os.PathLike, n_vertices: int | None = None,
     if not faces or not uvcoords:
         raise unreadable(FlameAssetError, path, "no textured faces (f a/ta ...) or no 'vt' lines; not a head template",
                          advice)
+    if not line.endswith("\n"):
+        raise FlameAssetError(f"{path}: the file ends in the middle of line {number} (no final line break): it is cut "
+                              f"short (truncated); {advice}", path)
     limit = n_vertices if n_vertices is not None else 1 << 31
     if min(map(min, faces)) < 0 or max(map(max, faces)) >= limit:
         raise FlameAssetError(f"{path}: face vertex indices out of range (they must lie in 1..{limit}"
                               f"{' for FLAME' if n_vertices is not None else ''}); {advice}", path)
-    if min(map(min, uvfaces)) < 0 or max(map(max, uvfaces)) >= len(uvcoords):
-        raise FlameAssetError(f"{path}: texture indices out of range for its {len(uvcoords)} 'vt' lines; {advice}",
-                              path)
+    if vertices and max(map(max, faces)) >= vertices:
+        raise FlameAssetError(f"{path}: a face uses vertex {max(map(max, faces)) + 1}, but the file has {vertices} "
+                              f"'v' lines: it is cut short or damaged; {advice}", path)
     if n_faces is not None and len(faces) != n_faces:
         raise FlameAssetError(f"{path}: {len(faces)} faces, FLAME has {n_faces}; the file is cut short or belongs to "
                               f"another mesh: {advice}", path)
+    unused = vertices - len({i for face in faces for i in face})
+    if vertices and unused:
+        raise FlameAssetError(f"{path}: {unused} of its {vertices} vertices are in no face: the file is cut short "
+                              f"(faces are missing) or damaged; {advice}", path)
+    if min(map(min, uvfaces)) < 0 or max(map(max, uvfaces)) >= len(uvcoords):
+        raise FlameAssetError(f"{path}: texture indices out of range for its {len(uvcoords)} 'vt' lines; {advice}",
+                              path)
     return torch.tensor(faces), torch.tensor(uvcoords, dtype=torch.float32), torch.tensor(uvfaces)
 
 

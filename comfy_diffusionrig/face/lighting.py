@@ -149,6 +149,9 @@ def sh_from_radiance(directions: torch.Tensor, radiance: torch.Tensor, solid_ang
 # intensity 1 reaches 17/16 through order-2 SH, plus ambient 0.35 (see `sh_from_direction`)
 PORTRAIT_PEAK = 17 / 16 + 0.35
 
+# the default light of the Relight node's sliders and of the CLI's --light: a white key from upper image right
+SLIDER_LIGHT = {"azimuth": 45.0, "elevation": 20.0, "intensity": 0.8, "ambient": 0.5, "color": "#FFFFFF"}
+
 
 def peak_shading(light: torch.Tensor) -> torch.Tensor:
     """Largest shading value of a light over all normals and RGB channels (its brightest point).

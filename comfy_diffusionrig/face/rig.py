@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..core.conventions import GLOBAL_POSE, JAW_POSE
+from .buffers import stack_buffers
 
 CODE_KEYS = ("shape", "tex", "exp", "pose", "cam", "light")
 
@@ -78,6 +79,9 @@ class FaceRig:
                        next(iter(heads), None))
 
 
+RENDER_BATCH = 16  # faces rendered together by render_layers (bounds its memory on long sweeps)
+
+
 @torch.no_grad()
 def fit_faces(deca, images: torch.Tensor, landmarks) -> FaceRig:
     """Fit DECA to aligned faces, as DiffusionRig prepares its data.
@@ -106,7 +110,7 @@ RENDER_LAYERS = ("rendered", "normal", "albedo", "alpha")
 
 
 @torch.no_grad()
-def render_layers(deca, rig: FaceRig, batch_size: int = 16) -> dict[str, torch.Tensor]:
+def render_layers(deca, rig: FaceRig, batch_size: int = RENDER_BATCH) -> dict[str, torch.Tensor]:
     """Every face of the rig rendered (the head kept at its FFHQ centre), layer by layer, on the CPU.
 
     Returns dict: rendered, normal, albedo [B, 3, H, W] (the buffers, see `buffers.Renderer`:
@@ -138,12 +142,7 @@ def check_head(deca, rig: FaceRig) -> None:
             "the photo again")
 
 
-def stack_buffers(layers: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The UNet's conditioning [B, 9, H, W] = rendered | normal | albedo from `render_layers`' dict."""
-    return torch.cat([layers["rendered"], layers["normal"], layers["albedo"]], 1)
-
-
-def render_rig(deca, rig: FaceRig, batch_size: int = 16) -> torch.Tensor:
+def render_rig(deca, rig: FaceRig, batch_size: int = RENDER_BATCH) -> torch.Tensor:
     """[B, 9, H, W] rendered|normal|albedo of every face of the rig (the head kept at its FFHQ centre)."""
     return stack_buffers(render_layers(deca, rig, batch_size))
 

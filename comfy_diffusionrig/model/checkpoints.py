@@ -16,8 +16,6 @@ import glob
 import json
 import math
 import os
-import pickle
-import re
 import shutil
 import stat
 import tempfile
@@ -27,10 +25,11 @@ from pathlib import Path
 import torch
 
 from ..core.devices import parse_dtype, resolve_dtype
-from ..core.errors import ModelFileError, check_finite, file_kind, unreadable
+from ..core.errors import ModelFileError, check_finite, file_kind, torch_load_error, unreadable
 from .unet import DiffusionRig, UNetConfig
 
 FORMAT_TAG = "comfy-diffusionrig"
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")  # the files `load_diffusionrig` reads
 _WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "module")
 _PREFIXES = ("module.", "_orig_mod.")
 WEIGHTS_HELP = (
@@ -224,21 +223,11 @@ def _read_torch(path: Path) -> object:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as err:  # zip errors, truncation, MemoryError for absurd sizes, refused globals, ...
-        cause = err
-    found = re.search(r"GLOBAL ([\w.]+)", str(cause)) if isinstance(cause, pickle.UnpicklingError) else None
-    if found:  # torch's weights-only unpickler met a global it does not allow: nothing was run
-        raise CheckpointError(
-            f"refused to load {path} (would run code): its pickle references {found.group(1)}, which a plain "
-            "tensor checkpoint never does, so it was not unpickled. Official DiffusionRig checkpoints load "
-            "safely; only use files from sources you trust, or convert the file to .safetensors", path
-        ) from cause
-    if isinstance(cause, pickle.UnpicklingError):
-        problem = "not a readable PyTorch checkpoint (its data is not a valid pickle)"
-    else:
-        problem = f"not a readable PyTorch checkpoint ({type(cause).__name__}: {str(cause)[:200]})"
-    advice = ("rename it to .safetensors" if file_kind(path) == "a safetensors file"
-              else "the file may be truncated or not a checkpoint at all: download or copy it again")
-    raise unreadable(CheckpointError, path, problem, advice) from cause
+        advice = ("rename it to .safetensors" if file_kind(path) == "a safetensors file"
+                  else "the file may be truncated or not a checkpoint at all: download or copy it again")
+        raise torch_load_error(err, path, CheckpointError, "PyTorch checkpoint", advice,
+                               refused_advice="official DiffusionRig checkpoints load safely; only use files from "
+                                              "sources you trust, or convert the file to .safetensors") from err
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

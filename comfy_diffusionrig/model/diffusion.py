@@ -1,8 +1,9 @@
 """Noise schedule, samplers and inversions (DDIM, DPM-Solver++(2M)), and the p2-weighted training loss.
 
 Samplers are plain functions over a denoiser (anything with `.denoise(x_t, t, buffers, code)`
-or a callable with that signature) and report progress through
-`callback(step, total, x, x0)`. Schedule arithmetic follows the official guided-diffusion
+or a callable with that signature) and report progress through the library's one protocol
+(`core.progress`): `callback(done, total, x=x_t, x0=x0)` after each step, done = 1 .. total;
+raise in it to stop. Schedule arithmetic follows the official guided-diffusion
 code: coefficients are float64 numpy arrays, gathered at a timestep and cast to float32
 before they touch float32 tensors, so results match the reference to float32 round-off.
 """
@@ -15,9 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..core.progress import Callback, notify
 from .sampler_presets import SAMPLER_NAMES
-
-Callback = Callable[[int, int, torch.Tensor, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,7 @@ def ddim_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: torch.T
     buffers [B,9,H,W], code [B|1,latent], noise [B|1,3,H,W] -> x0 [B,3,H,W] float32 in [-1,1] (when clip).
     steps=20 is the official "ddim20" (model t = 950, 900, ..., 0). eta>0 adds noise drawn
     from `generator` (or the global RNG; a list of generators gives each row its own stream).
-    `callback(step, total, x, x0)` runs after each step.
+    `callback(done, total, x=, x0=)` after each step (`core.progress`).
     """
     buffers, code, x = _prepare(model, buffers, code, noise, "noise")
     sched = respace(model_schedule(model), steps)
@@ -237,8 +237,7 @@ def ddim_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: torch.T
         x = x0 * torch.sqrt(a_prev) + torch.sqrt(1 - a_prev - sigma**2) * eps
         if eta > 0 and i > 0:
             x = x + sigma * _fresh_noise(x, generator)
-        if callback is not None:
-            callback(step, total, x, x0)
+        notify(callback, step + 1, total, x=x, x0=x0)
     return x
 
 
@@ -248,7 +247,7 @@ def ddim_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: torch.T
     """Deterministic DDIM inversion of a clean image to x_T (official `ddim_reverse_sample_loop`).
 
     image [B|1,3,H,W] in [-1,1] -> x_T [B,3,H,W]; sampling from x_T with the same buffers,
-    code and steps reconstructs the image. `callback(step, total, x, x0)` after each step.
+    code and steps reconstructs the image. `callback(done, total, x=, x0=)` after each step.
     """
     buffers, code, x = _prepare(model, buffers, code, image, "image")
     sched = respace(model_schedule(model), steps)
@@ -260,8 +259,7 @@ def ddim_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: torch.T
                                   _f32(np.sqrt(1 / abar[i] - 1), dev), clip)
         a_next = _f32(abar_next[i], dev)
         x = x0 * torch.sqrt(a_next) + torch.sqrt(1 - a_next) * eps
-        if callback is not None:
-            callback(i, total, x, x0)
+        notify(callback, i + 1, total, x=x, x0=x0)
     return x
 
 
@@ -301,7 +299,7 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
     x0 is clipped as DDIM's `clip`. The first step and the last (to the clean image) are DDIM steps. eta as
     DDIM's (0 deterministic; 1 the DDPM noise level, drawn from `generator`); with eta > 0 the
     correction applies to the data term only (the midpoint SDE form).
-    `callback(step, total, x, x0)` after each step.
+    `callback(done, total, x=, x0=)` after each step.
     """
     buffers, code, x = _prepare(model, buffers, code, noise, "noise")
     sched = _dpm_schedule(model, steps)
@@ -320,8 +318,7 @@ def dpmpp_2m_sample(model, buffers: torch.Tensor, code: torch.Tensor, noise: tor
         if eta > 0 and i > 0:
             x = x + _f32(sigma, dev) * _fresh_noise(x, generator)
         x0_prev = x0
-        if callback is not None:
-            callback(step, total, x, x0)
+        notify(callback, step + 1, total, x=x, x0=x0)
     return x
 
 
@@ -338,7 +335,7 @@ def dpmpp_2m_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: tor
     more exact inverse (reconstruction 43 dB instead of 34 at 10 steps in
     benchmarks/bench_quality.py) that edits worse (about -1 dB against the true photo): an
     exact x_T keeps the source's light and pose, and the edited buffers move it less.
-    `callback(step, total, x, x0)` after each of the steps - 1 steps.
+    `callback(done, total, x=, x0=)` after each of the steps - 1 steps.
     """
     if order not in (1, 2):
         raise ValueError(f"order must be 1 (DDIM steps, for edits) or 2 (DPM-Solver++(2M)), got {order}")
@@ -354,8 +351,7 @@ def dpmpp_2m_invert(model, image: torch.Tensor, buffers: torch.Tensor, code: tor
                                 _f32(np.sqrt(1 / abar[i] - 1), dev), clip)
         x = _data_step(x, x0, x0_prev, abar[i], abar[i + 1], lam[i], lam[i + 1], lam[i - 1] if i else None, 0.0, dev)
         x0_prev = x0 if order == 2 else None
-        if callback is not None:
-            callback(i, total, x, x0)
+        notify(callback, i + 1, total, x=x, x0=x0)
     return x
 
 
@@ -392,8 +388,7 @@ def ddim_invert_fixed_point(model, image: torch.Tensor, buffers: torch.Tensor, c
             x_next = (_f32(np.sqrt(a_next / a), dev) * (x - _f32(np.sqrt(1 - a), dev) * eps)
                       + _f32(np.sqrt(1 - a_next), dev) * eps)
         x = x_next
-        if callback is not None:
-            callback(i, total, x, x0)
+        notify(callback, i + 1, total, x=x, x0=x0)
     return x
 
 
@@ -413,8 +408,8 @@ def p2_loss(model, x_start: torch.Tensor, buffers: torch.Tensor, t: torch.Tensor
     -> loss [B]. code None encodes x_start with the model's encoder (in the model's current
     train/eval mode, as the official training does).
     """
-    if code is None:
-        code = model.encode(x_start)
+    if code is None:  # no NaN check per step (a GPU sync): TrainingData checked the album on the host
+        code = model.encode(x_start, check_finite=False)
     abar = model_schedule(model).alphas_cumprod
     x_t = _gather(np.sqrt(abar), t) * x_start + _gather(np.sqrt(1.0 - abar), t) * noise
     eps = _denoiser(model)(x_t, t, buffers, code).float()

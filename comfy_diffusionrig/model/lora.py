@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoints import CheckpointError, atomic_write, read_state_dict
+from .checkpoints import CheckpointError, atomic_write, for_inference, load_diffusionrig, read_state_dict
 from ..core.devices import parse_dtype
 from .unet import DiffusionRig, UNetConfig
 
@@ -261,3 +261,28 @@ def merge_lora(model: DiffusionRig, strength: float = 1.0) -> DiffusionRig:
             weight.copy_((weight.float() + strength * layer.delta_weight()).to(weight.dtype))
             model.set_submodule(name, layer.base)
     return model
+
+
+def is_lora_file(path: str | os.PathLike) -> bool:
+    """Whether `path` is a LoRA file written by `save_lora` (read from its header alone; False for anything
+    else, a full model or an unreadable file)."""
+    from safetensors import safe_open
+
+    if Path(path).suffix.lower() != ".safetensors":
+        return False
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == LORA_FORMAT
+    except Exception:  # not a readable safetensors file: not a LoRA (loading it says what it is)
+        return False
+
+
+def load_with_lora(checkpoint: str | os.PathLike, lora: str | os.PathLike | None = None, strength: float = 1.0,
+                   device="cpu", dtype: torch.dtype | str = torch.float32, run_device=None) -> DiffusionRig:
+    """`load_diffusionrig(checkpoint)` with the LoRA file `lora` merged in at `strength` (1 = as trained, 0 =
+    the base model, negative pushes away from it): the adapters merge into the fp32 weights, then the UNet is
+    cast to `dtype` as `load_diffusionrig` does. lora None: the checkpoint alone."""
+    if lora is None:
+        return load_diffusionrig(checkpoint, device=device, dtype=dtype, run_device=run_device)
+    model = load_lora(load_diffusionrig(checkpoint, device=device), lora)
+    return for_inference(merge_lora(model, strength), device, dtype, run_device)

@@ -414,6 +414,35 @@ class DiffusionRig(nn.Module):
     def device(self) -> torch.device:
         return self.denoisingUNet.out[2].weight.device
 
+    def activation_bytes(self, batch: int = 1, training: bool = False) -> int:
+        """Estimated peak memory (bytes) of denoising `batch` images at the model's size, beyond its weights,
+        for a host that makes room before running the model (ComfyUI's `memory_required`).
+
+        Fitted to peaks traced op by op (every tensor alive at once): the skip connections the UNet keeps, about
+        18 bytes per element of a top-level feature map (its ResBlocks' working tensors, GroupNorm in fp32) and
+        16 bytes per attention score. The official 256 px model in bf16: 212 MiB per image, traced 208 MiB
+        (tests/test_model_handle.py checks smaller ones). training: a training step (fp32, no gradient
+        checkpointing) keeps about 14 times that per image, plus gradients and Adam's two moments."""
+        cfg, mults = self.config, self.config.channel_mults
+        res, ch = cfg.image_size, int(mults[0] * cfg.num_channels)
+        top = skips = ch * res * res  # top: a feature map of the top level; skips: elements kept for the way up
+        scores = 0
+        for level, mult in enumerate(mults):
+            ch = int(mult * cfg.num_channels)
+            heads = cfg.num_heads if cfg.num_head_channels == -1 else ch // cfg.num_head_channels
+            if 2 ** level in cfg.attention_downsample or level == len(mults) - 1:  # the middle block attends too
+                scores = max(scores, heads * (res * res) ** 2)
+            skips += cfg.num_res_blocks * ch * res * res
+            if level != len(mults) - 1:
+                res //= 2
+                skips += ch * res * res
+        element = 4 if training else self.dtype.itemsize
+        per_image = skips * element + 18 * top + 16 * scores
+        if not training:
+            return batch * per_image
+        weights = sum(p.numel() for p in self.parameters()) * 4
+        return batch * 14 * per_image + 3 * weights
+
     def check_image_size(self, height: int, width: int, what: str = "image") -> None:
         m = self.config.size_multiple
         if height % m or width % m or height < m or width < m:
@@ -424,11 +453,15 @@ class DiffusionRig(nn.Module):
                 f"to that size"
             )
 
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """image [B, 3, H, W] in [-1, 1] (raw, no ImageNet normalisation, as official) -> code [B, latent] float32."""
+    def encode(self, image: torch.Tensor, check_finite: bool = True) -> torch.Tensor:
+        """image [B, 3, H, W] in [-1, 1] (raw, no ImageNet normalisation, as official) -> code [B, latent] float32.
+
+        check_finite=False skips the NaN check, a host sync on a GPU: for callers that checked on the host
+        already (training checks its album once, not every step)."""
         if image.ndim != 4 or image.shape[1] != 3:
             raise ValueError(f"encode expects an image tensor [B, 3, H, W] in [-1, 1], got shape {tuple(image.shape)}")
-        _check_finite("image", image)
+        if check_finite:
+            _check_finite("image", image)
         weight = self.encoder.conv1.weight
         return self.encoder(image.to(device=weight.device, dtype=weight.dtype)).float()
 

@@ -26,6 +26,7 @@ from .loading import _ALPHA_MODES, to_rgb, upright
 DETAIL_MODES = ("ratio", "difference", "edit")
 DEFAULT_DETAIL = "ratio"  # measured best on the synthetic known answer: benchmarks/bench_detail.py
 DEFAULT_DETAIL_RADIUS = 2.0  # measured best there (px of a 256 px face)
+DEFAULT_FEATHER = 0.08  # the soft edge of the pasted face, as a fraction of its width (jaw corner to corner)
 DETAIL_SCALE = 256  # detail_radius is in pixels of a face aligned at 256 px (the official model's size)
 RATIO_FLOOR = 4.0  # (of 255) added to both smoothed images of a ratio: dark pixels give no wild gains
 
@@ -68,7 +69,7 @@ class Pasted:
     edit_mask: np.ndarray
 
 
-def face_region_mask(aligned: AlignedFace, feather: float = 0.08) -> np.ndarray:
+def face_region_mask(aligned: AlignedFace, feather: float = DEFAULT_FEATHER) -> np.ndarray:
     """[size, size] float32 in [0, 1]: the face (jaw line up to the forehead) in aligned pixels.
 
     Exactly 0 on and outside the region's outline and rising smoothly to 1 over feather x the
@@ -102,7 +103,7 @@ def check_detail(detail: str, detail_radius: float) -> None:
 
 
 def paste_back(original, aligned: AlignedFace | Sequence[AlignedFace], edited, *, color_match: bool = False,
-               feather: float = 0.08, detail: str = DEFAULT_DETAIL, detail_radius: float = DEFAULT_DETAIL_RADIUS,
+               feather: float = DEFAULT_FEATHER, detail: str = DEFAULT_DETAIL, detail_radius: float = DEFAULT_DETAIL_RADIUS,
                motion: FaceMotion | Sequence[FaceMotion | None] | None = None) -> Image.Image:
     """Put edited aligned face(s) back into the original photo -> PIL image of the original's size.
 
@@ -122,7 +123,7 @@ def paste_back(original, aligned: AlignedFace | Sequence[AlignedFace], edited, *
 
 
 def paste_faces(original, aligned: AlignedFace | Sequence[AlignedFace], edited, *, color_match: bool = False,
-                feather: float = 0.08, detail: str = DEFAULT_DETAIL, detail_radius: float = DEFAULT_DETAIL_RADIUS,
+                feather: float = DEFAULT_FEATHER, detail: str = DEFAULT_DETAIL, detail_radius: float = DEFAULT_DETAIL_RADIUS,
                 motion: FaceMotion | Sequence[FaceMotion | None] | None = None) -> Pasted:
     """`paste_back` with its masks (see `Pasted`); same arguments."""
     check_detail(detail, detail_radius)
@@ -158,7 +159,7 @@ def paste_faces(original, aligned: AlignedFace | Sequence[AlignedFace], edited, 
     return Pasted(image, mask, edit_mask)
 
 
-def pasted_mask(original_size: tuple[int, int], aligned: Sequence[AlignedFace], feather: float = 0.08) -> np.ndarray:
+def pasted_mask(original_size: tuple[int, int], aligned: Sequence[AlignedFace], feather: float = DEFAULT_FEATHER) -> np.ndarray:
     """[H, W] float32 in [0, 1]: the blend weight `paste_back` gives each pixel of a (width, height) photo."""
     black = Image.new("RGB", tuple(original_size))
     return paste_faces(black, list(aligned), [a.image for a in aligned], feather=feather, detail="edit").mask

@@ -8,12 +8,12 @@ and a cache write that fails only warns.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from PIL import Image
 from ..model.checkpoints import atomic_write
 from ..core.errors import ModelFileError, unreadable
 from ..core.imaging import pil_to_tensor
+from ..core.progress import Callback, notify
 from .loop import TrainingData
 
 ALBUM_FORMAT = "comfy-diffusionrig-album-v2"
@@ -140,7 +141,7 @@ def _write_cached(album: Album, path: Path) -> None:
 
 def build_album(photos: list[Image.Image], deca, names: list[str] | None = None, size: int = 256,
                 detector: str = "hog", check_identity: bool = True, cache_dir: str | Path | None = None,
-                progress: Callable[[int, int], None] | None = None) -> Album:
+                progress: Callback | None = None) -> Album:
     """One person's photos -> an Album: detect and align the largest face of each, fit DECA, give every
     fit the album's mean shape (official create_data.py --use_meanshape), render the buffers.
 
@@ -148,6 +149,7 @@ def build_album(photos: list[Image.Image], deca, names: list[str] | None = None,
     identity score, are left out with a warning; so is an album too small to personalize.
     cache_dir: albums are stored there under a content key and reused when the same photos,
     names, settings and DECA come again; an unreadable or damaged entry is rebuilt and replaced.
+    progress(done, total) (`core.progress`): one unit per photo aligned, then the fit, then the render.
     """
     from ..photo.alignment import align_face
     from ..photo.identity import DLIB_DISTANCE_THRESHOLD, face_descriptor
@@ -164,7 +166,7 @@ def build_album(photos: list[Image.Image], deca, names: list[str] | None = None,
         album = _read_cached(cached)
         if album is not None:
             return album
-    report = progress or (lambda done, total: None)
+    report = functools.partial(notify, progress)
     warnings, kept, aligned = [], [], []
     for i, (photo, name) in enumerate(zip(photos, names)):
         try:

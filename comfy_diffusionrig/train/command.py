@@ -99,7 +99,7 @@ def run(args) -> int:
         checkpoint = out / "train.pt"
         log = _LossLog(out / "loss.csv", checkpoint) if rank == 0 else None
 
-        def callback(step, total, loss, model):
+        def callback(step, total, loss, **_):
             if log is not None:
                 log.write(step, loss)
                 if step == total or step % 50 == 0:

@@ -47,6 +47,7 @@ from ..model.checkpoints import CheckpointError, DiskFullError, atomic_write, di
 from ..core.devices import resolve_dtype
 from ..model.diffusion import p2_loss
 from ..core.errors import check_finite, unreadable
+from ..core.progress import Callback, notify
 from ..model.lora import (DEFAULT_TARGETS, inject_lora, load_lora_state_dict, lora_info, lora_layers, lora_numel,
                    lora_state_dict)
 from ..model.unet import AttentionBlock, DiffusionRig, ResBlock
@@ -57,7 +58,6 @@ _TRAJECTORY_FIELDS = ("lr", "batch_size", "seed", "grad_clip", "precision", "lor
                       "train_encoder")
 _PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
-Callback = Callable[[int, int, float, DiffusionRig], None]
 Preview = Callable[[int, DiffusionRig], None]
 
 
@@ -171,9 +171,9 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
     adapters are injected when config.lora_rank > 0): pass a copy to keep the original.
     checkpoint_path: written every config.checkpoint_every steps and at the end; when it
     exists and `resume`, training continues from it exactly (resume=False overwrites it).
-    callback(step, total, loss, model) runs after every completed step (step counts from
-    1) and must not change the model; if it raises (a cancel), the last completed step is
-    checkpointed and the exception propagates. preview(step, model) runs every
+    callback(step, total, loss=, model=) (`core.progress`) runs after every completed step (step
+    counts from 1 to config.steps) and must not change the model; if it raises (a cancel), the last
+    completed step is checkpointed and the exception propagates. preview(step, model) runs every
     config.preview_every steps with the model in eval mode, under no_grad, on a private
     RNG, so previews never change the result.
     Under torch.distributed call it on every rank with the same arguments (see the module
@@ -257,8 +257,7 @@ def train(model: DiffusionRig, data: TrainingData, config: TrainConfig | None = 
             try:
                 if preview is not None and rank == 0 and config.preview_every and step % config.preview_every == 0:
                     _run_preview(preview, step, model, device)
-                if callback is not None:
-                    callback(step, config.steps, value, model)
+                notify(callback, step, config.steps, loss=value, model=model)
             except BaseException:
                 if path is not None and saved != step:
                     save()  # a cancel keeps every completed step

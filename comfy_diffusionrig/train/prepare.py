@@ -20,9 +20,9 @@ from pathlib import Path
 
 from ..model.checkpoints import atomic_write
 from .dataset import shard_name, write_index, write_shard
+from ..core.conventions import PHOTO_SUFFIXES
 from ..core.imaging import pil_to_tensor
 
-PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 MANIFEST = "manifest.json"
 
 
@@ -169,7 +169,7 @@ def prepare_data(source: str | Path, out: str | Path, deca_file: str | Path, fla
     out.mkdir(parents=True, exist_ok=True)
     photos = list_photos(source)
     if not photos:
-        raise ValueError(f"no photos ({', '.join(sorted(PHOTO_SUFFIXES))}) under {source}")
+        raise ValueError(f"no photos ({', '.join(PHOTO_SUFFIXES)}) under {source}")
     chunks = plan_chunks(photos, config)
     mine = [(k, chunk) for k, chunk in enumerate(chunks) if k % shard[1] == shard[0]]
     todo = [(k, chunk, out, config) for k, chunk in mine if not (out / _report_name(k)).exists()]
