@@ -146,14 +146,14 @@ def test_callback_can_stop_sampling(tiny_model, dr_ref):
     class Stop(Exception):
         pass
 
-    def callback(step, total, x, x0):
-        seen.append((step, total))
-        if step == 1:
+    def callback(done, total, x, x0):  # core.progress: done counts the finished steps, 1..total
+        seen.append((done, total))
+        if done == 2:
             raise Stop
 
     with pytest.raises(Stop):
         ddim_sample(tiny_model, ref["physic_cond"], ref["detail_cond"], ref["noise"], steps=10, callback=callback)
-    assert seen == [(0, 10), (1, 10)]
+    assert seen == [(1, 10), (2, 10)]
 
 
 def test_bad_sampler_inputs(tiny_model, dr_ref):

@@ -71,7 +71,7 @@ def test_render_buffers_sends_the_normal_and_albedo_maps_it_renders(rendered):
     assert entry["type"] == "temp" and entry["subfolder"] == "comfy-diffusionrig/previews"
     maps = np.load(path)
     assert maps.dtype == np.float32 and maps.shape == (6, 256, 256)
-    layers = render_layers(deca, rig)
+    layers = deca.run(render_layers, rig)
     assert np.array_equal(maps[:3], layers["normal"][0].numpy()) and np.array_equal(maps[3:], layers["albedo"][0].numpy())
     torch.testing.assert_close(torch.tensor(entry["light"]), rig.codes["light"][0], rtol=0, atol=0)
     # the maps do not depend on the light: every relit render reuses the one file
