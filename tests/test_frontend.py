@@ -230,3 +230,13 @@ def test_the_light_handle_drags_the_light_and_previews_the_face(frontend):
     entry = wait_for(frontend.url, response.json()["prompt_id"], frontend.log)
     assert entry["status"]["status_str"] == "success", execution_errors(entry)
     assert _view_failures(frontend) == []
+    # saved with the handle, the workflow holds Relight's widget values and nothing more, in the same slots as
+    # the shipped file (written without the frontend): a ComfyUI without the extension reads it the same way
+    saved = page.evaluate("() => window.app.graph.serialize()")
+    shipped = json.loads((REPO / "workflows" / "relight_sliders_lit_sphere.json").read_text())
+    (node,) = [n for n in saved["nodes"] if n["type"] == "DiffusionRigRelight"]
+    (original,) = [n for n in shipped["nodes"] if n["type"] == "DiffusionRigRelight"]
+    assert len(node["widgets_values"]) == len(original["widgets_values"]), (node, original)
+    changed = [k for k, (a, b) in enumerate(zip(node["widgets_values"], original["widgets_values"])) if a != b]
+    assert released["azimuth"] in [node["widgets_values"][k] for k in changed], (node, original)
+    assert all(isinstance(original["widgets_values"][k], (int, float)) for k in changed), (node, original)  # light only
