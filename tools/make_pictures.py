@@ -130,7 +130,7 @@ def icon() -> tuple[Image.Image, str]:
         ImageDraw.Draw(mask).ellipse((0, 0, size * 4 - 1, size * 4 - 1), fill=255)
         tile.paste(sphere, at, mask.resize((size, size), Image.Resampling.LANCZOS))
     return tile, ("Icon: three spheres, each lit by one directional spherical-harmonics light of the pack's lighting "
-                  f"model (face.lighting.sh_from_direction, lit_sphere). python tools/make_pictures.py --no-demo")
+                  "model (face.lighting.sh_from_direction, lit_sphere). python tools/make_pictures.py --no-demo")
 
 
 # -------------------------------------------------------------------------------------- the demo's person
